@@ -1,0 +1,178 @@
+"""``dleaf``: thin typer commands over the package (no analysis logic of its own)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+def _print_table(df, title: str) -> None:
+    t = Table(title=title)
+    for c in df.columns:
+        t.add_column(str(c))
+    for _, r in df.iterrows():
+        t.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r])
+    Console().print(t)
+
+
+def _load(model: Optional[Path], device: str = "cpu", dtype: Optional[str] = None):
+    from dleaf_analysis.models.loading import ModelLoadError, load_model
+
+    try:
+        return load_model(model, device=device, dtype=dtype)
+    except ModelLoadError as e:
+        _fail(str(e))
+
+
+@app.command()
+def evaluate(
+    benchmark: str = typer.Option("chair", help="chair | pope"),
+    split: str = typer.Option("test", help="dev | test | test-partner-absent"),
+    method: str = typer.Option("greedy", help="decoding / intervention method"),
+    limit: Optional[int] = typer.Option(None, help="evaluate the first N images only"),
+    model: Optional[Path] = typer.Option(None, help="model directory (default: the embedded model)"),
+    device: str = typer.Option("cpu"),
+    dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16"),
+    batch_size: int = typer.Option(32),
+    seed: int = typer.Option(0),
+    answer_parser: str = typer.Option("official", help="POPE answer parser"),
+    out: Optional[Path] = typer.Option(None, help="write protocol.json, summary.csv, details.jsonl here"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on stdout"),
+) -> None:
+    """Evaluate a method with CHAIR or POPE on a scene split (bootstrap 95% CIs)."""
+    from dleaf_analysis.evaluation.runner import BENCHMARKS, evaluate as run
+    from dleaf_analysis.scenes import SPLITS
+
+    if benchmark not in BENCHMARKS:
+        _fail(f"unknown benchmark {benchmark!r}; choose one of {list(BENCHMARKS)}")
+    if split not in SPLITS:
+        _fail(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
+    lm = _load(model, device, dtype)
+    try:
+        res = run(benchmark, split, lm, method=method, limit=limit, seed=seed, batch_size=batch_size,
+                  answer_parser=answer_parser, out_dir=out, progress=not as_json)
+    except ValueError as e:
+        _fail(str(e))
+    if as_json:
+        sys.stdout.write(res.to_json() + "\n")
+    else:
+        _print_table(res.summary, f"{benchmark.upper()} · {split} · {method}")
+        console.print(f"[dim]protocol: {res.protocol.describe()}[/]")
+        if out:
+            console.print(f"results written to {out}")
+
+
+@app.command("make-splits")
+def make_splits() -> None:
+    """Re-freeze the split manifests in data/splits/ (after changing the world spec)."""
+    from dleaf_analysis.scenes import write_manifests
+
+    for name, m in write_manifests().items():
+        console.print(f"{name}: {m['size']} scenes, content {m['content_hash']}")
+
+
+@app.command("train-model")
+def train_model(
+    out: Path = typer.Option(None, help="output directory (default: data/embedded-llava)"),
+    seed: int = typer.Option(0),
+    vision_steps: Optional[int] = typer.Option(None),
+    full_steps: Optional[int] = typer.Option(None),
+    card_limit: Optional[int] = typer.Option(None, help="evaluate the card on the first N images of each split"),
+    as_json: bool = typer.Option(False, "--json", help="print the card metrics as JSON"),
+) -> None:
+    """Train the embedded model from the world spec and a seed; write weights and model card."""
+    from dleaf_analysis.models.card import card_metrics
+    from dleaf_analysis.models.loading import load_model
+    from dleaf_analysis.models.training import TrainConfig, save_embedded, train_embedded
+    from dleaf_analysis.paths import EMBEDDED_MODEL_DIR
+    from dleaf_analysis.scenes import SPLITS, World
+
+    out = out or EMBEDDED_MODEL_DIR
+    cfg = TrainConfig(seed=seed)
+    if vision_steps is not None:
+        cfg.vision_steps = vision_steps
+    if full_steps is not None:
+        cfg.full_steps = full_steps
+    model, processor, history = train_embedded(cfg, log=console.print)
+    world = World.load()
+    manifests = {n: json.loads((Path(__file__).parent.parent / "data" / "splits" / f"{n}.json").read_text())
+                 for n in SPLITS}
+    card = {
+        "model_id": "dleaf-embedded-llava",
+        "architecture": "LlavaForConditionalGeneration (CLIP vision tower + Llama decoder)",
+        "config": cfg.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "language_model_parameters": sum(p.numel() for p in model.model.language_model.parameters()),
+        "world": {"name": world.spec["name"], "hash": world.spec_hash},
+        "data_manifests": {n: {"annotations_hash": m["annotations_hash"], "content_hash": m["content_hash"]}
+                           for n, m in manifests.items()},
+        "history": history,
+    }
+    save_embedded(model, processor, out, card)
+    lm = load_model(out)
+    card["metrics"] = card_metrics(lm, limit=card_limit, progress=not as_json)
+    save_embedded(model, processor, out, card)  # same weights; the card now has its metrics
+    from dleaf_analysis.models.card import write_card_markdown
+
+    write_card_markdown(out)
+    if as_json:
+        sys.stdout.write(json.dumps(card["metrics"], indent=1, default=str) + "\n")
+    console.print(f"model written to {out} ({history['wall_time_s']} s of training)")
+
+
+@app.command()
+def info(model: Optional[Path] = typer.Option(None)) -> None:
+    """Show the model, its provenance and the frozen splits."""
+    from dleaf_analysis.models.adapters import ModelAdapter
+    from dleaf_analysis.scenes import SPLITS
+
+    lm = _load(model)
+    ad = ModelAdapter(lm.model)
+    console.print(f"model {lm.model_id} at {lm.path} (weights {lm.weights_hash}); {type(lm.model).__name__}, "
+                  f"{ad.n_layers} layers x {ad.n_heads} heads")
+    for name, d in SPLITS.items():
+        console.print(f"split {name}: seed {d.seed}, {d.size} scenes ({d.kind})")
+
+
+@app.command()
+def reproduce(
+    quick: bool = typer.Option(False, "--quick", help="smoke-size run (used in CI)"),
+    out: Path = typer.Option(Path("results"), help="where results and the report go"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The main job: evaluate on the test split and write a markdown report."""
+    from dleaf_analysis.report import reproduce as run
+
+    summary = run(out, quick=quick, seed=seed, progress=not as_json, log=console.print)
+    if as_json:
+        sys.stdout.write(summary.to_json(orient="records", indent=1) + "\n")
+    else:
+        _print_table(summary, "reproduce: summary")
+        console.print(f"report: {out / 'report.md'}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,92 @@
+"""LIAE, IAF and the uniform detectors: pure functions of attention rows.
+
+Definitions follow ``shared/METHOD.md``.  Notation: ``a[..., h, k]`` is the post-softmax
+attention of the current query over all key positions ``k`` (leading dims: steps, layers, ...),
+``I`` the image-token positions, ``n = |I|``.
+
+- image mass ``m[..., h] = sum_{i in I} a[..., h, i]``
+- image-renormalised ``p[..., h, i] = a[..., h, i] / m[..., h]``
+- normalised entropy ``H(p) = -sum p log p / log n``, in ``[0, 1]``
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+LIAE_VARIANTS = ("mean-map", "mean-entropy")
+IAF_VARIANTS = ("mass", "focused-mass")
+_EPS = 1e-12
+
+
+def _check_variant(name: str, variants: tuple[str, ...], what: str) -> None:
+    if name not in variants:
+        raise ValueError(f"unknown {what} variant {name!r}; choose one of {variants}")
+
+
+def normalized_entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Entropy of distributions along ``dim`` divided by ``log(size)``; ``0 log 0 = 0``."""
+    n = p.shape[dim]
+    if n < 2:
+        return torch.zeros(p.shape[:dim] + p.shape[dim + 1 :] if dim != -1 else p.shape[:-1], dtype=p.dtype)
+    plogp = torch.where(p > 0, p * torch.log(p.clamp_min(_EPS)), torch.zeros_like(p))
+    return -plogp.sum(dim) / float(np.log(n))
+
+
+def image_attention(a: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """Columns of the image tokens: ``[..., H, K] -> [..., H, n]``."""
+    return a[..., image_mask]
+
+
+def renormalize(x: torch.Tensor) -> torch.Tensor:
+    """Divide by the sum over the last dim; rows with zero mass become uniform."""
+    s = x.sum(-1, keepdim=True)
+    uniform = torch.full_like(x, 1.0 / x.shape[-1])
+    return torch.where(s > _EPS, x / s.clamp_min(_EPS), uniform)
+
+
+def image_mass(a_img: torch.Tensor) -> torch.Tensor:
+    """Image attention mass per head: ``[..., H, n] -> [..., H]``."""
+    return a_img.sum(-1)
+
+
+def head_entropy(a_img: torch.Tensor) -> torch.Tensor:
+    """``H(p[..., h])`` per head: ``[..., H, n] -> [..., H]``."""
+    return normalized_entropy(renormalize(a_img))
+
+
+def liae(a_img: torch.Tensor, variant: str = "mean-map") -> torch.Tensor:
+    """Layer Image Attention Entropy: ``[..., H, n] -> [...]`` (e.g. ``[steps, layers]``).
+
+    ``mean-map``: entropy of the head-averaged image attention, renormalised over I.
+    ``mean-entropy``: mean over heads of the per-head entropy.
+    """
+    _check_variant(variant, LIAE_VARIANTS, "LIAE")
+    if variant == "mean-map":
+        return normalized_entropy(renormalize(a_img.mean(-2)))
+    return head_entropy(a_img).mean(-1)
+
+
+def iaf(a_img: torch.Tensor, variant: str = "mass") -> torch.Tensor:
+    """Image Attention Focus per head: ``[..., H, n] -> [..., H]``.
+
+    ``mass``: image attention mass; ``focused-mass``: mass times ``1 - H(p)``.
+    """
+    _check_variant(variant, IAF_VARIANTS, "IAF")
+    m = image_mass(a_img)
+    if variant == "mass":
+        return m
+    return m * (1 - head_entropy(a_img))
+
+
+# -- uniform detectors (the ones the paper argues against) -----------------------------------
+def layer_image_mass(a_img: torch.Tensor) -> torch.Tensor:
+    """Mean image attention mass per layer (PAI / visual-attention-ratio style): ``[..., H, n] -> [...]``."""
+    return image_mass(a_img).mean(-1)
+
+
+def row_entropy(a: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy of the whole attention row (all keys), normalised, averaged over heads: ``[..., H, K] -> [...]``."""
+    if key_mask is not None:
+        a = a[..., key_mask]
+    return normalized_entropy(a).mean(-1)

@@ -1,0 +1,89 @@
+"""POPE (Li et al. 2023): answer parsing and yes/no metrics."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from dleaf_analysis.evaluation.bootstrap import bootstrap_ci
+
+POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+
+
+def parse_official(text: str) -> str:
+    """The parser of POPE's ``evaluate.py``: first sentence; "no" if it contains the word
+    "No", "no" or "not", else "yes"."""
+    if "." in text:
+        text = text.split(".")[0]
+    ws = text.replace(",", "").split(" ")
+    return "no" if ("No" in ws or "not" in ws or "no" in ws) else "yes"
+
+
+NEGATION_WORDS = ("no", "not", "none", "nothing", "cannot", "can't", "isn't", "aren't", "don't", "doesn't", "without")
+
+
+def parse_negation(text: str) -> str:
+    """"no" if any negation word (case-insensitive) occurs anywhere, else "yes"."""
+    ws = re.findall(r"[a-z']+", text.lower())
+    return "no" if any(w in NEGATION_WORDS for w in ws) else "yes"
+
+
+def parse_substring(text: str) -> str:
+    """"yes" if the lower-cased text contains "yes", else "no" (VCD-style)."""
+    return "yes" if "yes" in text.lower() else "no"
+
+
+def parse_first_token(text: str) -> str:
+    """The first word decides: "yes"/"no"; anything else counts as "no"."""
+    m = re.match(r"\W*([a-z]+)", text.lower())
+    return "yes" if m and m.group(1) == "yes" else "no"
+
+
+ANSWER_PARSERS: dict[str, Callable[[str], str]] = {
+    "official": parse_official,
+    "negation": parse_negation,
+    "substring": parse_substring,
+    "first-token": parse_first_token,
+}
+
+
+def get_parser(name: str) -> Callable[[str], str]:
+    if name not in ANSWER_PARSERS:
+        raise ValueError(f"unknown answer parser {name!r}; choose one of {sorted(ANSWER_PARSERS)}")
+    return ANSWER_PARSERS[name]
+
+
+def pope_summary(
+    labels: Sequence[str], predictions: Sequence[str], groups: Sequence | None = None,
+    n_resamples: int = 1000, seed: int = 0,
+) -> pd.DataFrame:
+    """Accuracy, precision, recall, F1, yes-ratio (percent) with bootstrap 95% CIs.
+
+    ``groups`` (e.g. image ids) makes the bootstrap resample whole groups (questions of one
+    image together); default: each question alone.
+    """
+    y = np.asarray([lab == "yes" for lab in labels], dtype=float)
+    p = np.asarray([pred == "yes" for pred in predictions], dtype=float)
+    if len(y) != len(p):
+        raise ValueError(f"{len(y)} labels but {len(p)} predictions")
+    g = np.arange(len(y)) if groups is None else pd.factorize(np.asarray(groups))[0]
+    per = pd.DataFrame({"g": g, "tp": y * p, "fp": (1 - y) * p, "tn": (1 - y) * (1 - p), "fn": y * (1 - p)})
+    per = per.groupby("g").sum()
+    cols = {k: per[k].to_numpy(float) for k in ("tp", "fp", "tn", "fn")}
+    stats = {
+        "accuracy": lambda s: 100 * (s["tp"] + s["tn"]) / (s["tp"] + s["fp"] + s["tn"] + s["fn"]),
+        "precision": lambda s: 100 * s["tp"] / (s["tp"] + s["fp"]),
+        "recall": lambda s: 100 * s["tp"] / (s["tp"] + s["fn"]),
+        "f1": lambda s: 100 * 2 * s["tp"] / (2 * s["tp"] + s["fp"] + s["fn"]),
+        "yes_ratio": lambda s: 100 * (s["tp"] + s["fp"]) / (s["tp"] + s["fp"] + s["tn"] + s["fn"]),
+    }
+    full = {k: np.array([v.sum()]) for k, v in cols.items()}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = {k: float(fn(full)[0]) for k, fn in stats.items()}
+    ci = bootstrap_ci(cols, stats, n_resamples=n_resamples, seed=seed)
+    return pd.DataFrame(
+        [{"metric": k, "value": point[k], "ci_low": ci[k][0], "ci_high": ci[k][1], "n": len(y)} for k in stats]
+    )

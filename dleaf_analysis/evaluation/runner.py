@@ -1,0 +1,115 @@
+"""``evaluate(...)``: run a method on a benchmark split under one saved protocol."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+
+from dleaf_analysis.evaluation.chair import chair_details, chair_summary
+from dleaf_analysis.evaluation.pope import get_parser, pope_summary
+from dleaf_analysis.evaluation.protocol import Protocol
+from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT, answer, caption
+from dleaf_analysis.models.loading import LoadedModel, load_model
+from dleaf_analysis.scenes import POPE_VARIANTS, ObjectStats, load_split, pope_questions
+
+BENCHMARKS = ("chair", "pope")
+
+
+@lru_cache(maxsize=2)
+def train_object_stats() -> ObjectStats:
+    """Class frequencies and co-occurrences of the train split (POPE popular/adversarial)."""
+    return ObjectStats.from_scenes(load_split("train").scenes)
+
+
+@dataclass
+class EvalResult:
+    """Summary (one row per metric, with CI), per-item details, and the protocol."""
+
+    protocol: Protocol
+    summary: pd.DataFrame
+    details: pd.DataFrame
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.protocol.save(out / "protocol.json")
+        self.summary.to_csv(out / "summary.csv", index=False)
+        self.details.to_json(out / "details.jsonl", orient="records", lines=True)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({"protocol": self.protocol.to_dict(), "summary": self.summary.to_dict(orient="records")}, indent=1)
+
+    def metric(self, name: str, variant: str | None = None) -> float:
+        s = self.summary
+        if variant is not None:
+            s = s[s["variant"] == variant]
+        return float(s.loc[s["metric"] == name, "value"].iloc[0])
+
+
+def evaluate(
+    benchmark: str,
+    split: str = "test",
+    lm: LoadedModel | None = None,
+    method: str = "greedy",
+    method_config: dict | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    answer_parser: str = "official",
+    pope_variants: tuple[str, ...] = POPE_VARIANTS,
+    n_resamples: int = 1000,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate ``method`` on ``benchmark`` ("chair" or "pope") over a scene split."""
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
+    if method != "greedy":
+        raise ValueError(f"unknown method {method!r}; available: ['greedy']")
+    lm = lm or load_model()
+    data = load_split(split, limit=limit)
+    manifest_hash = data.annotations_hash
+    images = [data.image(i) for i in range(len(data))]
+    common = dict(
+        split=split, split_hash=manifest_hash, model_id=lm.model_id, weights_hash=lm.weights_hash,
+        method=method, method_config=method_config or {}, n_resamples=n_resamples, seed=seed,
+    )
+    if benchmark == "chair":
+        mnt = max_new_tokens or 32
+        caps = caption(lm, images, DEFAULT_CAPTION_PROMPT, max_new_tokens=mnt, batch_size=batch_size, seed=seed, progress=progress)
+        details = chair_details(caps, [s.name_set for s in data.scenes], data.world.classes)
+        details.insert(0, "image", range(len(data)))
+        summary = chair_summary(details, n_resamples=n_resamples, seed=seed)
+        summary.insert(0, "variant", "all")
+        protocol = Protocol(benchmark="chair", n_items=len(data), prompt=DEFAULT_CAPTION_PROMPT, max_new_tokens=mnt, **common)
+    else:
+        parse = get_parser(answer_parser)
+        mnt = max_new_tokens or 3
+        stats = train_object_stats()
+        frames, summaries = [], []
+        for variant in pope_variants:
+            q = pope_questions(data, variant, stats, seed=seed)
+            ans = answer(lm, [images[i] for i in q["image"]], list(q["question"]), max_new_tokens=mnt,
+                         batch_size=batch_size, seed=seed, progress=progress, desc=f"POPE {variant}")
+            q["answer"] = ans
+            q["prediction"] = [parse(a) for a in ans]
+            s = pope_summary(q["label"], q["prediction"], groups=q["image"], n_resamples=n_resamples, seed=seed)
+            s.insert(0, "variant", variant)
+            frames.append(q)
+            summaries.append(s)
+        details = pd.concat(frames, ignore_index=True)
+        summary = pd.concat(summaries, ignore_index=True)
+        protocol = Protocol(benchmark="pope", n_items=len(data), prompt=data.world.spec["question_template"],
+                            max_new_tokens=mnt, answer_parser=answer_parser, pope_variants=list(pope_variants), **common)
+    summary.insert(0, "method", method)
+    summary.insert(0, "benchmark", benchmark)
+    result = EvalResult(protocol, summary, details)
+    if out_dir is not None:
+        result.save(out_dir)
+    return result

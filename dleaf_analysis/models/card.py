@@ -1,0 +1,189 @@
+"""The embedded model's card: targets measured on the frozen splits, and the diagnostic-signal
+table (how well per-layer image-attention mass and LIAE separate hallucinated from grounded
+object tokens, as AUROC).  Reported as measured; no model is selected by it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import mannwhitneyu
+
+from dleaf_analysis import diagnostics as D
+from dleaf_analysis.evaluation.runner import evaluate
+from dleaf_analysis.models.adapters import ModelAdapter
+from dleaf_analysis.models.inputs import PromptBuilder
+from dleaf_analysis.models.loading import LoadedModel
+from dleaf_analysis.scenes import World, load_split
+
+
+def object_token_rows(lm: LoadedModel, images, prompt: str, captions: list[str], gt_sets, classes) -> pd.DataFrame:
+    """Teacher-forced re-run of each caption with eager ``output_attentions``; for every object
+    token, the attention row of the query that predicted it (plain HF route, no hooks).
+
+    Returns one row per object token with per-layer ``mass_l{l}`` and ``liae_l{l}`` columns.
+    """
+    builder = PromptBuilder(lm.processor)
+    adapter = ModelAdapter(lm.model)
+    tok = lm.tokenizer
+    rows = []
+    for i, (img, cap, gt) in enumerate(zip(images, captions, gt_sets)):
+        inp = builder.inputs([img], [prompt], lm.image_size)
+        cap_ids = tok(cap, add_special_tokens=False)["input_ids"]
+        if not cap_ids:
+            continue
+        ids = torch.cat([inp["input_ids"], torch.tensor([cap_ids])], 1)
+        with torch.no_grad():
+            out = lm.model(input_ids=ids, pixel_values=inp["pixel_values"], output_attentions=True)
+        img_mask = adapter.image_mask(ids[0])
+        P = inp["input_ids"].shape[1]
+        for j, t in enumerate(cap_ids):
+            w = tok.convert_ids_to_tokens(t)
+            if w not in classes:
+                continue
+            q = P + j - 1  # the query position that predicted token j
+            row = {"image": i, "step": j, "token": w, "hallucinated": w not in gt}
+            for l, att in enumerate(out.attentions):
+                a_img = att[0, :, q, img_mask]  # [H, n]
+                row[f"mass_l{l}"] = float(D.layer_image_mass(a_img))
+                row[f"liae_l{l}"] = float(D.liae(a_img))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties halved (Mann-Whitney U / n1 n2)."""
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    return float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
+
+
+def signal_table(tokens: pd.DataFrame, n_layers: int) -> pd.DataFrame:
+    """Per layer: AUROC of image mass and of LIAE for hallucinated (positive) vs grounded tokens."""
+    h = tokens["hallucinated"].to_numpy(bool)
+    return pd.DataFrame([
+        {"layer": l,
+         "auroc_image_mass": auroc(tokens.loc[h, f"mass_l{l}"].to_numpy(), tokens.loc[~h, f"mass_l{l}"].to_numpy()),
+         "auroc_liae": auroc(tokens.loc[h, f"liae_l{l}"].to_numpy(), tokens.loc[~h, f"liae_l{l}"].to_numpy()),
+         "n_hallucinated": int(h.sum()), "n_grounded": int((~h).sum())}
+        for l in range(n_layers)
+    ])
+
+
+def card_metrics(lm: LoadedModel, limit: int | None = None, progress: bool = True) -> dict:
+    """Everything the model card reports, as plain dicts/lists (JSON-ready)."""
+    world = World.load()
+    out: dict = {}
+    natural = evaluate("chair", "test", lm, limit=limit, progress=progress)
+    absent = evaluate("chair", "test-partner-absent", lm, limit=limit, progress=progress)
+    out["chair_test"] = natural.summary.to_dict(orient="records")
+    out["chair_partner_absent"] = absent.summary.to_dict(orient="records")
+    # are the hallucinated objects co-occurrence partners of present objects?
+    def partner_share(res) -> float:
+        tot = part = 0
+        for _, r in res.details.iterrows():
+            gt = set(r["gt_objects"])
+            same_group = {m for g in gt for m in world.spec["groups"].get(world.group_of(g) or "", [])}
+            for h in r["hallucinated"]:
+                tot += 1
+                part += h in same_group
+        return 100 * part / tot if tot else float("nan")
+    out["hallucinated_share_same_group_test"] = partner_share(natural)
+    out["hallucinated_share_same_group_partner_absent"] = partner_share(absent)
+    pope = evaluate("pope", "test", lm, limit=limit, progress=progress)
+    pope_pa = evaluate("pope", "test-partner-absent", lm, limit=limit, pope_variants=("adversarial",), progress=progress)
+    out["pope_test"] = pope.summary.to_dict(orient="records")
+    out["pope_partner_absent"] = pope_pa.summary.to_dict(orient="records")
+    out["example_captions"] = natural.details[["caption", "gt_objects", "hallucinated"]].head(8).to_dict(orient="records")
+    # diagnostic-signal table on both test splits' greedy captions
+    frames = []
+    for res, name in ((natural, "test"), (absent, "test-partner-absent")):
+        split = load_split(name, world, limit=limit)
+        imgs = [split.image(i) for i in range(len(split))]
+        t = object_token_rows(lm, imgs, res.protocol.prompt, list(res.details["caption"]),
+                              [s.name_set for s in split.scenes], set(world.classes))
+        frames.append(t)
+    tokens = pd.concat(frames, ignore_index=True)
+    out["signal_table"] = signal_table(tokens, ModelAdapter(lm.model).n_layers).to_dict(orient="records")
+    out["protocol_chair"] = natural.protocol.to_dict()
+    return out
+
+
+def _md_table(df: pd.DataFrame, floatfmt: str = ".2f") -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(format(v, floatfmt) if isinstance(v, float) else str(v) for v in r) + " |")
+    return "\n".join(lines)
+
+
+def _ci_table(records: list[dict]) -> str:
+    df = pd.DataFrame(records)
+    df["95% CI"] = [f"[{lo:.1f}, {hi:.1f}]" for lo, hi in zip(df["ci_low"], df["ci_high"])]
+    keep = [c for c in ("variant", "metric", "value", "95% CI", "n") if c in df.columns]
+    return _md_table(df[keep])
+
+
+def write_card_markdown(model_dir) -> str:
+    """Render ``model_card.md`` (and ``loss_curve.png``) from ``model_card.json``."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model_dir = Path(model_dir)
+    card = json.loads((model_dir / "model_card.json").read_text())
+    h = card["history"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    axes[0].plot(h["vision_loss"], lw=0.8)
+    axes[0].set(title="stage 1: vision (BCE)", xlabel="step", yscale="log")
+    axes[1].plot(pd.Series(h["loss"]).rolling(20, min_periods=1).mean(), lw=0.8, label="all")
+    axes[1].plot(pd.Series(h["caption_loss"], dtype=float).rolling(20, min_periods=1).mean(), lw=0.8, label="captions")
+    axes[1].plot(pd.Series(h["question_loss"], dtype=float).rolling(20, min_periods=1).mean(), lw=0.8, label="questions")
+    axes[1].set(title="stage 2: LLaVA (token CE, rolling 20)", xlabel="step", yscale="log")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(model_dir / "loss_curve.png", dpi=110)
+    plt.close(fig)
+    m = card.get("metrics", {})
+    lines = [
+        f"# Model card: {card['model_id']}",
+        "",
+        "Generated by `dleaf train-model` from `data/world.json` and a seed; do not edit by hand.",
+        "",
+        f"- architecture: {card['architecture']}",
+        f"- parameters: {card['parameters']:,} (language model {card['language_model_parameters']:,})",
+        f"- world: {card['world']['name']} (spec hash {card['world']['hash']})",
+        f"- training wall time: {h['wall_time_s']} s on this machine; final losses: vision {h['vision_loss'][-1]}, "
+        f"LLaVA {h['loss'][-1]}",
+        f"- config: `{json.dumps(card['config'])}`",
+        "- data manifests: " + ", ".join(f"{k} `{v['content_hash']}`" for k, v in card["data_manifests"].items()),
+        "",
+        "![loss curve](loss_curve.png)",
+        "",
+    ]
+    if m:
+        lines += [
+            "## Captioning (greedy), CHAIR on the natural test split", "", _ci_table(m["chair_test"]), "",
+            "## CHAIR on the partner-absent test split", "", _ci_table(m["chair_partner_absent"]), "",
+            f"Share of hallucinated objects from the group of a present object (co-occurrence partners): "
+            f"{m['hallucinated_share_same_group_test']:.1f}% on test, "
+            f"{m['hallucinated_share_same_group_partner_absent']:.1f}% on partner-absent.", "",
+            "## POPE on the test split", "", _ci_table(m["pope_test"]), "",
+            "## POPE adversarial on the partner-absent split", "", _ci_table(m["pope_partner_absent"]), "",
+            "## Diagnostic signal per layer", "",
+            "AUROC of each layer's image-attention mass and LIAE (mean-map) for telling hallucinated from "
+            "grounded object tokens in the greedy captions of both test splits (0.5 = no signal; below 0.5 = "
+            "lower on hallucinated tokens). Reported as measured; the model was not selected by it.", "",
+            _md_table(pd.DataFrame(m["signal_table"]), ".3f"), "",
+            "## Example captions (test)", "",
+        ]
+        for ex in m["example_captions"]:
+            lines.append(f"- `{ex['caption']}` (objects: {', '.join(ex['gt_objects'])}; hallucinated: "
+                         f"{', '.join(ex['hallucinated']) or 'none'})")
+    text = "\n".join(lines) + "\n"
+    (model_dir / "MODEL_CARD.md").write_text(text)
+    return text

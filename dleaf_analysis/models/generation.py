@@ -1,0 +1,74 @@
+"""Generation utilities every later module reuses: caption an image, answer a yes/no question.
+
+All functions take a :class:`~dleaf_analysis.models.loading.LoadedModel`, batch the work and
+show a progress bar.  Decoding is greedy unless ``do_sample`` is set (then ``seed`` fixes it).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from dleaf_analysis.models.inputs import PromptBuilder
+from dleaf_analysis.models.loading import LoadedModel
+
+DEFAULT_CAPTION_PROMPT = "describe the image ."
+
+
+def generate(
+    lm: LoadedModel,
+    images: Sequence,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    do_sample: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "generating",
+    context: Callable[[dict], object] | None = None,
+    **generate_kwargs,
+) -> list[str]:
+    """Generate a continuation for each (image, prompt); returns the decoded new text.
+
+    ``context(inputs)``, if given, returns a context manager entered around each batch's
+    ``generate`` call (how interventions attach to generation).
+    """
+    builder = PromptBuilder(lm.processor)
+    out: list[str] = []
+    tok = lm.tokenizer
+    device = next(lm.model.parameters()).device
+    dtype = next(lm.model.parameters()).dtype
+    g = torch.Generator().manual_seed(seed)
+    starts = range(0, len(images), batch_size)
+    for s in tqdm(starts, desc=desc, disable=not progress or len(starts) <= 1):
+        inputs = builder.inputs(images[s : s + batch_size], prompts[s : s + batch_size], lm.image_size)
+        inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+        if do_sample:
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        ctx = context(inputs) if context is not None else nullcontext()
+        with torch.no_grad(), ctx:
+            ids = lm.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                pad_token_id=tok.pad_token_id,
+                **generate_kwargs,
+            )
+        new = ids[:, inputs["input_ids"].shape[1] :]
+        out.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
+    return out
+
+
+def caption(lm: LoadedModel, images: Sequence, prompt: str = DEFAULT_CAPTION_PROMPT, max_new_tokens: int = 32, **kw) -> list[str]:
+    """Caption each image (greedy by default)."""
+    kw.setdefault("desc", "captioning")
+    return generate(lm, images, [prompt] * len(images), max_new_tokens=max_new_tokens, **kw)
+
+
+def answer(lm: LoadedModel, images: Sequence, questions: Sequence[str], max_new_tokens: int = 3, **kw) -> list[str]:
+    """Answer one question per image (e.g. POPE's "is there a knife in the image ?")."""
+    kw.setdefault("desc", "answering")
+    return generate(lm, images, list(questions), max_new_tokens=max_new_tokens, **kw)

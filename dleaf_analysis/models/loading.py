@@ -1,0 +1,106 @@
+"""Load a model directory: the embedded default or a user's llava-hf checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dleaf_analysis.paths import EMBEDDED_MODEL_DIR
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory that cannot be used; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A model with its processor and provenance (``model_id``, ``weights_hash``)."""
+
+    model: torch.nn.Module
+    processor: object
+    path: Path
+    model_id: str
+    weights_hash: str
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+    @property
+    def is_embedded(self) -> bool:
+        return (self.path / "model_card.json").is_file()
+
+
+def weights_hash(path: Path) -> str:
+    """sha256 (16 hex) over the directory's weight files, in name order."""
+    files = sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin")))
+    if not files:
+        raise ModelLoadError(f"no weight files (*.safetensors, *.bin) in {path}")
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_model(
+    path: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load a supported vision-language model directory (default: the embedded model).
+
+    Attention is set to eager in the language model (sdpa returns no attention weights).
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from dleaf_analysis.models.adapters import SUPPORTED_MODEL_TYPES
+
+    path = Path(path) if path is not None else EMBEDDED_MODEL_DIR
+    if not path.is_dir():
+        hint = (
+            "the embedded model ships in data/embedded-llava; re-create it with `dleaf train-model`"
+            if path == EMBEDDED_MODEL_DIR
+            else "give the local directory of a downloaded checkpoint (config.json, weights, processor files)"
+        )
+        raise ModelLoadError(f"model directory not found: {path}; {hint}")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from None
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"model type {config.model_type!r} in {path} is not supported; supported: "
+            f"{sorted(SUPPORTED_MODEL_TYPES)}"
+        )
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+    wh = weights_hash(path)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, local_files_only=True, dtype=dtype, device_map=device_map, attn_implementation="eager"
+        )
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the model in {path}: {type(e).__name__}: {e}") from None
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    model_id = path.name
+    card = path / "model_card.json"
+    if card.is_file():
+        model_id = json.loads(card.read_text()).get("model_id", model_id)
+    return LoadedModel(model=model, processor=processor, path=path, model_id=model_id, weights_hash=wh)

@@ -1,0 +1,121 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dleaf_analysis.evaluation import Protocol, chair_details, chair_summary, get_parser, pope_summary
+from dleaf_analysis.evaluation.bootstrap import bootstrap_ci
+from dleaf_analysis.evaluation.chair import object_mentions
+
+VOCAB = ["fork", "knife", "cup", "plate", "dog"]
+
+
+def test_object_mentions_keep_order_and_repeats():
+    assert object_mentions("a fork , a cup and a fork .", VOCAB) == ["fork", "cup", "fork"]
+    assert object_mentions("forks and a Cup.", VOCAB) == ["cup"]  # exact words only, case-folded
+
+
+def test_chair_hand_computed():
+    caps = [
+        "a photo of a fork , a knife and a cup .",  # gt fork, knife: cup hallucinated
+        "a photo of a dog .",                        # gt dog, plate: clean, recall 1/2
+        "a photo of a cup , a cup and a plate .",    # gt plate: cup twice hallucinated
+        "a photo of .",                              # gt fork: no mention
+    ]
+    gt = [{"fork", "knife"}, {"dog", "plate"}, {"plate"}, {"fork"}]
+    d = chair_details(caps, gt, VOCAB)
+    s = chair_summary(d, n_resamples=200).set_index("metric")["value"]
+    # CHAIR_s: captions 0 and 2 hallucinate -> 2/4
+    assert s["CHAIR_s"] == pytest.approx(50.0)
+    # CHAIR_i: mentions 3 + 1 + 3 + 0 = 7, hallucinated 1 + 0 + 2 = 3
+    assert s["CHAIR_i"] == pytest.approx(100 * 3 / 7)
+    # recall: covered 2 + 1 + 1 + 0 = 4 of gt 2 + 2 + 1 + 1 = 6
+    assert s["recall"] == pytest.approx(100 * 4 / 6)
+    assert s["length"] == pytest.approx(np.mean([12, 6, 12, 4])  # words and punctuation)
+    assert list(d["hallucinated"][2]) == ["cup", "cup"]
+
+
+def test_chair_ci_brackets_point_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    caps = [" ".join(rng.choice(VOCAB, size=3)) for _ in range(80)]
+    gt = [set(rng.choice(VOCAB, size=2, replace=False)) for _ in range(80)]
+    s1 = chair_summary(chair_details(caps, gt, VOCAB), seed=3)
+    s2 = chair_summary(chair_details(caps, gt, VOCAB), seed=3)
+    pd.testing.assert_frame_equal(s1, s2)
+    assert ((s1["ci_low"] <= s1["value"]) & (s1["value"] <= s1["ci_high"])).all()
+    assert (s1["ci_high"] - s1["ci_low"])[:3].gt(0).all()  # length is constant here
+
+
+def test_chair_length_mismatch():
+    with pytest.raises(ValueError, match="ground-truth"):
+        chair_details(["a"], [], VOCAB)
+
+
+def test_pope_hand_computed():
+    labels = ["yes", "yes", "yes", "no", "no", "no", "no", "yes"]
+    preds = ["yes", "yes", "no", "yes", "no", "no", "no", "yes"]
+    s = pope_summary(labels, preds, n_resamples=100).set_index("metric")["value"]
+    tp, fp, tn, fn = 3, 1, 3, 1
+    assert s["accuracy"] == pytest.approx(100 * 6 / 8)
+    assert s["precision"] == pytest.approx(100 * tp / (tp + fp))
+    assert s["recall"] == pytest.approx(100 * tp / (tp + fn))
+    assert s["f1"] == pytest.approx(100 * 2 * 0.75 * 0.75 / 1.5)
+    assert s["yes_ratio"] == pytest.approx(100 * 4 / 8)
+
+
+def test_pope_group_bootstrap_resamples_images():
+    labels = ["yes", "no"] * 50
+    preds = ["yes", "yes"] * 50
+    a = pope_summary(labels, preds, groups=np.repeat(np.arange(50), 2), seed=1).set_index("metric")
+    # every image has one TP and one FP: accuracy is 50% in every resample of whole images
+    assert a.loc["accuracy", "ci_low"] == pytest.approx(50.0) and a.loc["accuracy", "ci_high"] == pytest.approx(50.0)
+    b = pope_summary(labels, preds, seed=1).set_index("metric")
+    assert b.loc["accuracy", "ci_high"] > 50.0  # question-level resampling varies
+
+
+# tricky answers and each parser's verdict
+PARSER_FIXTURE = [
+    # answer, official, negation, substring, first-token
+    ("Yes, there is a knife in the image.", "yes", "yes", "yes", "yes"),
+    ("No, there is no knife.", "no", "no", "no", "no"),
+    ("no", "no", "no", "no", "no"),
+    ("There is not a knife in the image.", "no", "no", "no", "no"),
+    ("Yes. But there is no fork.", "yes", "no", "yes", "yes"),
+    ("I cannot see a knife.", "yes", "no", "no", "no"),
+    ("Not sure.", "yes", "no", "no", "no"),
+    ("yes", "yes", "yes", "yes", "yes"),
+    ("Eyes are visible, no knife", "no", "no", "yes", "no"),
+]
+
+
+@pytest.mark.parametrize("answer,official,negation,substring,first", PARSER_FIXTURE)
+def test_answer_parsers(answer, official, negation, substring, first):
+    assert get_parser("official")(answer) == official
+    assert get_parser("negation")(answer) == negation
+    assert get_parser("substring")(answer) == substring
+    assert get_parser("first-token")(answer) == first
+
+
+def test_unknown_parser():
+    with pytest.raises(ValueError, match="choose one of"):
+        get_parser("llm-judge")
+
+
+def test_bootstrap_ci_of_a_mean():
+    x = np.random.default_rng(0).normal(10, 2, size=400)
+    ci = bootstrap_ci({"x": x, "one": np.ones_like(x)}, {"mean": lambda s: s["x"] / s["one"]}, n_resamples=2000)
+    lo, hi = ci["mean"]
+    se = 2 / np.sqrt(400)
+    assert lo == pytest.approx(x.mean() - 1.96 * se, abs=0.05)
+    assert hi == pytest.approx(x.mean() + 1.96 * se, abs=0.05)
+
+
+def test_protocol_roundtrip(tmp_path):
+    p = Protocol(benchmark="chair", split="dev", split_hash="abc", n_items=3, model_id="m", weights_hash="w",
+                 prompt="describe the image .", max_new_tokens=32, method_config={"gamma": 0.5})
+    p.save(tmp_path / "protocol.json")
+    q = Protocol.load(tmp_path / "protocol.json")
+    assert q == p and q.hash == p.hash
+    assert json.loads((tmp_path / "protocol.json").read_text())["protocol_hash"] == p.hash
+    assert "gamma" in p.describe()
