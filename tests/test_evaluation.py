@@ -32,7 +32,7 @@ def test_chair_hand_computed():
     assert s["CHAIR_i"] == pytest.approx(100 * 3 / 7)
     # recall: covered 2 + 1 + 1 + 0 = 4 of gt 2 + 2 + 1 + 1 = 6
     assert s["recall"] == pytest.approx(100 * 4 / 6)
-    assert s["length"] == pytest.approx(np.mean([12, 6, 12, 4])  # words and punctuation)
+    assert s["length"] == pytest.approx(np.mean([12, 6, 12, 4]))  # words and punctuation
     assert list(d["hallucinated"][2]) == ["cup", "cup"]
 
 
