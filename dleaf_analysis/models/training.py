@@ -38,7 +38,7 @@ class TrainConfig:
     batch_size: int = 48
     vision_lr: float = 2e-3
     lr: float = 1.5e-3
-    question_fraction: float = 0.35
+    question_fraction: float = 0.4
     weight_decay: float = 0.01
     train_size: int | None = None  # None: the whole train split
     model: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig)
@@ -106,7 +106,8 @@ def train_embedded(
 
     # -- stage 2: the whole LLaVA, captions and yes/no questions -------------------------
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    for step in tqdm(range(cfg.full_steps), desc="stage 2: llava", disable=not progress):
+    bar = tqdm(range(cfg.full_steps), desc="stage 2: llava", disable=not progress, mininterval=5)
+    for step in bar:
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _cosine(step, cfg.full_steps)
         idx = rng.integers(0, n, size=cfg.batch_size)
@@ -141,7 +142,9 @@ def train_embedded(
                                    ignore_index=-100, reduction="none").view(labels.shape)
         mask = (labels != -100).float()
         per_seq = (tok_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
-        loss = (tok_loss * mask).sum() / mask.sum()
+        # mean over sequences, not tokens: a yes/no answer (2 tokens) weighs as much as a
+        # caption (~15 tokens); token-averaging left the questions at chance in a trial run
+        loss = per_seq.mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -150,6 +153,9 @@ def train_embedded(
         history["loss"].append(round(loss.item(), 5))
         history["caption_loss"].append(round(per_seq[~q].mean().item(), 5) if (~q).any() else None)
         history["question_loss"].append(round(per_seq[q].mean().item(), 5) if q.any() else None)
+        if step % 100 == 99:
+            recent = lambda k: np.nanmean([x for x in history[k][-100:] if x is not None])  # noqa: E731
+            bar.set_postfix(caption=f"{recent('caption_loss'):.3f}", question=f"{recent('question_loss'):.3f}")
     model.eval()
     model.set_attn_implementation("eager")
     history["wall_time_s"] = round(time.time() - t0, 1)

@@ -1,0 +1,143 @@
+"""The one attention hook point.
+
+A custom transformers attention function (registered as ``"dleaf"`` with
+``AttentionInterface``, and its mask with ``AttentionMaskInterface``) computes eager attention
+but routes the post-softmax probabilities ``[B, H, Q, K]`` through a named identity module,
+``self_attn.pattern``, of every language-model layer, before the product with V.  Capture
+(nnsight or plain torch hooks), ablation, patching and D-LEAF all read and write attention
+there; nothing copies an attention forward.
+
+Edits are applied by *pattern editors*: callables ``f(pattern, layer) -> pattern`` kept in a
+list on the model (``attach_editor``), run in order inside the identity module's forward.
+nnsight and ``register_forward_hook`` see the edited pattern like any module output.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.models.llama.modeling_llama import repeat_kv
+
+from dleaf_analysis.models.adapters import ModelAdapter
+
+IMPLEMENTATION = "dleaf"
+PatternEditor = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class AttentionPattern(nn.Identity):
+    """Identity on the attention probabilities ``[B, H, Q, K]``; the hook point.
+
+    ``editors`` (shared per model) are applied in order; each gets ``(pattern, layer)``.
+    """
+
+    def __init__(self, layer: int, editors: list) -> None:
+        super().__init__()
+        self.layer = layer
+        self._editors = editors  # a plain list shared by all layers (not a submodule)
+
+    def forward(self, pattern: torch.Tensor) -> torch.Tensor:
+        for edit in self._editors:
+            pattern = edit(pattern, self.layer)
+        return pattern
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}"
+
+
+def dleaf_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """Eager attention whose softmax output passes through ``module.pattern``."""
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    key_states = repeat_kv(key, n_rep)
+    value_states = repeat_kv(value, n_rep)
+    scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    pattern = getattr(module, "pattern", None)
+    if pattern is not None:
+        probs = pattern(probs)
+    out = torch.matmul(probs, value_states).transpose(1, 2).contiguous()
+    return out, probs
+
+
+AttentionInterface.register(IMPLEMENTATION, dleaf_attention_forward)
+AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
+
+
+def _text_config_key(model: nn.Module) -> str:
+    cfg = model.config
+    for key in getattr(cfg, "sub_configs", {}):
+        if getattr(cfg, key, None) is cfg.get_text_config():
+            return key
+    return "text_config"
+
+
+def install(model: nn.Module) -> list[AttentionPattern]:
+    """Install the hook point on every language-model layer (idempotent); returns the
+    ``pattern`` modules.  The vision tower keeps eager attention."""
+    adapter = ModelAdapter(model)
+    editors = getattr(model, "_dleaf_editors", None)
+    if editors is None:
+        editors = []
+        model._dleaf_editors = editors  # plain attribute: not a parameter or buffer
+    patterns = []
+    for l, layer in enumerate(adapter.layers):
+        attn = layer.self_attn
+        if not isinstance(getattr(attn, "pattern", None), AttentionPattern):
+            attn.pattern = AttentionPattern(l, editors)
+        patterns.append(attn.pattern)
+    impl = {k: "eager" for k in getattr(model.config, "sub_configs", {})}
+    impl[_text_config_key(model)] = IMPLEMENTATION
+    model.set_attn_implementation(impl)
+    return patterns
+
+
+def is_installed(model: nn.Module) -> bool:
+    try:
+        return model.config.get_text_config()._attn_implementation == IMPLEMENTATION
+    except AttributeError:
+        return False
+
+
+def check_attention_readable(model: nn.Module) -> None:
+    """Raise if the language model's attention cannot give or take patterns (sdpa, flash)."""
+    impl = model.config.get_text_config()._attn_implementation
+    if impl not in (IMPLEMENTATION, "eager"):
+        raise RuntimeError(
+            f"the language model uses {impl!r} attention, which returns no attention weights; "
+            "load it with attn_implementation='eager' or call dleaf_analysis.hooks.install(model)"
+        )
+
+
+def patterns(model: nn.Module) -> list[AttentionPattern]:
+    """The installed ``pattern`` modules, one per language-model layer."""
+    if not is_installed(model):
+        raise RuntimeError("the dleaf hook point is not installed; call dleaf_analysis.hooks.install(model)")
+    return [layer.self_attn.pattern for layer in ModelAdapter(model).layers]
+
+
+@contextmanager
+def attach_editor(model: nn.Module, editor: PatternEditor) -> Iterator[PatternEditor]:
+    """Apply ``editor(pattern, layer)`` inside every layer's hook point for the block's duration."""
+    install(model)
+    editors = model._dleaf_editors
+    editors.append(editor)
+    try:
+        yield editor
+    finally:
+        editors.remove(editor)

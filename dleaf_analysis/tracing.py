@@ -1,0 +1,278 @@
+"""Traces: run a model and record its language model's attention over the image tokens.
+
+``trace_forward`` records one forward pass (optionally teacher-forcing a continuation);
+``trace_generation`` records every step of greedy generation with the KV cache.  Both return
+an :class:`~dleaf_analysis.cache.AttentionCache`.  Backends, which must agree (tested):
+
+- ``"nnsight"`` (default): the model under an nnsight trace, reading
+  ``layers[l].self_attn.pattern.output`` at every step (``tracer.iter``);
+- ``"hooks"``: plain ``register_forward_hook`` on the same hook point;
+- ``"transformer-lens"`` (forward only): ``TransformerBridge`` ``blocks.{l}.attn.hook_pattern``
+  on a copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dleaf_analysis import hooks
+from dleaf_analysis.cache import KEY_GROUPS, AttentionCache, CacheWriter
+from dleaf_analysis.models.adapters import ModelAdapter
+from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT
+from dleaf_analysis.models.inputs import InputError, PromptBuilder
+from dleaf_analysis.models.loading import LoadedModel
+
+BACKENDS = ("nnsight", "hooks", "transformer-lens")
+
+
+@dataclass
+class KeyLayout:
+    """Which key positions are system / image / prompt tokens for one prompt of length ``P``."""
+
+    image_positions: torch.Tensor  # [n] long
+    group_of: torch.Tensor  # [P] long: 0 system, 1 image, 2 prompt, -1 padding
+    prompt_length: int
+
+    @classmethod
+    def from_inputs(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, adapter: ModelAdapter) -> "KeyLayout":
+        """``input_ids [P]`` of one sequence (left padding allowed)."""
+        img = adapter.image_mask(input_ids)
+        if not img.any():
+            raise InputError(
+                "the prompt has no image token: build inputs with the model's processor and an image "
+                f"(the prompt must contain {adapter.model.config.image_token_id!r} positions)")
+        pos = torch.nonzero(img).flatten()
+        P = input_ids.shape[0]
+        group = torch.full((P,), 2, dtype=torch.long)
+        group[: int(pos[0])] = 0
+        group[img] = 1
+        if attention_mask is not None:
+            group[attention_mask == 0] = -1
+        return cls(pos, group, P)
+
+    def summarize(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention rows ``[H, Q, K]`` -> image attention ``[Q, H, n]`` and masses ``[Q, H, 4]``."""
+        rows = rows.float()
+        K = rows.shape[-1]
+        group = torch.cat([self.group_of, torch.full((K - self.prompt_length,), 3, dtype=torch.long)])[:K]
+        onehot = torch.stack([(group == g) for g in range(len(KEY_GROUPS))], -1).float()  # [K, 4]
+        img = rows[..., self.image_positions].transpose(0, 1)  # [Q, H, n]
+        mass = (rows @ onehot).transpose(0, 1)  # [Q, H, 4]
+        return img, mass
+
+
+def _prepare(lm: LoadedModel, image, prompt: str):
+    adapter = ModelAdapter(lm.model)
+    hooks.install(lm.model)
+    inputs = PromptBuilder(lm.processor).inputs([image], [prompt], lm.image_size)
+    device = next(lm.model.parameters()).device
+    dtype = next(lm.model.parameters()).dtype
+    inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+    layout = KeyLayout.from_inputs(inputs["input_ids"][0].cpu(), inputs["attention_mask"][0].cpu(), adapter)
+    return adapter, inputs, layout
+
+
+def _meta(lm: LoadedModel, adapter: ModelAdapter, prompt: str, backend: str, kind: str) -> dict:
+    return {"model_id": lm.model_id, "weights_hash": lm.weights_hash, "n_layers": adapter.n_layers,
+            "n_heads": adapter.n_heads, "prompt": prompt, "backend": backend, "kind": kind,
+            "key_groups": list(KEY_GROUPS)}
+
+
+def _nnsight(lm: LoadedModel):
+    from nnsight import NNsight
+
+    wrapped = getattr(lm, "_nnsight", None)
+    if wrapped is None:
+        wrapped = NNsight(lm.model)
+        lm._nnsight = wrapped
+    return wrapped
+
+
+def _envoy_layers(wrapped, adapter: ModelAdapter):
+    """The nnsight envoys of the language-model layers (same path as the torch modules)."""
+    target = adapter.layers
+    for name, module in adapter.model.named_modules():
+        if module is target:
+            env = wrapped
+            for part in name.split("."):
+                env = env[int(part)] if part.isdigit() else getattr(env, part)
+            return env
+    raise RuntimeError("language-model layers not found in the nnsight tree")
+
+
+# -- generation --------------------------------------------------------------------------
+def trace_generation(
+    lm: LoadedModel,
+    image,
+    prompt: str = DEFAULT_CAPTION_PROMPT,
+    max_new_tokens: int = 32,
+    backend: str = "nnsight",
+    stream_to: str | Path | None = None,
+    dtype: str = "fp32",
+) -> AttentionCache:
+    """Greedy generation with the attention of every step recorded.
+
+    ``stream_to``: write steps to a cache directory as they come (memory per step only) and
+    return the cache loaded from it.
+    """
+    if backend not in ("nnsight", "hooks"):
+        raise ValueError(f"generation traces support backends 'nnsight' and 'hooks', not {backend!r}")
+    adapter, inputs, layout = _prepare(lm, image, prompt)
+    L = adapter.n_layers
+    tok = lm.tokenizer
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    steps: list[list[torch.Tensor]] = []  # per step: L rows [H, K] of the current query
+
+    if backend == "hooks":
+        handles = []
+        current: dict[int, torch.Tensor] = {}
+
+        def make(l):
+            def fn(_m, _i, out):
+                current[l] = out[0, :, -1:, :].detach()
+                if l == L - 1:
+                    steps.append([current[j] for j in range(L)])
+            return fn
+
+        for l, pat in enumerate(hooks.patterns(lm.model)):
+            handles.append(pat.register_forward_hook(make(l)))
+        try:
+            with torch.no_grad():
+                ids = lm.model.generate(**inputs, **gen_kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+    else:
+        # the number of steps must be known to the trace: find it by a plain greedy run first
+        with torch.no_grad():
+            ids = lm.model.generate(**inputs, **gen_kwargs)
+        n = ids.shape[1] - inputs["input_ids"].shape[1]
+        import nnsight
+
+        wrapped = _nnsight(lm)
+        layers = _envoy_layers(wrapped, adapter)
+        with torch.no_grad(), wrapped.trace(**inputs, fn=lm.model.generate, **gen_kwargs) as tracer:
+            saved = nnsight.save([])
+            for _ in tracer.iter[:n]:
+                step = []
+                for l in range(L):
+                    step.append(layers[l].self_attn.pattern.output[0, :, -1:, :].detach())
+                saved.append(step)
+        steps = list(saved)
+    new_ids = ids[0, inputs["input_ids"].shape[1]:].tolist()
+    steps = steps[: len(new_ids)]
+    meta = _meta(lm, adapter, prompt, backend, "generation")
+    writer = CacheWriter(stream_to, {**meta, "image_positions": layout.image_positions.tolist(),
+                                     "prompt_length": layout.prompt_length}, dtype=dtype) if stream_to else None
+    imgs, masses = [], []
+    for s, rows in enumerate(steps):
+        summ = [layout.summarize(r) for r in rows]  # L x ([1, H, n], [1, H, 4])
+        img = torch.stack([x[0][0] for x in summ])  # [L, H, n]
+        mass = torch.stack([x[1][0] for x in summ])
+        if writer:
+            writer.append(img, mass, new_ids[s], tok.convert_ids_to_tokens(new_ids[s]), layout.prompt_length - 1 + s)
+        else:
+            imgs.append(img)
+            masses.append(mass)
+    if writer:
+        return AttentionCache.load(writer.close())
+    H, n = adapter.n_heads, len(layout.image_positions)
+    return AttentionCache(
+        image_attn=torch.stack(imgs) if imgs else torch.zeros(0, L, H, n),
+        mass=torch.stack(masses) if masses else torch.zeros(0, L, H, len(KEY_GROUPS)),
+        tokens=new_ids,
+        token_strs=tok.convert_ids_to_tokens(new_ids),
+        query_positions=[layout.prompt_length - 1 + s for s in range(len(new_ids))],
+        image_positions=layout.image_positions.tolist(),
+        prompt_length=layout.prompt_length,
+        meta=meta,
+    )
+
+
+# -- one forward pass --------------------------------------------------------------------
+def _forward_patterns(lm: LoadedModel, adapter: ModelAdapter, inputs: dict, backend: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Attention patterns ``[H, T, T]`` of every layer and the last position's logits ``[V]``
+    for one forward pass."""
+    if backend == "hooks":
+        got: dict[int, torch.Tensor] = {}
+        handles = [p.register_forward_hook(lambda _m, _i, out, l=l: got.__setitem__(l, out[0].detach()))
+                   for l, p in enumerate(hooks.patterns(lm.model))]
+        try:
+            with torch.no_grad():
+                logits = lm.model(**inputs).logits[0, -1]
+        finally:
+            for h in handles:
+                h.remove()
+        return [got[l] for l in range(adapter.n_layers)], logits
+    if backend == "nnsight":
+        import nnsight
+
+        wrapped = _nnsight(lm)
+        layers = _envoy_layers(wrapped, adapter)
+        with torch.no_grad(), wrapped.trace(**inputs):
+            saved = nnsight.save([])
+            for l in range(adapter.n_layers):
+                saved.append(layers[l].self_attn.pattern.output[0].detach())
+            logits = wrapped.output.logits[0, -1].save()
+        return list(saved), logits
+    if backend == "transformer-lens":
+        return _transformer_lens_patterns(lm, inputs)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _transformer_lens_patterns(lm: LoadedModel, inputs: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``blocks.{l}.attn.hook_pattern`` from transformer-lens's TransformerBridge (on a copy)."""
+    import os
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = getattr(lm, "_tl_bridge", None)
+    if bridge is None:
+        model = copy.deepcopy(lm.model)
+        model.set_attn_implementation({k: "eager" for k in getattr(model.config, "sub_configs", {})} | {"": "eager"})
+        if not model.config.architectures:
+            model.config.architectures = [type(model).__name__]
+        os.environ.setdefault("PIP_CONSTRAINT", "")
+        bridge = TransformerBridge.boot_transformers(str(lm.path), hf_model=model, tokenizer=lm.tokenizer)
+        lm._tl_bridge = bridge
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(ModelAdapter(lm.model).n_layers)]
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                                         attention_mask=inputs.get("attention_mask"), names_filter=lambda n: n in names)
+    return [cache[n][0].detach() for n in names], logits[0, -1]
+
+
+def trace_forward(
+    lm: LoadedModel,
+    image,
+    prompt: str = DEFAULT_CAPTION_PROMPT,
+    continuation: str | None = None,
+    backend: str = "nnsight",
+    full_patterns: bool = False,
+) -> AttentionCache:
+    """One forward pass over prompt (+ teacher-forced ``continuation``); step ``s`` is the query
+    at position ``P - 1 + s`` (it predicts continuation token ``s``; the last step predicts the
+    next token, recorded as the model's argmax)."""
+    adapter, inputs, layout = _prepare(lm, image, prompt)
+    tok = lm.tokenizer
+    cont = tok(continuation, add_special_tokens=False)["input_ids"] if continuation else []
+    if cont:
+        extra = torch.tensor([cont], device=inputs["input_ids"].device)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], 1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)
+    pats, logits = _forward_patterns(lm, adapter, inputs, backend)
+    P = layout.prompt_length
+    summ = [layout.summarize(p[:, P - 1:, :]) for p in pats]  # L x ([Q, H, n], [Q, H, 4])
+    img = torch.stack([s[0] for s in summ], 1)  # [Q, L, H, n]
+    mass = torch.stack([s[1] for s in summ], 1)
+    tokens = cont + [int(logits.argmax())]  # the last query predicts the next token: its argmax
+    return AttentionCache(
+        image_attn=img, mass=mass, tokens=tokens, token_strs=tok.convert_ids_to_tokens(tokens),
+        query_positions=[P - 1 + s for s in range(len(tokens))], image_positions=layout.image_positions.tolist(),
+        prompt_length=P, meta=_meta(lm, adapter, prompt, backend, "forward"),
+        full_patterns=torch.stack([p.float() for p in pats]) if full_patterns else None,
+    )
