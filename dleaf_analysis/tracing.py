@@ -14,6 +14,7 @@ an :class:`~dleaf_analysis.cache.AttentionCache`.  Backends, which must agree (t
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,15 +66,34 @@ class KeyLayout:
         return img, mass
 
 
-def _prepare(lm: LoadedModel, image, prompt: str):
+def _prepare(lm: LoadedModel, image, prompt: str, inputs: dict | None = None):
+    """Model inputs (built from ``image`` + ``prompt``, or given) and their key layout."""
     adapter = ModelAdapter(lm.model)
     hooks.install(lm.model)
-    inputs = PromptBuilder(lm.processor).inputs([image], [prompt], lm.image_size)
+    if inputs is None:
+        inputs = PromptBuilder(lm.processor).inputs([image], [prompt], lm.image_size)
+    if inputs["input_ids"].shape[0] != 1:
+        raise InputError("traces take one sequence at a time (batch size 1)")
+    inputs = dict(inputs)
+    inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
     device = next(lm.model.parameters()).device
     dtype = next(lm.model.parameters()).dtype
     inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
     layout = KeyLayout.from_inputs(inputs["input_ids"][0].cpu(), inputs["attention_mask"][0].cpu(), adapter)
     return adapter, inputs, layout
+
+
+@contextmanager
+def friendly_errors():
+    """Turn transformers' image-token mismatch into an actionable :class:`InputError`."""
+    try:
+        yield
+    except ValueError as e:
+        if "do not match" in str(e) or "image tokens" in str(e).lower():
+            raise InputError(
+                f"the number of image tokens in the prompt does not match the image features ({e}); "
+                "build inputs with the model's processor, which expands the image placeholder") from None
+        raise
 
 
 def _meta(lm: LoadedModel, adapter: ModelAdapter, prompt: str, backend: str, kind: str) -> dict:
@@ -113,15 +133,17 @@ def trace_generation(
     backend: str = "nnsight",
     stream_to: str | Path | None = None,
     dtype: str = "fp32",
+    inputs: dict | None = None,
 ) -> AttentionCache:
     """Greedy generation with the attention of every step recorded.
 
     ``stream_to``: write steps to a cache directory as they come (memory per step only) and
-    return the cache loaded from it.
+    return the cache loaded from it.  ``inputs``: processor outputs to use instead of
+    ``image`` + ``prompt`` (batch size 1).
     """
     if backend not in ("nnsight", "hooks"):
         raise ValueError(f"generation traces support backends 'nnsight' and 'hooks', not {backend!r}")
-    adapter, inputs, layout = _prepare(lm, image, prompt)
+    adapter, inputs, layout = _prepare(lm, image, prompt, inputs)
     L = adapter.n_layers
     tok = lm.tokenizer
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -141,28 +163,31 @@ def trace_generation(
         for l, pat in enumerate(hooks.patterns(lm.model)):
             handles.append(pat.register_forward_hook(make(l)))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), friendly_errors():
                 ids = lm.model.generate(**inputs, **gen_kwargs)
         finally:
             for h in handles:
                 h.remove()
     else:
-        # the number of steps must be known to the trace: find it by a plain greedy run first
-        with torch.no_grad():
-            ids = lm.model.generate(**inputs, **gen_kwargs)
-        n = ids.shape[1] - inputs["input_ids"].shape[1]
+        import warnings
+
         import nnsight
 
         wrapped = _nnsight(lm)
         layers = _envoy_layers(wrapped, adapter)
-        with torch.no_grad(), wrapped.trace(**inputs, fn=lm.model.generate, **gen_kwargs) as tracer:
-            saved = nnsight.save([])
-            for _ in tracer.iter[:n]:
-                step = []
-                for l in range(L):
-                    step.append(layers[l].self_attn.pattern.output[0, :, -1:, :].detach())
-                saved.append(step)
+        with torch.no_grad(), warnings.catch_warnings(), friendly_errors():
+            # the bounded loop ends early when generation stops at EOS: expected, values are kept
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
+            with wrapped.trace(**inputs, fn=lm.model.generate, **gen_kwargs) as tracer:
+                saved, picked = nnsight.save([]), nnsight.save([])
+                for _ in tracer.iter[:max_new_tokens]:
+                    step = []
+                    for l in range(L):
+                        step.append(layers[l].self_attn.pattern.output[0, :, -1:, :].detach())
+                    saved.append(step)
+                    picked.append(wrapped.output.logits[0, -1].argmax().item())  # greedy token
         steps = list(saved)
+        ids = torch.cat([inputs["input_ids"][:1].cpu(), torch.tensor([list(picked)], dtype=torch.long)], 1)
     new_ids = ids[0, inputs["input_ids"].shape[1]:].tolist()
     steps = steps[: len(new_ids)]
     meta = _meta(lm, adapter, prompt, backend, "generation")
@@ -202,7 +227,7 @@ def _forward_patterns(lm: LoadedModel, adapter: ModelAdapter, inputs: dict, back
         handles = [p.register_forward_hook(lambda _m, _i, out, l=l: got.__setitem__(l, out[0].detach()))
                    for l, p in enumerate(hooks.patterns(lm.model))]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), friendly_errors():
                 logits = lm.model(**inputs).logits[0, -1]
         finally:
             for h in handles:
@@ -213,7 +238,7 @@ def _forward_patterns(lm: LoadedModel, adapter: ModelAdapter, inputs: dict, back
 
         wrapped = _nnsight(lm)
         layers = _envoy_layers(wrapped, adapter)
-        with torch.no_grad(), wrapped.trace(**inputs):
+        with torch.no_grad(), friendly_errors(), wrapped.trace(**inputs):
             saved = nnsight.save([])
             for l in range(adapter.n_layers):
                 saved.append(layers[l].self_attn.pattern.output[0].detach())
@@ -253,11 +278,12 @@ def trace_forward(
     continuation: str | None = None,
     backend: str = "nnsight",
     full_patterns: bool = False,
+    inputs: dict | None = None,
 ) -> AttentionCache:
     """One forward pass over prompt (+ teacher-forced ``continuation``); step ``s`` is the query
     at position ``P - 1 + s`` (it predicts continuation token ``s``; the last step predicts the
     next token, recorded as the model's argmax)."""
-    adapter, inputs, layout = _prepare(lm, image, prompt)
+    adapter, inputs, layout = _prepare(lm, image, prompt, inputs)
     tok = lm.tokenizer
     cont = tok(continuation, add_special_tokens=False)["input_ids"] if continuation else []
     if cont:

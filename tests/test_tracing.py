@@ -1,0 +1,140 @@
+"""Traces: nnsight, plain torch hooks, transformer-lens and HF's own output_attentions agree;
+generation traces equal teacher-forced forward traces; caches save, load and refuse bad files."""
+
+import shutil
+
+import pytest
+import torch
+
+from dleaf_analysis.cache import AttentionCache, CacheFileError
+from dleaf_analysis.models.adapters import ModelAdapter
+from dleaf_analysis.models.inputs import InputError, PromptBuilder
+from dleaf_analysis.tracing import trace_forward, trace_generation
+
+
+@pytest.fixture(scope="module")
+def image(dev_split):
+    return dev_split.image(3)
+
+
+@pytest.fixture(scope="module")
+def gen_caches(embedded, image):
+    return {b: trace_generation(embedded, image, backend=b) for b in ("nnsight", "hooks")}
+
+
+def test_generation_backends_agree(gen_caches):
+    a, b = gen_caches["nnsight"], gen_caches["hooks"]
+    assert a.tokens == b.tokens and a.n_steps == len(a.tokens) > 3
+    torch.testing.assert_close(a.image_attn, b.image_attn, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.liae(), b.liae(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.iaf(), b.iaf(), rtol=0, atol=1e-5)
+
+
+def test_generation_trace_matches_plain_generate(embedded, image, gen_caches):
+    from dleaf_analysis.models import caption
+
+    assert gen_caches["nnsight"].text().replace(" </s>", "") == caption(embedded, [image], progress=False)[0]
+
+
+def test_cache_layout(embedded, gen_caches):
+    c = gen_caches["nnsight"]
+    ad = ModelAdapter(embedded.model)
+    assert c.image_attn.shape == (c.n_steps, ad.n_layers, ad.n_heads, 64)
+    torch.testing.assert_close(c.mass.sum(-1), torch.ones(c.n_steps, ad.n_layers, ad.n_heads), rtol=0, atol=1e-5)
+    torch.testing.assert_close(c.mass[..., 1], c.image_attn.sum(-1), rtol=0, atol=1e-5)
+    assert c.mass[0, ..., 3].abs().max() == 0  # nothing generated before step 0
+    assert c.mass[1:, ..., 3].min() > 0
+    assert c.image_positions == list(range(3, 67))  # "<s> user :" then 64 image tokens
+    assert c.query_positions[0] == c.prompt_length - 1
+
+
+def test_generation_equals_teacher_forced_forward(embedded, image, gen_caches):
+    """KV-cache steps equal a recomputation of the whole sequence without cache."""
+    g = gen_caches["hooks"]
+    cont = " ".join(g.token_strs[:-1])
+    f = trace_forward(embedded, image, continuation=cont, backend="hooks")
+    assert f.tokens == g.tokens
+    torch.testing.assert_close(f.image_attn, g.image_attn, rtol=0, atol=1e-5)
+
+
+def test_forward_backends_agree_with_hf_output_attentions(embedded, image, gen_caches):
+    cont = " ".join(gen_caches["hooks"].token_strs[:6])
+    caches = {b: trace_forward(embedded, image, continuation=cont, backend=b, full_patterns=True)
+              for b in ("nnsight", "hooks", "transformer-lens")}
+    # fourth route: transformers' own eager attention weights, no hook point involved
+    import copy
+
+    m = copy.deepcopy(embedded.model)
+    m.set_attn_implementation({k: "eager" for k in m.config.sub_configs})
+    inputs = PromptBuilder(embedded.processor).inputs([image], ["describe the image ."])
+    ids = torch.cat([inputs["input_ids"], torch.tensor([embedded.tokenizer(cont, add_special_tokens=False)["input_ids"]])], 1)
+    with torch.no_grad():
+        att = m(input_ids=ids, pixel_values=inputs["pixel_values"], output_attentions=True).attentions
+    ref = torch.stack([a[0] for a in att])  # [L, H, T, T]
+    for b, c in caches.items():
+        torch.testing.assert_close(c.full_patterns, ref, rtol=0, atol=1e-5, msg=f"backend {b}")
+        torch.testing.assert_close(c.liae(), caches["nnsight"].liae(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(c.iaf(), caches["nnsight"].iaf(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(c.iaf("focused-mass"), caches["nnsight"].iaf("focused-mass"), rtol=0, atol=1e-5)
+
+
+def test_frames_are_tidy(gen_caches):
+    c = gen_caches["nnsight"]
+    lf = c.liae_frame()
+    assert list(lf.columns) == ["step", "token", "position", "layer", "liae", "variant"]
+    assert len(lf) == c.n_steps * c.n_layers
+    assert lf.loc[(lf.step == 2) & (lf.layer == 4), "liae"].item() == pytest.approx(c.liae()[2, 4].item())
+    hf = c.to_frame()
+    assert len(hf) == c.n_steps * c.n_layers * c.n_heads
+    assert {"mass_system", "mass_image", "mass_prompt", "mass_generated", "iaf", "image_entropy"} <= set(hf.columns)
+
+
+@pytest.mark.parametrize("dtype,atol", [("fp32", 0.0), ("fp16", 1e-3)])
+def test_cache_save_load_roundtrip(tmp_path, gen_caches, dtype, atol):
+    c = gen_caches["nnsight"]
+    path = c.save(tmp_path / "cache", dtype=dtype, shard_steps=4)  # several shards
+    assert len(list(path.glob("steps-*.pt"))) == -(-c.n_steps // 4)
+    d = AttentionCache.load(path, expect_weights_hash=c.meta["weights_hash"])
+    assert d.tokens == c.tokens and d.token_strs == c.token_strs and d.image_positions == c.image_positions
+    torch.testing.assert_close(d.image_attn, c.image_attn, rtol=0, atol=atol)
+
+
+def test_streamed_generation_trace(tmp_path, embedded, image, gen_caches):
+    c = trace_generation(embedded, image, backend="hooks", stream_to=tmp_path / "s", dtype="fp32")
+    torch.testing.assert_close(c.image_attn, gen_caches["hooks"].image_attn, rtol=0, atol=0)
+
+
+def test_truncated_or_foreign_cache_is_refused(tmp_path, gen_caches):
+    c = gen_caches["nnsight"]
+    p = c.save(tmp_path / "c", shard_steps=4)
+    with pytest.raises(CacheFileError, match="another|not the model"):
+        AttentionCache.load(p, expect_weights_hash="0000")
+    shard = sorted(p.glob("steps-*.pt"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CacheFileError, match="truncated"):
+        AttentionCache.load(p)
+    q = c.save(tmp_path / "d")
+    (q / "index.json").unlink()
+    with pytest.raises(CacheFileError, match="index.json"):
+        AttentionCache.load(q)
+    shutil.rmtree(q)
+
+
+def test_prompt_without_image_token(embedded, image):
+    inputs = PromptBuilder(embedded.processor).inputs([image], ["describe the image ."])
+    ids = inputs["input_ids"].clone()
+    ids[ids == embedded.model.config.image_token_id] = embedded.tokenizer.convert_tokens_to_ids("the")
+    with pytest.raises(InputError, match="no image token"):
+        trace_forward(embedded, None, inputs={**inputs, "input_ids": ids})
+
+
+def test_image_token_count_mismatch(embedded, image):
+    inputs = PromptBuilder(embedded.processor).inputs([image], ["describe the image ."])
+    img_id = embedded.model.config.image_token_id
+    keep = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
+    keep[(inputs["input_ids"][0] == img_id).nonzero()[0]] = False  # drop one image token
+    bad = {"input_ids": inputs["input_ids"][:, keep], "attention_mask": inputs["attention_mask"][:, keep],
+           "pixel_values": inputs["pixel_values"]}
+    for backend in ("hooks", "nnsight"):
+        with pytest.raises(InputError, match="does not match"):
+            trace_forward(embedded, None, inputs=bad, backend=backend)
