@@ -145,8 +145,7 @@ def trace_generation(
         raise ValueError(f"generation traces support backends 'nnsight' and 'hooks', not {backend!r}")
     adapter, inputs, layout = _prepare(lm, image, prompt, inputs)
     L = adapter.n_layers
-    tok = lm.tokenizer
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.pad_token_id)
     steps: list[list[torch.Tensor]] = []  # per step: L rows [H, K] of the current query
 
     if backend == "hooks":
@@ -199,7 +198,7 @@ def trace_generation(
         img = torch.stack([x[0][0] for x in summ])  # [L, H, n]
         mass = torch.stack([x[1][0] for x in summ])
         if writer:
-            writer.append(img, mass, new_ids[s], tok.convert_ids_to_tokens(new_ids[s]), layout.prompt_length - 1 + s)
+            writer.append(img, mass, new_ids[s], lm.token_strs([new_ids[s]])[0], layout.prompt_length - 1 + s)
         else:
             imgs.append(img)
             masses.append(mass)
@@ -210,7 +209,7 @@ def trace_generation(
         image_attn=torch.stack(imgs) if imgs else torch.zeros(0, L, H, n),
         mass=torch.stack(masses) if masses else torch.zeros(0, L, H, len(KEY_GROUPS)),
         tokens=new_ids,
-        token_strs=tok.convert_ids_to_tokens(new_ids),
+        token_strs=lm.token_strs(new_ids),
         query_positions=[layout.prompt_length - 1 + s for s in range(len(new_ids))],
         image_positions=layout.image_positions.tolist(),
         prompt_length=layout.prompt_length,
@@ -290,6 +289,8 @@ def trace_forward(
         extra = torch.tensor([cont], device=inputs["input_ids"].device)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], 1)
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)
+        if "mm_token_type_ids" in inputs:  # Qwen2-VL: continuation tokens are text
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
     pats, logits = _forward_patterns(lm, adapter, inputs, backend)
     P = layout.prompt_length
     summ = [layout.summarize(p[:, P - 1:, :]) for p in pats]  # L x ([Q, H, n], [Q, H, 4])
@@ -297,7 +298,7 @@ def trace_forward(
     mass = torch.stack([s[1] for s in summ], 1)
     tokens = cont + [int(logits.argmax())]  # the last query predicts the next token: its argmax
     return AttentionCache(
-        image_attn=img, mass=mass, tokens=tokens, token_strs=tok.convert_ids_to_tokens(tokens),
+        image_attn=img, mass=mass, tokens=tokens, token_strs=lm.token_strs(tokens),
         query_positions=[P - 1 + s for s in range(len(tokens))], image_positions=layout.image_positions.tolist(),
         prompt_length=P, meta=_meta(lm, adapter, prompt, backend, "forward"),
         full_patterns=torch.stack([p.float() for p in pats]) if full_patterns else None,

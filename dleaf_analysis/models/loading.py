@@ -26,17 +26,35 @@ class LoadedModel:
     model_id: str
     weights_hash: str
 
+    @classmethod
+    def wrap(cls, model: torch.nn.Module, processor=None, model_id: str | None = None) -> "LoadedModel":
+        """Wrap an in-memory model (e.g. built from a config); ``weights_hash`` is over its state dict."""
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().float().numpy().tobytes())
+        return cls(model=model.eval(), processor=processor, path=Path("."), model_id=model_id or type(model).__name__,
+                   weights_hash=h.hexdigest()[:16])
+
     @property
     def tokenizer(self):
-        return self.processor.tokenizer
+        return getattr(self.processor, "tokenizer", None)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        tok = self.tokenizer
+        return tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
 
     @property
     def image_size(self) -> int:
         return int(self.model.config.vision_config.image_size)
 
     @property
-    def is_embedded(self) -> bool:
-        return (self.path / "model_card.json").is_file()
+    def pad_token_id(self) -> int | None:
+        tok = self.tokenizer
+        if tok is not None and tok.pad_token_id is not None:
+            return tok.pad_token_id
+        gc = self.model.generation_config
+        return gc.pad_token_id if gc.pad_token_id is not None else gc.eos_token_id
 
 
 def weights_hash(path: Path) -> str:

@@ -1,0 +1,107 @@
+"""Tiny randomly initialised models of the real transformers classes, for tests, benchmarks and
+the real-checkpoint code path (no weights are downloaded anywhere).
+
+``tiny_llava15`` has LLaVA-1.5's image geometry (336 px, patch 14: 576 image tokens) and is
+saved as a complete model directory (config, weights, processor, tokenizer) in the llava-hf
+layout.  The other classes are returned as ``(model, inputs)`` built from their configs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dleaf_analysis.models.embedded import EmbeddedModelConfig, build_model, build_processor
+from dleaf_analysis.scenes.world import World
+
+
+def tiny_llava15(out_dir: str | Path | None = None, layers: int = 2, hidden: int = 64, heads: int = 4, seed: int = 0):
+    """A LLaVA-1.5-shaped random model (576 image tokens).  With ``out_dir`` it is saved there as a
+    model directory and the directory is returned; otherwise ``(model, processor)``."""
+    cfg = EmbeddedModelConfig(image_size=336, patch_size=14, vision_hidden=32, vision_layers=1, vision_heads=2,
+                              text_hidden=hidden, text_layers=layers, text_heads=heads,
+                              text_intermediate=2 * hidden, max_positions=1024)
+    world = World.load()
+    processor = build_processor(world, cfg)
+    model = build_model(processor.tokenizer, cfg, seed=seed)
+    if out_dir is None:
+        return model, processor
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _text_cfg(vocab: int, hidden: int = 32, layers: int = 2, heads: int = 4, **kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512, **kw)
+
+
+def tiny_llava_next(seed: int = 0):
+    """``LlavaNextForConditionalGeneration`` with inputs whose image-token count matches its features."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=_text_cfg(80), image_token_id=79,
+                          image_grid_pinpoints=[[28, 28]], vision_feature_layer=-1)
+    cfg.architectures = ["LlavaNextForConditionalGeneration"]
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    pixel_values = torch.randn(1, 2, 3, 28, 28)  # base image + one 28x28 tile
+    image_sizes = torch.tensor([[28, 28]])
+    with torch.no_grad():
+        n = model.model.get_image_features(pixel_values, image_sizes).pooler_output[0].shape[0]
+    ids = torch.tensor([[1, 5, 6] + [79] * n + [7, 8, 9]])
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values,
+                   "image_sizes": image_sizes}
+
+
+def tiny_qwen2_vl(seed: int = 0):
+    """``Qwen2VLForConditionalGeneration`` with a 4x4-patch image (4 merged image tokens)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, max_position_embeddings=512, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+                bos_token_id=1, eos_token_id=2)
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_chans=3)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=99, video_token_id=98,
+                        vision_start_token_id=97, vision_end_token_id=96)
+    cfg.architectures = ["Qwen2VLForConditionalGeneration"]
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    grid = torch.tensor([[1, 4, 4]])  # t, h, w in patches
+    n_patches = int(grid.prod())
+    pixel_values = torch.randn(n_patches, 3 * 2 * 14 * 14)
+    n_tokens = n_patches // 4
+    ids = torch.tensor([[1, 5, 97] + [99] * n_tokens + [96, 7, 8]])
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values,
+                   "image_grid_thw": grid, "mm_token_type_ids": (ids == 99).int()}
+
+
+def tiny_instructblip(seed: int = 0):
+    """``InstructBlipForConditionalGeneration`` (Q-Former, Llama decoder) with 4 query tokens."""
+    from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipQFormerConfig,
+                              InstructBlipVisionConfig)
+
+    torch.manual_seed(seed)
+    vision = InstructBlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      image_size=28, patch_size=14)
+    qformer = InstructBlipQFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, encoder_hidden_size=32, vocab_size=50)
+    cfg = InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                             text_config=_text_cfg(80).to_dict(), num_query_tokens=4, image_token_index=79)
+    cfg.text_config.model_type = "llama"
+    cfg.architectures = ["InstructBlipForConditionalGeneration"]
+    model = InstructBlipForConditionalGeneration(cfg).eval()
+    ids = torch.tensor([[1] + [79] * 4 + [5, 6, 7, 8]])
+    qf = torch.tensor([[1, 2, 3]])
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 28, 28),
+                   "qformer_input_ids": qf, "qformer_attention_mask": torch.ones_like(qf)}
+
+
+OTHER_CLASSES = {"llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "instructblip": tiny_instructblip}
