@@ -7,6 +7,7 @@ Layout (one image + prompt, one generated sequence):
   step ``s`` (step 0 = the prefill's last query, which predicts the first generated token);
 - ``mass [S, L, H, 4]``: attention mass on the key groups ``system`` (prompt tokens before the
   image), ``image``, ``prompt`` (prompt tokens after the image) and ``generated``;
+- ``row_entropy [S, L, H]``: normalised entropy of the whole attention row (all keys);
 - ``tokens [S]``: the token predicted at each step; ``query_positions [S]``.
 
 Memory is O(S x L x H x n): never O(T^2), except for the optional ``full_patterns
@@ -37,6 +38,7 @@ class CacheFileError(RuntimeError):
 class AttentionCache:
     image_attn: torch.Tensor  # [S, L, H, n]
     mass: torch.Tensor  # [S, L, H, 4]
+    row_entropy: torch.Tensor  # [S, L, H]
     tokens: list[int]
     token_strs: list[str]
     query_positions: list[int]
@@ -110,6 +112,7 @@ class AttentionCache:
             df[f"mass_{name}"] = m[:, g]
         df["iaf"] = self.iaf(iaf_variant).reshape(-1).numpy()
         df["image_entropy"] = self.head_entropy().reshape(-1).numpy()
+        df["row_entropy"] = self.row_entropy.float().reshape(-1).numpy()
         return self._step_frame().merge(df, on="step")
 
     # -- storage ----------------------------------------------------------------------------
@@ -117,7 +120,7 @@ class AttentionCache:
         """Write a cache directory (``index.json`` + step shards)."""
         w = CacheWriter(path, self.meta_for_disk(), dtype=dtype, shard_steps=shard_steps)
         for s in range(self.n_steps):
-            w.append(self.image_attn[s], self.mass[s], self.tokens[s], self.token_strs[s], self.query_positions[s])
+            w.append(self.image_attn[s], self.mass[s], self.row_entropy[s], self.tokens[s], self.token_strs[s], self.query_positions[s])
         if self.full_patterns is not None:
             w.full_patterns = self.full_patterns
         return w.close()
@@ -153,6 +156,7 @@ class AttentionCache:
         cache = cls(
             image_attn=cat("image_attn") if parts else torch.zeros(0, L, H, n),
             mass=cat("mass") if parts else torch.zeros(0, L, H, len(KEY_GROUPS)),
+            row_entropy=cat("row_entropy") if parts else torch.zeros(0, L, H),
             tokens=[t for p in parts for t in p["tokens"].tolist()],
             token_strs=index["token_strs"],
             query_positions=[q for p in parts for q in p["query_positions"].tolist()],
@@ -193,9 +197,11 @@ class CacheWriter:
         self.n_steps = 0
         self.full_patterns: torch.Tensor | None = None
 
-    def append(self, image_attn: torch.Tensor, mass: torch.Tensor, token: int, token_str: str, position: int) -> None:
-        """One step: ``image_attn [L, H, n]``, ``mass [L, H, 4]``."""
-        self.buf.append((image_attn.detach().to("cpu", self.dtype), mass.detach().to("cpu", self.dtype), token, position))
+    def append(self, image_attn: torch.Tensor, mass: torch.Tensor, row_entropy: torch.Tensor, token: int,
+               token_str: str, position: int) -> None:
+        """One step: ``image_attn [L, H, n]``, ``mass [L, H, 4]``, ``row_entropy [L, H]``."""
+        cast = lambda t: t.detach().to("cpu", self.dtype)  # noqa: E731
+        self.buf.append((cast(image_attn), cast(mass), token, position, cast(row_entropy)))
         self.token_strs.append(token_str)
         self.n_steps += 1
         if len(self.buf) >= self.shard_steps:
@@ -208,6 +214,7 @@ class CacheWriter:
         torch.save({
             "image_attn": torch.stack([b[0] for b in self.buf]),
             "mass": torch.stack([b[1] for b in self.buf]),
+            "row_entropy": torch.stack([b[4] for b in self.buf]),
             "tokens": torch.tensor([b[2] for b in self.buf]),
             "query_positions": torch.tensor([b[3] for b in self.buf]),
         }, self.path / name)

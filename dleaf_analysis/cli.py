@@ -80,6 +80,87 @@ def evaluate(
             console.print(f"results written to {out}")
 
 
+def _image_arg(image: Optional[str], split: str, index: int):
+    """An image from a user's file (``--image``) or from a split (``--split``, ``--index``)."""
+    from dleaf_analysis.models.inputs import InputError, as_pil
+    from dleaf_analysis.scenes import UnknownSplitError, load_split
+
+    try:
+        if image:
+            return as_pil(image), None
+        sp = load_split(split, limit=index + 1)
+        if index >= len(sp):
+            _fail(f"split {split!r} has {len(sp)} images; --index {index} is out of range")
+        return sp.image(index), sp.scenes[index]
+    except (InputError, UnknownSplitError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def trace(
+    image: Optional[str] = typer.Option(None, help="an image file (PNG/JPEG); default: an image of --split"),
+    split: str = typer.Option("dev"),
+    index: int = typer.Option(0, help="image index in the split"),
+    prompt: str = typer.Option("describe the image ."),
+    max_new_tokens: int = typer.Option(32),
+    backend: str = typer.Option("nnsight", help="nnsight | hooks"),
+    model: Optional[Path] = typer.Option(None),
+    out: Path = typer.Option(Path("runs/trace"), help="cache directory to write"),
+    dtype: str = typer.Option("fp32", help="fp32 | fp16 storage"),
+) -> None:
+    """Trace greedy generation on one image; write the attention cache."""
+    from dleaf_analysis.models.inputs import InputError
+    from dleaf_analysis.tracing import trace_generation
+
+    lm = _load(model)
+    img, _ = _image_arg(image, split, index)
+    try:
+        cache = trace_generation(lm, img, prompt, max_new_tokens=max_new_tokens, backend=backend, stream_to=out, dtype=dtype)
+    except (InputError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"{cache}\ngenerated: {cache.text()}\ncache written to {out}")
+
+
+@app.command()
+def diagnose(
+    image: Optional[str] = typer.Option(None, help="an image file; default: an image of --split"),
+    split: str = typer.Option("dev"),
+    index: int = typer.Option(0),
+    prompt: str = typer.Option("describe the image ."),
+    cache: Optional[Path] = typer.Option(None, help="diagnose a saved cache instead of tracing"),
+    model: Optional[Path] = typer.Option(None),
+    out: Optional[Path] = typer.Option(None, help="write diagnostics.csv (layer detectors) and heads.csv here"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """LIAE per layer per step, IAF per head and the uniform detectors for one image."""
+    from dleaf_analysis import diagnostics as D
+    from dleaf_analysis.cache import AttentionCache, CacheFileError
+    from dleaf_analysis.tracing import trace_generation
+
+    if cache is not None:
+        try:
+            c = AttentionCache.load(cache)
+        except CacheFileError as e:
+            _fail(str(e))
+    else:
+        lm = _load(model)
+        img, _ = _image_arg(image, split, index)
+        c = trace_generation(lm, img, prompt)
+    table = D.diagnose(c, seed=seed)
+    heads = c.to_frame()
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "diagnostics.csv", index=False)
+        heads.to_csv(out / "heads.csv", index=False)
+    if as_json:
+        sys.stdout.write(table.to_json(orient="records") + "\n")
+        return
+    liae = c.liae_frame().pivot(index=["step", "token"], columns="layer", values="liae").reset_index()
+    liae.columns = [str(x) if not isinstance(x, int) else f"L{x}" for x in liae.columns]
+    _print_table(liae, f"LIAE (mean-map) per step and layer: {c.text()}")
+
+
 @app.command("make-splits")
 def make_splits() -> None:
     """Re-freeze the split manifests in data/splits/ (after changing the world spec)."""

@@ -90,3 +90,72 @@ def row_entropy(a: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.
     if key_mask is not None:
         a = a[..., key_mask]
     return normalized_entropy(a).mean(-1)
+
+
+# -- detectors over a cache: tidy tables -----------------------------------------------------
+LAYER_DETECTORS = ("liae", "liae-mean-entropy", "image-mass", "row-entropy", "all-layers", "random")
+HEAD_DETECTORS = ("iaf", "iaf-focused-mass", "head-image-mass-inverse", "random")
+
+
+def layer_scores(cache, detector: str, seed: int = 0) -> torch.Tensor:
+    """Per-step layer scores ``[S, L]``; higher = more suspect.
+
+    ``liae`` / ``liae-mean-entropy``: LIAE variants (high entropy = not looking);
+    ``image-mass``: minus the mean image attention mass (low mass = suspect, PAI-style);
+    ``row-entropy``: entropy of the whole attention row, head-averaged;
+    ``all-layers``: every layer equally (no localisation); ``random``: seeded uniform noise.
+    """
+    S, L = cache.n_steps, cache.n_layers
+    if detector == "liae":
+        return cache.liae("mean-map")
+    if detector == "liae-mean-entropy":
+        return cache.liae("mean-entropy")
+    if detector == "image-mass":
+        return -layer_image_mass(cache.image_attn.float())
+    if detector == "row-entropy":
+        return cache.row_entropy.float().mean(-1)
+    if detector == "all-layers":
+        return torch.ones(S, L)
+    if detector == "random":
+        return torch.rand(S, L, generator=torch.Generator().manual_seed(seed))
+    raise ValueError(f"unknown layer detector {detector!r}; choose one of {LAYER_DETECTORS}")
+
+
+def head_scores(cache, detector: str, seed: int = 0) -> torch.Tensor:
+    """Per-step head scores ``[S, L, H]``; higher = more focused on the image (better head).
+
+    ``iaf`` / ``iaf-focused-mass``: IAF variants; ``head-image-mass-inverse`` is a strawman
+    kept for symmetry checks (minus the mass); ``random``: seeded noise.
+    """
+    if detector == "iaf":
+        return cache.iaf("mass")
+    if detector == "iaf-focused-mass":
+        return cache.iaf("focused-mass")
+    if detector == "head-image-mass-inverse":
+        return -cache.iaf("mass")
+    if detector == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(cache.n_steps, cache.n_layers, cache.n_heads, generator=g)
+    raise ValueError(f"unknown head detector {detector!r}; choose one of {HEAD_DETECTORS}")
+
+
+def diagnose(cache, seed: int = 0) -> "pd.DataFrame":
+    """Tidy table of every layer detector: ``step, token, layer, detector, score, rank``
+    (rank 0 = the most suspect layer at that step)."""
+    import pandas as pd
+
+    frames = []
+    for det in LAYER_DETECTORS:
+        sc = layer_scores(cache, det, seed)
+        rank = sc.argsort(-1, descending=True).argsort(-1)
+        S, L = sc.shape
+        frames.append(pd.DataFrame({
+            "step": torch.arange(S).repeat_interleave(L).numpy(),
+            "layer": torch.arange(L).repeat(S).numpy(),
+            "detector": det,
+            "score": sc.reshape(-1).numpy(),
+            "rank": rank.reshape(-1).numpy(),
+        }))
+    df = pd.concat(frames, ignore_index=True)
+    tokens = pd.DataFrame({"step": range(cache.n_steps), "token": cache.token_strs})
+    return tokens.merge(df, on="step")

@@ -55,15 +55,22 @@ class KeyLayout:
             group[attention_mask == 0] = -1
         return cls(pos, group, P)
 
-    def summarize(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention rows ``[H, Q, K]`` -> image attention ``[Q, H, n]`` and masses ``[Q, H, 4]``."""
+    def summarize(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention rows ``[H, Q, K]`` -> image attention ``[Q, H, n]``, masses ``[Q, H, 4]`` and
+        the normalised entropy of each whole row over its non-padding keys ``[Q, H]``."""
         rows = rows.float()
         K = rows.shape[-1]
         group = torch.cat([self.group_of, torch.full((K - self.prompt_length,), 3, dtype=torch.long)])[:K]
         onehot = torch.stack([(group == g) for g in range(len(KEY_GROUPS))], -1).float()  # [K, 4]
         img = rows[..., self.image_positions].transpose(0, 1)  # [Q, H, n]
         mass = (rows @ onehot).transpose(0, 1)  # [Q, H, 4]
-        return img, mass
+        valid = group >= 0
+        # query q (absolute position P - Q + q ... ) sees keys up to itself: normalise by that count
+        Q = rows.shape[1]
+        n_keys = valid.cumsum(0)[K - Q:].float()  # [Q]
+        plogp = torch.where(rows > 0, rows * torch.log(rows.clamp_min(1e-12)), torch.zeros_like(rows))
+        ent = (-plogp.sum(-1) / torch.log(n_keys.clamp_min(2))).transpose(0, 1)  # [Q, H]
+        return img, mass, ent
 
 
 def _prepare(lm: LoadedModel, image, prompt: str, inputs: dict | None = None):
@@ -134,18 +141,21 @@ def trace_generation(
     stream_to: str | Path | None = None,
     dtype: str = "fp32",
     inputs: dict | None = None,
+    generate_kwargs: dict | None = None,
 ) -> AttentionCache:
     """Greedy generation with the attention of every step recorded.
 
     ``stream_to``: write steps to a cache directory as they come (memory per step only) and
     return the cache loaded from it.  ``inputs``: processor outputs to use instead of
-    ``image`` + ``prompt`` (batch size 1).
+    ``image`` + ``prompt`` (batch size 1).  ``generate_kwargs`` go to ``generate`` (e.g.
+    ``min_new_tokens``; decoding stays greedy).
     """
     if backend not in ("nnsight", "hooks"):
         raise ValueError(f"generation traces support backends 'nnsight' and 'hooks', not {backend!r}")
     adapter, inputs, layout = _prepare(lm, image, prompt, inputs)
     L = adapter.n_layers
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.pad_token_id)
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.pad_token_id,
+                      **(generate_kwargs or {}))
     steps: list[list[torch.Tensor]] = []  # per step: L rows [H, K] of the current query
 
     if backend == "hooks":
@@ -192,22 +202,25 @@ def trace_generation(
     meta = _meta(lm, adapter, prompt, backend, "generation")
     writer = CacheWriter(stream_to, {**meta, "image_positions": layout.image_positions.tolist(),
                                      "prompt_length": layout.prompt_length}, dtype=dtype) if stream_to else None
-    imgs, masses = [], []
+    imgs, masses, ents = [], [], []
     for s, rows in enumerate(steps):
-        summ = [layout.summarize(r) for r in rows]  # L x ([1, H, n], [1, H, 4])
+        summ = [layout.summarize(r) for r in rows]  # L x ([1, H, n], [1, H, 4], [1, H])
         img = torch.stack([x[0][0] for x in summ])  # [L, H, n]
         mass = torch.stack([x[1][0] for x in summ])
+        ent = torch.stack([x[2][0] for x in summ])
         if writer:
-            writer.append(img, mass, new_ids[s], lm.token_strs([new_ids[s]])[0], layout.prompt_length - 1 + s)
+            writer.append(img, mass, ent, new_ids[s], lm.token_strs([new_ids[s]])[0], layout.prompt_length - 1 + s)
         else:
             imgs.append(img)
             masses.append(mass)
+            ents.append(ent)
     if writer:
         return AttentionCache.load(writer.close())
     H, n = adapter.n_heads, len(layout.image_positions)
     return AttentionCache(
         image_attn=torch.stack(imgs) if imgs else torch.zeros(0, L, H, n),
         mass=torch.stack(masses) if masses else torch.zeros(0, L, H, len(KEY_GROUPS)),
+        row_entropy=torch.stack(ents) if ents else torch.zeros(0, L, H),
         tokens=new_ids,
         token_strs=lm.token_strs(new_ids),
         query_positions=[layout.prompt_length - 1 + s for s in range(len(new_ids))],
@@ -293,12 +306,13 @@ def trace_forward(
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
     pats, logits = _forward_patterns(lm, adapter, inputs, backend)
     P = layout.prompt_length
-    summ = [layout.summarize(p[:, P - 1:, :]) for p in pats]  # L x ([Q, H, n], [Q, H, 4])
+    summ = [layout.summarize(p[:, P - 1:, :]) for p in pats]  # L x ([Q, H, n], [Q, H, 4], [Q, H])
     img = torch.stack([s[0] for s in summ], 1)  # [Q, L, H, n]
     mass = torch.stack([s[1] for s in summ], 1)
+    ent = torch.stack([s[2] for s in summ], 1)
     tokens = cont + [int(logits.argmax())]  # the last query predicts the next token: its argmax
     return AttentionCache(
-        image_attn=img, mass=mass, tokens=tokens, token_strs=lm.token_strs(tokens),
+        image_attn=img, mass=mass, row_entropy=ent, tokens=tokens, token_strs=lm.token_strs(tokens),
         query_positions=[P - 1 + s for s in range(len(tokens))], image_positions=layout.image_positions.tolist(),
         prompt_length=P, meta=_meta(lm, adapter, prompt, backend, "forward"),
         full_patterns=torch.stack([p.float() for p in pats]) if full_patterns else None,

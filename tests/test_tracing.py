@@ -138,3 +138,27 @@ def test_image_token_count_mismatch(embedded, image):
     for backend in ("hooks", "nnsight"):
         with pytest.raises(InputError, match="does not match"):
             trace_forward(embedded, None, inputs=bad, backend=backend)
+
+
+def test_row_entropy_matches_full_pattern(embedded, image):
+    from dleaf_analysis import diagnostics as D
+
+    f = trace_forward(embedded, image, continuation="a photo of", backend="hooks", full_patterns=True)
+    P = f.prompt_length
+    for s in range(f.n_steps):
+        q = P - 1 + s
+        rows = f.full_patterns[:, :, q, : q + 1]  # keys the query can see
+        torch.testing.assert_close(f.row_entropy[s].float().mean(-1), D.row_entropy(rows), rtol=0, atol=1e-5)
+
+
+def test_diagnose_table(gen_caches):
+    from dleaf_analysis import diagnostics as D
+
+    c = gen_caches["nnsight"]
+    df = D.diagnose(c)
+    assert set(df["detector"]) == set(D.LAYER_DETECTORS)
+    assert len(df) == len(D.LAYER_DETECTORS) * c.n_steps * c.n_layers
+    liae = df[df.detector == "liae"].set_index(["step", "layer"])["score"]
+    assert liae.loc[(1, 3)] == pytest.approx(c.liae()[1, 3].item())
+    top = df[(df.detector == "liae") & (df["rank"] == 0)].set_index("step")["layer"]
+    assert (top.to_numpy() == c.liae().argmax(-1).numpy()).all()

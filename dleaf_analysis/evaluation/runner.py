@@ -32,6 +32,7 @@ class EvalResult:
     protocol: Protocol
     summary: pd.DataFrame
     details: pd.DataFrame
+    interventions: pd.DataFrame | None = None  # what the method did (D-LEAF: layers fired, heads corrected)
 
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
@@ -39,6 +40,8 @@ class EvalResult:
         self.protocol.save(out / "protocol.json")
         self.summary.to_csv(out / "summary.csv", index=False)
         self.details.to_json(out / "details.jsonl", orient="records", lines=True)
+        if self.interventions is not None and len(self.interventions):
+            self.interventions.to_json(out / "interventions.jsonl", orient="records", lines=True)
         return out
 
     def to_json(self) -> str:
@@ -70,19 +73,32 @@ def evaluate(
     """Evaluate ``method`` on ``benchmark`` ("chair" or "pope") over a scene split."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
-    if method != "greedy":
-        raise ValueError(f"unknown method {method!r}; available: ['greedy']")
+    from dleaf_analysis.interventions import get_method
+
+    m = get_method(method, method_config)
     lm = lm or load_model()
+    log: list[dict] = []
+    offset = [0]
+
+    def decode(lm_, inputs, **kw):
+        ids = m.generate(lm_, inputs, **kw)
+        for rec in getattr(m, "log", []):
+            log.append({**rec, "item": offset[0] + rec.pop("batch")})
+        offset[0] += inputs["input_ids"].shape[0]
+        return ids
+
     data = load_split(split, limit=limit)
     manifest_hash = data.annotations_hash
     images = [data.image(i) for i in range(len(data))]
     common = dict(
         split=split, split_hash=manifest_hash, model_id=lm.model_id, weights_hash=lm.weights_hash,
-        method=method, method_config=method_config or {}, n_resamples=n_resamples, seed=seed,
+        method=method, method_config={k: v for k, v in m.to_dict().items() if k != "method"},
+        n_resamples=n_resamples, seed=seed,
     )
     if benchmark == "chair":
         mnt = max_new_tokens or 32
-        caps = caption(lm, images, DEFAULT_CAPTION_PROMPT, max_new_tokens=mnt, batch_size=batch_size, seed=seed, progress=progress)
+        caps = caption(lm, images, DEFAULT_CAPTION_PROMPT, max_new_tokens=mnt, batch_size=batch_size, seed=seed,
+                       progress=progress, decode=decode)
         details = chair_details(caps, [s.name_set for s in data.scenes], data.world.classes)
         details.insert(0, "image", range(len(data)))
         summary = chair_summary(details, n_resamples=n_resamples, seed=seed)
@@ -95,8 +111,9 @@ def evaluate(
         frames, summaries = [], []
         for variant in pope_variants:
             q = pope_questions(data, variant, stats, seed=seed)
+            offset[0] = 0
             ans = answer(lm, [images[i] for i in q["image"]], list(q["question"]), max_new_tokens=mnt,
-                         batch_size=batch_size, seed=seed, progress=progress, desc=f"POPE {variant}")
+                         batch_size=batch_size, seed=seed, progress=progress, desc=f"POPE {variant}", decode=decode)
             q["answer"] = ans
             q["prediction"] = [parse(a) for a in ans]
             s = pope_summary(q["label"], q["prediction"], groups=q["image"], n_resamples=n_resamples, seed=seed)
@@ -109,7 +126,7 @@ def evaluate(
                             max_new_tokens=mnt, answer_parser=answer_parser, pope_variants=list(pope_variants), **common)
     summary.insert(0, "method", method)
     summary.insert(0, "benchmark", benchmark)
-    result = EvalResult(protocol, summary, details)
+    result = EvalResult(protocol, summary, details, pd.DataFrame(log))
     if out_dir is not None:
         result.save(out_dir)
     return result

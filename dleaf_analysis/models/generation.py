@@ -6,7 +6,6 @@ show a progress bar.  Decoding is greedy unless ``do_sample`` is set (then ``see
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import torch
@@ -28,13 +27,13 @@ def generate(
     seed: int = 0,
     progress: bool = True,
     desc: str = "generating",
-    context: Callable[[dict], object] | None = None,
+    decode: Callable[..., torch.Tensor] | None = None,
     **generate_kwargs,
 ) -> list[str]:
     """Generate a continuation for each (image, prompt); returns the decoded new text.
 
-    ``context(inputs)``, if given, returns a context manager entered around each batch's
-    ``generate`` call (how interventions attach to generation).
+    ``decode(lm, inputs, **kwargs) -> ids [B, T]`` replaces ``model.generate`` (how decoding
+    methods and interventions plug in; see :mod:`dleaf_analysis.interventions`).
     """
     builder = PromptBuilder(lm.processor)
     out: list[str] = []
@@ -48,15 +47,9 @@ def generate(
         inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
         if do_sample:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        ctx = context(inputs) if context is not None else nullcontext()
-        with torch.no_grad(), ctx:
-            ids = lm.model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                pad_token_id=tok.pad_token_id,
-                **generate_kwargs,
-            )
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=lm.pad_token_id, **generate_kwargs)
+        with torch.no_grad():
+            ids = decode(lm, inputs, **kw) if decode is not None else lm.model.generate(**inputs, **kw)
         new = ids[:, inputs["input_ids"].shape[1] :]
         out.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
     return out

@@ -1,0 +1,456 @@
+"""D-LEAF and the baselines it is compared to, as serialisable configs in one registry.
+
+Every method is a dataclass config (``validate``, ``to_dict``, ``from_dict``) whose
+``generate(lm, inputs, ...)`` decodes with the intervention attached, and whose
+``attach(lm, inputs)`` context manager edits attention at the one hook point
+(:mod:`dleaf_analysis.hooks`) and restores the model on exit.  Definitions:
+``shared/METHOD.md``.
+
+- ``greedy``: no intervention.
+- ``dleaf``: at each decoding step, layers whose LIAE exceeds a dynamic threshold (``running``
+  mean + k std, or the ``bas`` best-attention-score rule; ``static`` = a fixed layer set, a
+  control) have their low-IAF heads fused toward the best head:
+  ``a_h <- (1 - gamma) a_h + gamma a_best`` on the current query row, post-softmax.
+- ``uniform``: the same fusion in every candidate layer at every step (no localisation).
+- ``pai``: PAI-style uniform amplification of image attention in a fixed layer range
+  (post-softmax variant: image probabilities times ``1 + alpha``, row renormalised).
+- ``vcd``: visual contrastive decoding against a noised image (Leng et al. 2024).
+- ``ablate``: zero or mean ablation of chosen heads (their contribution to ``o_proj``).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+import torch
+
+from dleaf_analysis import diagnostics as D
+from dleaf_analysis import hooks
+from dleaf_analysis.models.adapters import ModelAdapter
+
+
+class ConfigError(ValueError):
+    """An invalid intervention config; the message names the valid choices."""
+
+
+# -- base ------------------------------------------------------------------------------------
+@dataclass
+class Method:
+    """Base of all method configs."""
+
+    name: ClassVar[str] = "greedy"
+
+    def validate(self, n_layers: int | None = None, n_heads: int | None = None) -> "Method":
+        return self
+
+    def to_dict(self) -> dict:
+        return {"method": self.name, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Method":
+        d = dict(d)
+        d.pop("method", None)
+        valid = {f.name for f in fields(cls)}
+        unknown = set(d) - valid
+        if unknown:
+            raise ConfigError(f"unknown key(s) {sorted(unknown)} for method {cls.name!r}; valid keys: {sorted(valid)}")
+        return cls(**d)
+
+    @contextmanager
+    def attach(self, lm, inputs: dict) -> Iterator["Method"]:
+        """Edit the model for one ``generate`` call on ``inputs``; restore it afterwards."""
+        yield self
+
+    def generate(self, lm, inputs: dict, **generate_kwargs) -> torch.Tensor:
+        """Decode ``inputs`` with this method attached; returns ``generate``'s ids ``[B, T]``."""
+        self.validate(ModelAdapter(lm.model).n_layers, ModelAdapter(lm.model).n_heads)
+        with torch.no_grad(), self.attach(lm, inputs):
+            return lm.model.generate(**inputs, **generate_kwargs)
+
+
+@dataclass
+class Greedy(Method):
+    name: ClassVar[str] = "greedy"
+
+
+def _check_range(name: str, v: float, lo: float, hi: float) -> None:
+    if not (lo <= v <= hi):
+        raise ConfigError(f"{name} must be in [{lo}, {hi}], got {v}")
+
+
+def _check_layers(name: str, layers, n_layers: int | None) -> None:
+    if layers is None or n_layers is None:
+        return
+    bad = [l for l in layers if not (0 <= int(l) < n_layers)]
+    if bad:
+        raise ConfigError(f"{name}: layer(s) {bad} out of range; the model has layers 0..{n_layers - 1}")
+
+
+class _StepCounter:
+    """Counts decoding steps: a new step starts each time layer 0's hook point runs."""
+
+    def __init__(self) -> None:
+        self.step = -1
+
+    def tick(self, layer: int) -> int:
+        if layer == 0:
+            self.step += 1
+        return self.step
+
+
+def _image_key_mask(inputs: dict, adapter: ModelAdapter, K: int) -> torch.Tensor:
+    """``[B, K]`` boolean: image-token key positions (prompt only; generated keys are text)."""
+    m = adapter.image_mask(inputs["input_ids"])
+    if K > m.shape[1]:
+        m = torch.cat([m, torch.zeros(m.shape[0], K - m.shape[1], dtype=torch.bool, device=m.device)], 1)
+    return m[:, :K]
+
+
+def image_columns(row: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    """``row [B, H, K]``, ``img [B, K]`` (same count per row) -> image columns ``[B, H, n]``."""
+    pos = torch.stack([m.nonzero().flatten() for m in img])  # [B, n]
+    return row.gather(-1, pos.unsqueeze(1).expand(-1, row.shape[1], -1))
+
+
+def fuse_heads(row: torch.Tensor, fuse: torch.Tensor, best: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Mixed attention (paper Eq. 4) on one query row per head.
+
+    ``row [B, H, K]``; ``fuse [B, H]`` bool (heads to correct); ``best [B]`` (index of the best
+    head).  Returns ``a_h <- (1 - gamma) a_h + gamma a_best`` for the selected heads.
+    """
+    a_best = row.gather(1, best.view(-1, 1, 1).expand(-1, 1, row.shape[-1]))  # [B, 1, K]
+    mixed = (1 - gamma) * row + gamma * a_best
+    return torch.where(fuse.unsqueeze(-1), mixed, row)
+
+
+# -- D-LEAF ------------------------------------------------------------------------------------
+THRESHOLDS = ("running", "bas", "static")
+HEAD_SELECTIONS = ("below-mean", "bottom-k", "below-rho")
+
+
+@dataclass
+class DLeaf(Method):
+    """D-LEAF: dynamic layer selection by LIAE, head correction by IAF (shared/METHOD.md)."""
+
+    name: ClassVar[str] = "dleaf"
+    gamma: float = 0.5
+    threshold: str = "running"
+    k: float = 1.0
+    delta: float = 0.05
+    layers: list[int] | None = None  # candidate layers (running/bas) or the fixed set (static); None: all but the first two
+    head_selection: str = "below-mean"
+    bottom_k: int = 1
+    rho: float = 0.5
+    liae_variant: str = "mean-map"
+    iaf_variant: str = "mass"
+    record: bool = True
+
+    def validate(self, n_layers: int | None = None, n_heads: int | None = None) -> "DLeaf":
+        _check_range("gamma", self.gamma, 0.0, 1.0)
+        if self.threshold not in THRESHOLDS:
+            raise ConfigError(f"unknown threshold {self.threshold!r}; choose one of {THRESHOLDS}")
+        if self.head_selection not in HEAD_SELECTIONS:
+            raise ConfigError(f"unknown head_selection {self.head_selection!r}; choose one of {HEAD_SELECTIONS}")
+        if self.liae_variant not in D.LIAE_VARIANTS:
+            raise ConfigError(f"unknown liae_variant {self.liae_variant!r}; choose one of {D.LIAE_VARIANTS}")
+        if self.iaf_variant not in D.IAF_VARIANTS:
+            raise ConfigError(f"unknown iaf_variant {self.iaf_variant!r}; choose one of {D.IAF_VARIANTS}")
+        if self.k < 0 or self.delta < 0:
+            raise ConfigError("k and delta must be >= 0")
+        _check_range("rho", self.rho, 0.0, 1.0)
+        if n_heads is not None and not (1 <= self.bottom_k < n_heads):
+            raise ConfigError(f"bottom_k must be in [1, {n_heads - 1}] for {n_heads} heads, got {self.bottom_k}")
+        _check_layers("layers", self.layers, n_layers)
+        return self
+
+    def candidate_layers(self, n_layers: int) -> list[int]:
+        return list(self.layers) if self.layers is not None else list(range(min(2, n_layers - 1), n_layers))
+
+    def select_heads(self, iaf: torch.Tensor) -> torch.Tensor:
+        """``iaf [B, H]`` -> heads to correct ``[B, H]`` (never the best head)."""
+        best = iaf.argmax(-1, keepdim=True)
+        if self.head_selection == "below-mean":
+            sel = iaf < iaf.mean(-1, keepdim=True)
+        elif self.head_selection == "bottom-k":
+            sel = torch.zeros_like(iaf, dtype=torch.bool).scatter(-1, iaf.argsort(-1)[:, : self.bottom_k], True)
+        else:
+            sel = iaf < self.rho * iaf.gather(-1, best)
+        return sel & ~torch.zeros_like(sel).scatter(-1, best, True)
+
+    @contextmanager
+    def attach(self, lm, inputs: dict) -> Iterator["DLeaf"]:
+        adapter = ModelAdapter(lm.model)
+        self.validate(adapter.n_layers, adapter.n_heads)
+        state = _DLeafState(self, adapter, inputs)
+        self.log = state.log  # what it did: one dict per (step, layer) decision that fired
+        with hooks.attach_editor(lm.model, state):
+            yield self
+
+
+class _DLeafState:
+    """Per-call state of D-LEAF: step counter, threshold statistics, log."""
+
+    def __init__(self, cfg: DLeaf, adapter: ModelAdapter, inputs: dict) -> None:
+        self.cfg = cfg
+        self.adapter = adapter
+        self.inputs = inputs
+        self.counter = _StepCounter()
+        self.candidates = set(cfg.candidate_layers(adapter.n_layers))
+        B = inputs["input_ids"].shape[0]
+        L = adapter.n_layers
+        self.n = torch.zeros(L)  # steps seen per layer
+        self.mean = torch.zeros(B, L)
+        self.m2 = torch.zeros(B, L)  # Welford sum of squares
+        self.best = torch.full((B, L), float("inf"))  # BAS: lowest LIAE so far
+        self.log: list[dict] = []
+
+    def __call__(self, pattern: torch.Tensor, layer: int) -> torch.Tensor:
+        step = self.counter.tick(layer)
+        if layer not in self.candidates:
+            return pattern
+        cfg = self.cfg
+        row = pattern[:, :, -1, :]  # [B, H, K] the current query
+        img = _image_key_mask(self.inputs, self.adapter, row.shape[-1]).to(row.device)
+        a_img = image_columns(row.float(), img)  # [B, H, n]
+        n_img = a_img.shape[-1]
+        liae = D.liae(a_img, cfg.liae_variant)  # [B]
+        if cfg.threshold == "static":
+            fire = torch.ones_like(liae, dtype=torch.bool)
+            thr = torch.full_like(liae, float("nan"))
+        elif cfg.threshold == "running":
+            cnt = self.n[layer]
+            mu = self.mean[:, layer]
+            sd = (self.m2[:, layer] / cnt).sqrt() if cnt > 0 else torch.zeros_like(mu)
+            thr = mu + cfg.k * sd
+            fire = (liae > thr) if cnt > 0 else torch.zeros_like(liae, dtype=torch.bool)
+            # Welford update with this step's LIAE
+            cnt1 = cnt + 1
+            delta = liae - mu
+            self.mean[:, layer] = mu + delta / cnt1
+            self.m2[:, layer] = self.m2[:, layer] + delta * (liae - self.mean[:, layer])
+            self.n[layer] = cnt1
+        else:  # bas
+            b = self.best[:, layer]
+            thr = b * (1 + cfg.delta)
+            fire = torch.isfinite(b) & (liae > thr)
+            self.best[:, layer] = torch.minimum(b, liae)
+        if not bool(fire.any()) or cfg.gamma == 0:
+            return pattern
+        iaf = D.iaf(a_img, cfg.iaf_variant)  # [B, H]
+        sel = self.cfg.select_heads(iaf) & fire.unsqueeze(-1)
+        best = iaf.argmax(-1)
+        new_row = fuse_heads(row, sel, best, cfg.gamma).to(pattern.dtype)
+        pattern = pattern.clone()
+        pattern[:, :, -1, :] = new_row
+        if cfg.record:
+            for b in torch.nonzero(fire).flatten().tolist():
+                self.log.append({"batch": b, "step": step, "layer": layer, "liae": float(liae[b]),
+                                 "threshold": float(thr[b]), "best_head": int(best[b]),
+                                 "heads": torch.nonzero(sel[b]).flatten().tolist(), "n_image": n_img})
+        return pattern
+
+
+@dataclass
+class UniformFusion(DLeaf):
+    """Baseline: D-LEAF's fusion in every candidate layer at every step (no LIAE threshold)."""
+
+    name: ClassVar[str] = "uniform"
+    threshold: str = "static"
+
+    def validate(self, n_layers=None, n_heads=None) -> "UniformFusion":
+        if self.threshold != "static":
+            raise ConfigError("uniform fusion has no threshold; use method 'dleaf' for dynamic thresholds")
+        return super().validate(n_layers, n_heads)
+
+
+# -- PAI-style amplification --------------------------------------------------------------------
+@dataclass
+class PAI(Method):
+    """Uniform amplification of image attention in a fixed layer range, every head, every step.
+
+    Post-softmax variant of PAI (Liu et al. 2024): image probabilities of the current query
+    are multiplied by ``1 + alpha`` and the row is renormalised.
+    """
+
+    name: ClassVar[str] = "pai"
+    alpha: float = 0.5
+    layers: list[int] | None = None  # None: all but the first two
+
+    def validate(self, n_layers=None, n_heads=None) -> "PAI":
+        _check_range("alpha", self.alpha, 0.0, 100.0)
+        _check_layers("layers", self.layers, n_layers)
+        return self
+
+    @contextmanager
+    def attach(self, lm, inputs: dict) -> Iterator["PAI"]:
+        adapter = ModelAdapter(lm.model)
+        self.validate(adapter.n_layers)
+        layers = set(self.layers if self.layers is not None else range(min(2, adapter.n_layers - 1), adapter.n_layers))
+
+        def edit(pattern: torch.Tensor, layer: int) -> torch.Tensor:
+            if layer not in layers or self.alpha == 0:
+                return pattern
+            row = pattern[:, :, -1, :]
+            img = _image_key_mask(inputs, adapter, row.shape[-1]).to(row.device).unsqueeze(1)
+            new = torch.where(img, row * (1 + self.alpha), row)
+            pattern = pattern.clone()
+            pattern[:, :, -1, :] = new / new.sum(-1, keepdim=True)
+            return pattern
+
+        with hooks.attach_editor(lm.model, edit):
+            yield self
+
+
+# -- VCD ---------------------------------------------------------------------------------------
+@dataclass
+class VCD(Method):
+    """Visual contrastive decoding (Leng et al. 2024), greedy:
+    ``logits = (1 + alpha) l(x, v) - alpha l(x, v')`` with ``v'`` the image under Gaussian
+    noise (``noise_steps`` of a linear-beta diffusion schedule), restricted to tokens whose
+    probability is at least ``beta`` times the maximum (adaptive plausibility)."""
+
+    name: ClassVar[str] = "vcd"
+    alpha: float = 1.0
+    beta: float = 0.1
+    noise_steps: int = 500
+    seed: int = 0
+
+    def validate(self, n_layers=None, n_heads=None) -> "VCD":
+        _check_range("alpha", self.alpha, 0.0, 100.0)
+        _check_range("beta", self.beta, 0.0, 1.0)
+        if not (0 <= self.noise_steps <= 999):
+            raise ConfigError(f"noise_steps must be in [0, 999], got {self.noise_steps}")
+        return self
+
+    def noised(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        betas = torch.linspace(-6, 6, 1000).sigmoid() * (0.5e-2 - 1e-5) + 1e-5
+        abar = torch.cumprod(1 - betas, 0)[self.noise_steps]
+        g = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn(pixel_values.shape, generator=g).to(pixel_values)
+        return abar.sqrt() * pixel_values + (1 - abar).sqrt() * noise
+
+    def generate(self, lm, inputs: dict, max_new_tokens: int = 32, pad_token_id: int | None = None, **_) -> torch.Tensor:
+        self.validate()
+        model = lm.model
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        pad = pad_token_id if pad_token_id is not None else lm.pad_token_id
+        ids = inputs["input_ids"]
+        B = ids.shape[0]
+        clean = dict(inputs)
+        noisy = {**inputs, "pixel_values": self.noised(inputs["pixel_values"])}
+        past = [None, None]
+        mask = inputs["attention_mask"]
+        out_ids = ids
+        done = torch.zeros(B, dtype=torch.bool)
+        cur = [clean, noisy]
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                logits = []
+                for j in range(2):
+                    o = model(**cur[j], past_key_values=past[j], use_cache=True)
+                    past[j] = o.past_key_values
+                    logits.append(o.logits[:, -1].float())
+                lc, ln = logits
+                cutoff = lc.softmax(-1).max(-1, keepdim=True).values * self.beta
+                cd = (1 + self.alpha) * lc - self.alpha * ln
+                cd = cd.masked_fill(lc.softmax(-1) < cutoff, float("-inf"))
+                nxt = cd.argmax(-1)
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                out_ids = torch.cat([out_ids, nxt[:, None]], 1)
+                done |= torch.tensor([int(t) in eos for t in nxt])
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
+                step = {"input_ids": nxt[:, None], "attention_mask": mask}
+                cur = [step, step]
+                if bool(done.all()):
+                    break
+        return out_ids
+
+
+# -- head ablation -----------------------------------------------------------------------------
+@dataclass
+class HeadAblation(Method):
+    """Zero or mean ablation of heads ``[(layer, head), ...]``: their slice of ``o_proj``'s input
+    is set to zero or to its mean over the prompt positions (``mean`` over the current call)."""
+
+    name: ClassVar[str] = "ablate"
+    heads: list[tuple[int, int]] = field(default_factory=list)
+    mode: str = "zero"
+
+    def validate(self, n_layers=None, n_heads=None) -> "HeadAblation":
+        if self.mode not in ("zero", "mean"):
+            raise ConfigError(f"unknown ablation mode {self.mode!r}; choose one of ('zero', 'mean')")
+        for l, h in self.heads:
+            if n_layers is not None and not (0 <= l < n_layers):
+                raise ConfigError(f"layer {l} out of range; the model has layers 0..{n_layers - 1}")
+            if n_heads is not None and not (0 <= h < n_heads):
+                raise ConfigError(f"head {h} out of range; the model has heads 0..{n_heads - 1}")
+        return self
+
+    @contextmanager
+    def attach(self, lm, inputs: dict) -> Iterator["HeadAblation"]:
+        adapter = ModelAdapter(lm.model)
+        self.validate(adapter.n_layers, adapter.n_heads)
+        d = adapter.head_dim
+        by_layer: dict[int, list[int]] = {}
+        for l, h in self.heads:
+            by_layer.setdefault(int(l), []).append(int(h))
+        means: dict[int, torch.Tensor] = {}
+
+        def make(l: int, hs: list[int]):
+            def pre(_m, args):
+                x = args[0].clone()
+                for h in hs:
+                    sl = slice(h * d, (h + 1) * d)
+                    if self.mode == "zero":
+                        x[..., sl] = 0
+                    else:
+                        if l not in means or x.shape[1] > 1:  # the prefill defines the mean
+                            means[l] = x.mean(1, keepdim=True)
+                        x[..., sl] = means[l][..., sl]
+                return (x,) + tuple(args[1:])
+            return pre
+
+        handles = [adapter.layers[l].self_attn.o_proj.register_forward_pre_hook(make(l, hs)) for l, hs in by_layer.items()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+
+# -- registry ------------------------------------------------------------------------------------
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Greedy, DLeaf, UniformFusion, PAI, VCD, HeadAblation)}
+
+
+def get_method(name: str, config: dict | None = None) -> Method:
+    """A method config by name, with overrides from ``config``."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name].from_dict(config or {}).validate()
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a JSON method config file (``{"method": "dleaf", "gamma": 0.5, ...}``)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} does not parse as JSON: {e}") from None
+
+
+def method_from_dict(d: dict) -> Method:
+    if "method" not in d:
+        raise ConfigError(f"config has no 'method' key; choose one of {sorted(METHODS)}")
+    d = dict(d)
+    return get_method(d.pop("method"), d)
+
+
+__all__ = ["METHODS", "ConfigError", "DLeaf", "Greedy", "HeadAblation", "Method", "PAI", "UniformFusion", "VCD",
+           "fuse_heads", "get_method", "load_config", "method_from_dict", "nullcontext"]
