@@ -46,7 +46,8 @@ def _load(model: Optional[Path], device: str = "cpu", dtype: Optional[str] = Non
 def evaluate(
     benchmark: str = typer.Option("chair", help="chair | pope"),
     split: str = typer.Option("test", help="dev | test | test-partner-absent"),
-    method: str = typer.Option("greedy", help="decoding / intervention method"),
+    method: str = typer.Option("greedy", help="greedy | dleaf | uniform | pai | vcd | ablate"),
+    config: Optional[Path] = typer.Option(None, help="JSON file of method settings, e.g. {\"gamma\": 0.5}"),
     limit: Optional[int] = typer.Option(None, help="evaluate the first N images only"),
     model: Optional[Path] = typer.Option(None, help="model directory (default: the embedded model)"),
     device: str = typer.Option("cpu"),
@@ -59,15 +60,27 @@ def evaluate(
 ) -> None:
     """Evaluate a method with CHAIR or POPE on a scene split (bootstrap 95% CIs)."""
     from dleaf_analysis.evaluation.runner import BENCHMARKS, evaluate as run
+    from dleaf_analysis.interventions import ConfigError, get_method, load_config
     from dleaf_analysis.scenes import SPLITS
 
+    method_config = None
+    try:
+        if config is not None:
+            method_config = load_config(config)
+            file_method = method_config.pop("method", method)
+            if file_method != method and method != "greedy":
+                _fail(f"--method {method} but the config file is for {file_method!r}")
+            method = file_method
+        get_method(method, method_config)
+    except ConfigError as e:
+        _fail(str(e))
     if benchmark not in BENCHMARKS:
         _fail(f"unknown benchmark {benchmark!r}; choose one of {list(BENCHMARKS)}")
     if split not in SPLITS:
         _fail(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
     lm = _load(model, device, dtype)
     try:
-        res = run(benchmark, split, lm, method=method, limit=limit, seed=seed, batch_size=batch_size,
+        res = run(benchmark, split, lm, method=method, method_config=method_config, limit=limit, seed=seed, batch_size=batch_size,
                   answer_parser=answer_parser, out_dir=out, progress=not as_json)
     except ValueError as e:
         _fail(str(e))

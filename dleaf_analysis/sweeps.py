@@ -1,0 +1,112 @@
+"""Resumable sweeps: results are appended as they finish, one JSON line per finished unit, and a
+re-run with the same arguments skips what is done.
+
+A sweep directory holds ``manifest.json`` (what produced it: model weights, data, settings) and
+``results.jsonl``.  A directory whose manifest differs is refused, never merged.  A line cut
+short by a crash (even ``kill -9``) is ignored on reload, and its unit is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+
+class SweepMismatchError(RuntimeError):
+    """The output directory belongs to a different model, data or protocol."""
+
+
+class ResultStore:
+    """Append-only JSONL store of finished units, keyed by ``key``."""
+
+    def __init__(self, directory: str | Path, manifest: dict) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "results.jsonl"
+        mpath = self.dir / "manifest.json"
+        manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))
+        if mpath.is_file():
+            old = json.loads(mpath.read_text())
+            if old != manifest:
+                diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+                raise SweepMismatchError(
+                    f"{self.dir} holds results of a different run (differs in {diff}); "
+                    "use another --out directory or delete this one")
+        else:
+            tmp = mpath.with_suffix(".tmp")
+            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            os.replace(tmp, mpath)
+        self.manifest = manifest
+        self._records = self._read()
+
+    def _read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        out, good_bytes = [], 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut short by a crash: drop it and everything after
+                if not line.endswith(b"\n"):
+                    break
+                out.append(rec)
+                good_bytes += len(line)
+        if good_bytes != self.path.stat().st_size:
+            with open(self.path, "r+b") as f:
+                f.truncate(good_bytes)
+        return out
+
+    @property
+    def done(self) -> set[str]:
+        return {r["key"] for r in self._records}
+
+    def add(self, key: str, rows: list[dict]) -> None:
+        """Record a finished unit (its rows) durably."""
+        rec = {"key": key, "rows": rows}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._records.append(rec)
+
+    def frame(self) -> pd.DataFrame:
+        rows = [dict(r, key=rec["key"]) for rec in self._records for r in rec["rows"]]
+        return pd.DataFrame(rows)
+
+
+def _json_default(o):
+    import numpy as np
+    import torch
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    raise TypeError(type(o).__name__)
+
+
+def run_sweep(
+    units: Iterable[tuple[str, object]],
+    fn: Callable[[object], list[dict]],
+    store: ResultStore,
+    progress: bool = True,
+    desc: str = "sweep",
+) -> pd.DataFrame:
+    """Run ``fn(unit) -> rows`` for every ``(key, unit)`` not yet in ``store``; returns all rows."""
+    units = list(units)
+    done = store.done
+    todo = [(k, u) for k, u in units if k not in done]
+    for key, unit in tqdm(todo, desc=desc, disable=not progress or not todo):
+        store.add(key, fn(unit))
+    return store.frame()
