@@ -193,11 +193,9 @@ def train_model(
     as_json: bool = typer.Option(False, "--json", help="print the card metrics as JSON"),
 ) -> None:
     """Train the embedded model from the world spec and a seed; write weights and model card."""
-    from dleaf_analysis.models.card import card_metrics
-    from dleaf_analysis.models.loading import load_model
+    from dleaf_analysis.models.card import finalize_card
     from dleaf_analysis.models.training import TrainConfig, save_embedded, train_embedded
     from dleaf_analysis.paths import EMBEDDED_MODEL_DIR
-    from dleaf_analysis.scenes import SPLITS, World
 
     out = out or EMBEDDED_MODEL_DIR
     cfg = TrainConfig(seed=seed)
@@ -206,30 +204,11 @@ def train_model(
     if full_steps is not None:
         cfg.full_steps = full_steps
     model, processor, history = train_embedded(cfg, log=console.print)
-    world = World.load()
-    manifests = {n: json.loads((Path(__file__).parent.parent / "data" / "splits" / f"{n}.json").read_text())
-                 for n in SPLITS}
-    card = {
-        "model_id": "dleaf-embedded-llava",
-        "architecture": "LlavaForConditionalGeneration (CLIP vision tower + Llama decoder)",
-        "config": cfg.to_dict(),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "language_model_parameters": sum(p.numel() for p in model.model.language_model.parameters()),
-        "world": {"name": world.spec["name"], "hash": world.spec_hash},
-        "data_manifests": {n: {"annotations_hash": m["annotations_hash"], "content_hash": m["content_hash"]}
-                           for n, m in manifests.items()},
-        "history": history,
-    }
-    save_embedded(model, processor, out, card)
-    lm = load_model(out)
-    card["metrics"] = card_metrics(lm, limit=card_limit, progress=not as_json)
-    save_embedded(model, processor, out, card)  # same weights; the card now has its metrics
-    from dleaf_analysis.models.card import write_card_markdown
-
-    write_card_markdown(out)
+    save_embedded(model, processor, out, {"train": cfg.to_dict(), "history": history})
+    card = finalize_card(out, limit=card_limit, progress=not as_json)
     if as_json:
         sys.stdout.write(json.dumps(card["metrics"], indent=1, default=str) + "\n")
-    console.print(f"model written to {out} ({history['wall_time_s']} s of training)")
+    console.print(f"model written to {out} ({history['wall_time_s']} s of training); card: {out / 'MODEL_CARD.md'}")
 
 
 @app.command()

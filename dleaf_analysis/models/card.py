@@ -112,7 +112,7 @@ def card_metrics(lm: LoadedModel, limit: int | None = None, progress: bool = Tru
 def _md_table(df: pd.DataFrame, floatfmt: str = ".2f") -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
+    for r in df.itertuples(index=False):  # keeps each column's type (ints stay ints)
         lines.append("| " + " | ".join(format(v, floatfmt) if isinstance(v, float) else str(v) for v in r) + " |")
     return "\n".join(lines)
 
@@ -159,6 +159,7 @@ def write_card_markdown(model_dir) -> str:
         f"- world: {card['world']['name']} (spec hash {card['world']['hash']})",
         f"- training wall time: {h['wall_time_s']} s on this machine; final losses: vision {h['vision_loss'][-1]}, "
         f"LLaVA {h['loss'][-1]}",
+        f"- weights: `model.safetensors`, sha256 prefix `{card['weights_hash']}`",
         f"- config: `{json.dumps(card['config'])}`",
         "- data manifests: " + ", ".join(f"{k} `{v['content_hash']}`" for k, v in card["data_manifests"].items()),
         "",
@@ -187,3 +188,37 @@ def write_card_markdown(model_dir) -> str:
     text = "\n".join(lines) + "\n"
     (model_dir / "MODEL_CARD.md").write_text(text)
     return text
+
+
+def finalize_card(model_dir, limit: int | None = None, progress: bool = True) -> dict:
+    """Complete ``model_card.json`` of a freshly trained directory (provenance and every metric)
+    and render ``MODEL_CARD.md``.  The directory's card must hold ``train`` and ``history``."""
+    import json
+    from pathlib import Path
+
+    from dleaf_analysis.models.loading import load_model
+    from dleaf_analysis.scenes import SPLITS
+    from dleaf_analysis.scenes.splits import SPLITS_DIR
+
+    model_dir = Path(model_dir)
+    card = json.loads((model_dir / "model_card.json").read_text())
+    lm = load_model(model_dir)
+    world = World.load()
+    manifests = {n: json.loads((SPLITS_DIR / f"{n}.json").read_text()) for n in SPLITS}
+    card = {
+        "model_id": "dleaf-embedded-llava",
+        "architecture": "LlavaForConditionalGeneration (CLIP vision tower + Llama decoder)",
+        "config": card["train"],
+        "parameters": sum(p.numel() for p in lm.model.parameters()),
+        "language_model_parameters": sum(p.numel() for p in ModelAdapter(lm.model).language_model.parameters()),
+        "weights_hash": lm.weights_hash,
+        "world": {"name": world.spec["name"], "hash": world.spec_hash},
+        "data_manifests": {n: {"annotations_hash": m["annotations_hash"], "content_hash": m["content_hash"]}
+                           for n, m in manifests.items()},
+        "history": card["history"],
+    }
+    (model_dir / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    card["metrics"] = card_metrics(load_model(model_dir), limit=limit, progress=progress)
+    (model_dir / "model_card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
+    write_card_markdown(model_dir)
+    return card

@@ -1,0 +1,119 @@
+"""Throughput of decoding methods as a ratio to greedy, measured side by side in one run.
+
+Time per generated token (median of interleaved repeats, fixed length via min_new_tokens) for
+greedy, D-LEAF, PAI, uniform fusion and VCD, on the embedded model and on a LLaVA-1.5-shaped
+random model (576 image tokens); peak resident memory of one run of each, in a fresh process.
+
+    python benchmarks/method_throughput.py [--repeats 7] [--readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+METHODS = ("greedy", "dleaf", "pai", "uniform", "vcd")
+N_TOKENS = 20
+
+
+def _setup(which: str):
+    from dleaf_analysis import hooks
+    from dleaf_analysis.models import load_model
+    from dleaf_analysis.models.inputs import PromptBuilder
+    from dleaf_analysis.models.loading import LoadedModel
+    from dleaf_analysis.models.tiny import tiny_llava15
+    from dleaf_analysis.scenes import load_split
+
+    if which == "embedded":
+        lm = load_model()
+        img = load_split("dev", limit=1).image(0)
+    else:
+        model, proc = tiny_llava15(layers=4, hidden=256, heads=8)
+        lm = LoadedModel.wrap(model, proc, "llava-1.5-shaped random")
+        img = (np.random.default_rng(0).random((336, 336, 3)) * 255).astype(np.uint8)
+    hooks.install(lm.model)
+    inputs = PromptBuilder(lm.processor).inputs([img], ["describe the image ."], lm.image_size)
+    return lm, inputs
+
+
+def _method(name: str):
+    from dleaf_analysis.evaluation.tuning import tuned_config
+    from dleaf_analysis.interventions import get_method
+
+    return get_method(name, tuned_config(name))
+
+
+def _run(lm, inputs, m):
+    kw = dict(max_new_tokens=N_TOKENS, do_sample=False, pad_token_id=lm.pad_token_id)
+    if m.name != "vcd":
+        kw["min_new_tokens"] = N_TOKENS
+    return m.generate(lm, inputs, **kw)
+
+
+def peak_memory(which: str, method: str) -> float:
+    """Peak RSS (MiB) of a fresh process that loads the model and decodes once with ``method``."""
+    code = (f"import resource, sys; sys.path.insert(0, {os.getcwd()!r}); "
+            f"from benchmarks.method_throughput import _setup, _method, _run; "
+            f"lm, inp = _setup({which!r}); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            f"_run(lm, inp, _method({method!r})); "
+            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def bench(which: str, repeats: int) -> list[tuple]:
+    lm, inputs = _setup(which)
+    methods = {n: _method(n) for n in METHODS}
+    times: dict[str, list[float]] = {n: [] for n in METHODS}
+    lengths = {}
+    with torch.no_grad():
+        for n, m in methods.items():
+            lengths[n] = _run(lm, inputs, m).shape[1] - inputs["input_ids"].shape[1]
+        for _ in range(repeats):
+            for n, m in methods.items():
+                t = time.perf_counter()
+                _run(lm, inputs, m)
+                times[n].append((time.perf_counter() - t) / lengths[n])
+    base = statistics.median(times["greedy"])
+    rows = []
+    for n in METHODS:
+        med = statistics.median(times[n])
+        rows.append((which, n, lengths[n], med * 1e3, med / base, peak_memory(which, n)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--readme", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = bench("embedded", args.repeats) + bench("llava-1.5-shaped", args.repeats)
+    names = {"embedded": "embedded (6 layers, 64 image tokens)",
+             "llava-1.5-shaped": "LLaVA-1.5-shaped random (4 x 8 heads, 576 image tokens)"}
+    lines = [f"torch threads: {torch.get_num_threads()}; median of {args.repeats} interleaved repeats, batch 1, "
+             f"{N_TOKENS} tokens; methods at their tuned settings (`data/tuned_methods.json`); peak RSS growth "
+             "during one decode in a fresh process.", "",
+             "| model | method | ms / token | ratio to greedy | peak RSS growth (MiB) |", "|---|---|---|---|---|"]
+    lines += [f"| {names[w]} | {n} | {ms:.2f} | {r:.3f}x | {mem:.1f} |" for w, n, _, ms, r, mem in rows]
+    text = "\n".join(lines)
+    print(text)
+    if args.readme:
+        from dleaf_analysis.report import splice_readme
+
+        splice_readme(text, "perf-methods")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Tuning study on the dev split: the same budget of configurations per method, one selection
+rule for all, sensitivity curves for D-LEAF's gamma and threshold k; then one evaluation of the
+chosen settings on the test split.
+
+Selection rule (the same for every method): the lowest CHAIR_i among configurations whose recall
+is at most ``max_recall_drop`` points below greedy's on the same images; greedy if none.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from dleaf_analysis.evaluation.runner import evaluate
+from dleaf_analysis.models.loading import LoadedModel, load_model
+from dleaf_analysis.paths import DATA_DIR
+from dleaf_analysis.sweeps import ResultStore, run_sweep
+
+TUNED_FILE = DATA_DIR / "tuned_methods.json"
+
+# the same number of configurations (12) per method
+GRIDS: dict[str, list[dict]] = {
+    "dleaf": [
+        {"gamma": g, "threshold": t, "k": k, "delta": d, "head_selection": hs}
+        for g in (0.5, 1.0)
+        for t, k, d in (("running", 0.5, 0.05), ("running", 1.0, 0.05), ("bas", 1.0, 0.05))
+        for hs in ("below-mean", "below-rho")
+    ],
+    "uniform": [
+        {"gamma": g, "head_selection": hs}
+        for g in (0.1, 0.25, 0.5, 0.75, 1.0)
+        for hs in ("below-mean", "below-rho")
+    ] + [{"gamma": g, "layers": [4, 5]} for g in (0.5, 1.0)],
+    "pai": [
+        {"alpha": a, "layers": ls}
+        for a in (0.25, 0.5, 1.0, 2.0)
+        for ls in (None, [2, 3], [4, 5])
+    ],
+    "vcd": [
+        {"alpha": a, "beta": b, "noise_steps": n}
+        for a in (0.5, 1.0, 2.0)
+        for b in (0.1, 0.2)
+        for n in (500, 999)
+    ],
+}
+SENSITIVITY: dict[str, list[dict]] = {
+    "gamma": [{"gamma": g} for g in (0.0, 0.25, 0.5, 0.75, 1.0)],
+    "k": [{"k": k} for k in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)],
+}
+
+
+def _key(method: str, cfg: dict) -> str:
+    return f"{method}:{json.dumps(cfg, sort_keys=True)}"
+
+
+def tune(
+    out_dir: str | Path,
+    lm: LoadedModel | None = None,
+    limit: int | None = None,
+    methods: tuple[str, ...] = tuple(GRIDS),
+    max_recall_drop: float = 3.0,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the grid on dev (resumable), then the sensitivity curves around D-LEAF's choice.
+
+    Returns ``{"chosen": {method: config}, "grid": DataFrame, "sensitivity": DataFrame}`` and
+    writes ``grid.csv``, ``sensitivity.csv`` and ``chosen.json`` in ``out_dir``.
+    """
+    lm = lm or load_model()
+    out = Path(out_dir)
+    store = ResultStore(out / "grid", {"weights_hash": lm.weights_hash, "split": "dev", "limit": limit, "seed": seed,
+                                       "grids": {m: GRIDS[m] for m in methods}})
+
+    def run_one(unit):
+        method, cfg = unit
+        res = evaluate("chair", "dev", lm, method=method, method_config=cfg, limit=limit, seed=seed,
+                       n_resamples=200, progress=False)
+        s = res.summary.set_index("metric")["value"].to_dict()
+        return [{"method": method, "config": json.dumps(cfg, sort_keys=True), **s}]
+
+    units = [(_key("greedy", {}), ("greedy", {}))] + [(_key(m, c), (m, c)) for m in methods for c in GRIDS[m]]
+    grid = run_sweep(units, run_one, store, progress=progress, desc="tuning on dev")
+    greedy = grid[grid.method == "greedy"].iloc[0]
+    chosen: dict[str, dict] = {}
+    for m in methods:
+        g = grid[(grid.method == m) & (grid.recall >= greedy.recall - max_recall_drop)]
+        chosen[m] = json.loads(g.sort_values(["CHAIR_i", "CHAIR_s"]).iloc[0]["config"]) if len(g) else {}
+    grid.to_csv(out / "grid.csv", index=False)
+    # sensitivity of D-LEAF around its chosen config
+    frames = []
+    if "dleaf" in methods:
+        sstore = ResultStore(out / "sensitivity", {**store.manifest, "base": chosen["dleaf"], "curves": SENSITIVITY})
+        units = [(f"{p}:{json.dumps(v)}", (p, {**chosen["dleaf"], **v})) for p, vs in SENSITIVITY.items() for v in vs]
+
+        def run_sens(unit):
+            param, cfg = unit
+            rows = run_one(("dleaf", cfg))
+            rows[0].update({"parameter": param, "param_value": cfg[param]})
+            return rows
+
+        frames.append(run_sweep(units, run_sens, sstore, progress=progress, desc="sensitivity"))
+    sens = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    sens.to_csv(out / "sensitivity.csv", index=False)
+    result = {"chosen": chosen, "rule": f"lowest CHAIR_i with recall >= greedy - {max_recall_drop} (dev)",
+              "greedy_dev": greedy[["CHAIR_s", "CHAIR_i", "recall"]].to_dict(), "limit": limit,
+              "weights_hash": lm.weights_hash}
+    (out / "chosen.json").write_text(json.dumps(result, indent=1))
+    log(f"chosen settings: {json.dumps(chosen)}")
+    return {"chosen": chosen, "grid": grid, "sensitivity": sens, "summary": result}
+
+
+def tuned_config(method: str) -> dict:
+    """The shipped tuned settings of a method (``data/tuned_methods.json``), or {} if none."""
+    if not TUNED_FILE.is_file():
+        return {}
+    return json.loads(TUNED_FILE.read_text())["chosen"].get(method, {})

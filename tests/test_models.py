@@ -1,0 +1,86 @@
+"""The embedded model: a standard HF directory, deterministic training, template captions,
+the fast training inputs equal the processor's, and clear errors for bad images."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dleaf_analysis.models import InputError, PromptBuilder, caption
+from dleaf_analysis.models.inputs import as_pil
+from dleaf_analysis.paths import EMBEDDED_MODEL_DIR
+
+
+def test_loads_like_any_llava_hf_checkpoint(dev_split):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(EMBEDDED_MODEL_DIR, local_files_only=True)
+    proc = AutoProcessor.from_pretrained(EMBEDDED_MODEL_DIR, local_files_only=True)
+    inputs = proc(images=[dev_split.image(0)], text=["user : <image> describe the image . assistant :"], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64
+    out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_captions_follow_templates(embedded, dev_split, world):
+    caps = caption(embedded, [dev_split.image(i) for i in range(12)], progress=False)
+    obj = "(?:a|an) (?:" + "|".join(world.classes) + ")"
+    lst = f"{obj}(?: , {obj})*(?: and {obj})?"
+    pattern = re.compile(f"^(?:a photo of {lst} \\.|there is {lst} in the image \\.|the image shows {lst} \\.)$")
+    ok = [bool(pattern.match(c)) for c in caps]
+    assert sum(ok) >= 11, caps
+
+
+def test_fast_training_inputs_equal_processor(embedded, dev_split):
+    b = PromptBuilder(embedded.processor)
+    imgs = torch.from_numpy(dev_split.images()[:3])
+    proc = b.inputs([dev_split.image(i) for i in range(3)], ["describe the image ."] * 3)
+    fast = b.training_batch(imgs, ["describe the image ."] * 3, ["a photo of a cup ."] * 3)
+    T = proc["input_ids"].shape[1]
+    assert torch.equal(fast["input_ids"][:, :T], proc["input_ids"])
+    torch.testing.assert_close(fast["pixel_values"], proc["pixel_values"], rtol=0, atol=1e-6)
+    assert (fast["labels"][:, :T] == -100).all() and (fast["labels"][:, T:] != -100).any()
+
+
+def test_training_is_deterministic():
+    from dleaf_analysis.models.training import TrainConfig, train_embedded
+
+    cfg = TrainConfig(vision_steps=3, full_steps=3, question_steps=2, batch_size=4, train_size=32)
+    runs = [train_embedded(cfg, progress=False, log=lambda s: None) for _ in range(2)]
+    (m1, _, h1), (m2, _, h2) = runs
+    assert h1["vision_loss"] == h2["vision_loss"] and h1["loss"] == h2["loss"]
+    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+    cfg.seed = 1
+    _, _, h3 = train_embedded(cfg, progress=False, log=lambda s: None)
+    assert h3["loss"] != h1["loss"]
+
+
+def test_image_checks():
+    good = np.zeros((64, 64, 3), np.uint8)
+    assert as_pil(good, 64).size == (64, 64)
+    assert as_pil(Image.new("L", (64, 64)), 64).mode == "RGB"  # grayscale is converted
+    with pytest.raises(InputError, match="64x64"):
+        as_pil(np.zeros((32, 32, 3), np.uint8), 64)
+    with pytest.raises(InputError, match="uint8"):
+        as_pil(np.zeros((64, 64, 3), np.float32), 64)
+    with pytest.raises(InputError, match="uint8"):
+        as_pil(np.zeros((64, 64), np.uint8), 64)
+    with pytest.raises(InputError, match="mode"):
+        as_pil(Image.new("F", (64, 64)), 64)
+    with pytest.raises(InputError, match="not found"):
+        as_pil("/nonexistent.png")
+
+
+def test_generation_rejects_wrong_size_image(embedded):
+    with pytest.raises(InputError, match="resize"):
+        caption(embedded, [np.zeros((80, 80, 3), np.uint8)], progress=False)
+
+
+def test_batched_generation_equals_one_by_one(embedded, dev_split):
+    imgs = [dev_split.image(i) for i in range(5)]
+    batched = caption(embedded, imgs, batch_size=5, progress=False)
+    single = [caption(embedded, [im], progress=False)[0] for im in imgs]
+    assert batched == single
