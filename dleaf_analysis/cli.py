@@ -174,6 +174,30 @@ def diagnose(
     _print_table(liae, f"LIAE (mean-map) per step and layer: {c.text()}")
 
 
+@app.command()
+def tune(
+    out: Path = typer.Option(Path("runs/tuning"), help="sweep directory (resumable)"),
+    limit: Optional[int] = typer.Option(None, help="first N dev images"),
+    max_recall_drop: float = typer.Option(3.0, help="selection rule: recall may fall at most this much"),
+    ship: bool = typer.Option(False, help="also write the chosen settings to data/tuned_methods.json and data/tuning/"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Tuning study on the dev split (same budget per method), sensitivity curves for D-LEAF."""
+    import shutil
+
+    from dleaf_analysis.evaluation.tuning import TUNED_FILE, tune as run
+
+    res = run(out, limit=limit, max_recall_drop=max_recall_drop, seed=seed, log=console.print)
+    _print_table(res["grid"].drop(columns=["key"]).round(2), "tuning grid (dev)")
+    if ship:
+        shutil.copy(out / "chosen.json", TUNED_FILE)
+        dest = TUNED_FILE.parent / "tuning"
+        dest.mkdir(exist_ok=True)
+        for f in ("grid.csv", "sensitivity.csv"):
+            shutil.copy(out / f, dest / f)
+        console.print(f"tuned settings written to {TUNED_FILE}")
+
+
 @app.command("make-splits")
 def make_splits() -> None:
     """Re-freeze the split manifests in data/splits/ (after changing the world spec)."""

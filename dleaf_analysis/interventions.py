@@ -129,6 +129,7 @@ def fuse_heads(row: torch.Tensor, fuse: torch.Tensor, best: torch.Tensor, gamma:
 
 # -- D-LEAF ------------------------------------------------------------------------------------
 THRESHOLDS = ("running", "bas", "static")
+RUNNING_SEEDS = ("prefill-last", "prefill-rows")
 HEAD_SELECTIONS = ("below-mean", "bottom-k", "below-rho")
 
 
@@ -137,20 +138,28 @@ class DLeaf(Method):
     """D-LEAF: dynamic layer selection by LIAE, head correction by IAF (shared/METHOD.md)."""
 
     name: ClassVar[str] = "dleaf"
-    gamma: float = 0.5
+    # defaults = the settings chosen by the tuning study on the embedded model's dev split
+    # (data/tuned_methods.json; a test keeps them equal)
+    gamma: float = 1.0
     threshold: str = "running"
-    k: float = 1.0
+    k: float = 0.5
     delta: float = 0.05
     layers: list[int] | None = None  # candidate layers (running/bas) or the fixed set (static); None: all but the first two
-    head_selection: str = "below-mean"
+    head_selection: str = "below-rho"
     bottom_k: int = 1
     rho: float = 0.5
     liae_variant: str = "mean-map"
     iaf_variant: str = "mass"
+    # how the running statistics start: "prefill-last" (the prefill's last query row only: no layer
+    # can fire at step 0) or "prefill-rows" (every prompt query row after the image: step 0, and so a
+    # one-token answer such as POPE's, can be corrected)
+    running_seed: str = "prefill-last"
     record: bool = True
 
     def validate(self, n_layers: int | None = None, n_heads: int | None = None) -> "DLeaf":
         _check_range("gamma", self.gamma, 0.0, 1.0)
+        if self.running_seed not in RUNNING_SEEDS:
+            raise ConfigError(f"unknown running_seed {self.running_seed!r}; choose one of {RUNNING_SEEDS}")
         if self.threshold not in THRESHOLDS:
             raise ConfigError(f"unknown threshold {self.threshold!r}; choose one of {THRESHOLDS}")
         if self.head_selection not in HEAD_SELECTIONS:
@@ -202,11 +211,25 @@ class _DLeafState:
         self.candidates = set(cfg.candidate_layers(adapter.n_layers))
         B = inputs["input_ids"].shape[0]
         L = adapter.n_layers
-        self.n = torch.zeros(L)  # steps seen per layer
+        self.n = torch.zeros(B, L)  # observations per sequence and layer
         self.mean = torch.zeros(B, L)
         self.m2 = torch.zeros(B, L)  # Welford sum of squares
         self.best = torch.full((B, L), float("inf"))  # BAS: lowest LIAE so far
         self.log: list[dict] = []
+
+    def _seed_from_prompt_rows(self, pattern: torch.Tensor, img: torch.Tensor, layer: int) -> None:
+        """Seed a layer's statistics with the LIAE of the prompt query rows after the image (the
+        last row excluded: it is step 0's own observation)."""
+        for b in range(pattern.shape[0]):
+            last_img = int(img[b].nonzero().max())
+            rows = pattern[b, :, last_img + 1 : -1, :]  # [H, R, K]
+            if rows.shape[1] == 0:
+                continue
+            v = D.liae(rows[..., img[b]].float().transpose(0, 1), self.cfg.liae_variant)  # [R]
+            self.n[b, layer] = len(v)
+            self.mean[b, layer] = v.mean()
+            self.m2[b, layer] = ((v - v.mean()) ** 2).sum()
+            self.best[b, layer] = v.min()
 
     def __call__(self, pattern: torch.Tensor, layer: int) -> torch.Tensor:
         step = self.counter.tick(layer)
@@ -215,6 +238,8 @@ class _DLeafState:
         cfg = self.cfg
         row = pattern[:, :, -1, :]  # [B, H, K] the current query
         img = _image_key_mask(self.inputs, self.adapter, row.shape[-1]).to(row.device)
+        if step == 0 and cfg.threshold != "static" and cfg.running_seed == "prefill-rows" and pattern.shape[2] > 1:
+            self._seed_from_prompt_rows(pattern, img, layer)
         a_img = image_columns(row.float(), img)  # [B, H, n]
         n_img = a_img.shape[-1]
         liae = D.liae(a_img, cfg.liae_variant)  # [B]
@@ -222,17 +247,17 @@ class _DLeafState:
             fire = torch.ones_like(liae, dtype=torch.bool)
             thr = torch.full_like(liae, float("nan"))
         elif cfg.threshold == "running":
-            cnt = self.n[layer]
+            cnt = self.n[:, layer]  # [B] observations so far
             mu = self.mean[:, layer]
-            sd = (self.m2[:, layer] / cnt).sqrt() if cnt > 0 else torch.zeros_like(mu)
+            sd = (self.m2[:, layer] / cnt.clamp_min(1)).sqrt()
             thr = mu + cfg.k * sd
-            fire = (liae > thr) if cnt > 0 else torch.zeros_like(liae, dtype=torch.bool)
+            fire = (cnt > 0) & (liae > thr)
             # Welford update with this step's LIAE
             cnt1 = cnt + 1
             delta = liae - mu
             self.mean[:, layer] = mu + delta / cnt1
             self.m2[:, layer] = self.m2[:, layer] + delta * (liae - self.mean[:, layer])
-            self.n[layer] = cnt1
+            self.n[:, layer] = cnt1
         else:  # bas
             b = self.best[:, layer]
             thr = b * (1 + cfg.delta)
@@ -260,6 +285,8 @@ class UniformFusion(DLeaf):
 
     name: ClassVar[str] = "uniform"
     threshold: str = "static"
+    gamma: float = 0.1  # tuned (data/tuned_methods.json)
+    head_selection: str = "below-mean"
 
     def validate(self, n_layers=None, n_heads=None) -> "UniformFusion":
         if self.threshold != "static":
@@ -277,7 +304,7 @@ class PAI(Method):
     """
 
     name: ClassVar[str] = "pai"
-    alpha: float = 0.5
+    alpha: float = 2.0  # tuned; the tuned layer range ([4, 5] of 6) is model-specific
     layers: list[int] | None = None  # None: all but the first two
 
     def validate(self, n_layers=None, n_heads=None) -> "PAI":

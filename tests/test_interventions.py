@@ -55,7 +55,7 @@ def test_fuse_heads_hand_computed():
 
 def test_dleaf_edit_equals_hand_computation(lm, inputs):
     layer = 3
-    cfg = DLeaf(threshold="static", layers=[layer], gamma=0.6)
+    cfg = DLeaf(threshold="static", layers=[layer], gamma=0.6, head_selection="below-mean")
     before, _ = _capture(lm, inputs, layer)
     with cfg.attach(lm, inputs):
         after, _ = _capture(lm, inputs, layer)
@@ -191,3 +191,36 @@ def test_config_file_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "none.json")
+
+
+def test_defaults_are_the_tuned_settings():
+    from dleaf_analysis.evaluation.tuning import TUNED_FILE
+    from dleaf_analysis.interventions import METHODS
+
+    tuned = json.loads(TUNED_FILE.read_text())["chosen"]
+    for name, cfg in tuned.items():
+        default = METHODS[name]().to_dict()
+        for k, v in cfg.items():
+            if name == "pai" and k == "layers":
+                continue  # a layer range is model-specific: the default stays "all but the first two"
+            assert default[k] == v, (name, k)
+
+
+def test_head_selection_variants_hand_computed():
+    iaf = torch.tensor([[0.5, 0.1, 0.3, 0.05]])  # best = head 0, mean = 0.2375
+    assert DLeaf(head_selection="below-mean").select_heads(iaf).tolist() == [[False, True, False, True]]
+    assert DLeaf(head_selection="bottom-k", bottom_k=1).select_heads(iaf).tolist() == [[False, False, False, True]]
+    # below rho * best = 0.35 * 0.5 = 0.175
+    assert DLeaf(head_selection="below-rho", rho=0.35).select_heads(iaf).tolist() == [[False, True, False, True]]
+
+
+def test_running_seed_variants_at_step_zero(lm, dev_split):
+    q = PromptBuilder(lm.processor).inputs([dev_split.image(i) for i in range(4)], ["is there a dog in the image ?"] * 4)
+    steps = {}
+    for seed in ("prefill-last", "prefill-rows"):
+        cfg = DLeaf(k=0.0, running_seed=seed)
+        with torch.no_grad():
+            cfg.generate(lm, q, max_new_tokens=2, do_sample=False, pad_token_id=lm.pad_token_id)
+        steps[seed] = {r["step"] for r in cfg.log}
+    assert 0 not in steps["prefill-last"]  # no history at the first step: cannot fire
+    assert 0 in steps["prefill-rows"]  # seeded by the prompt rows: can correct a one-token answer

@@ -70,13 +70,19 @@ def evaluate(
     out_dir: str | Path | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """Evaluate ``method`` on ``benchmark`` ("chair" or "pope") over a scene split."""
+    """Evaluate ``method`` on ``benchmark`` ("chair" or "pope") over a scene split.
+
+    The method runs at its settings tuned on dev for this model (``data/tuned_methods.json``)
+    unless ``method_config`` overrides them; the protocol records the full config.
+    """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
+    from dleaf_analysis.evaluation.tuning import tuned_config
     from dleaf_analysis.interventions import get_method
 
-    m = get_method(method, method_config)
     lm = lm or load_model()
+    # settings tuned on dev for this model (if any), overridden by the caller's
+    m = get_method(method, {**tuned_config(method, lm.weights_hash), **(method_config or {})})
     log: list[dict] = []
     offset = [0]
 

@@ -24,10 +24,10 @@ TUNED_FILE = DATA_DIR / "tuned_methods.json"
 # the same number of configurations (12) per method
 GRIDS: dict[str, list[dict]] = {
     "dleaf": [
-        {"gamma": g, "threshold": t, "k": k, "delta": d, "head_selection": hs}
+        {"gamma": g, "threshold": t, "k": k, "delta": d, "running_seed": rs}
         for g in (0.5, 1.0)
         for t, k, d in (("running", 0.5, 0.05), ("running", 1.0, 0.05), ("bas", 1.0, 0.05))
-        for hs in ("below-mean", "below-rho")
+        for rs in ("prefill-last", "prefill-rows")
     ],
     "uniform": [
         {"gamma": g, "head_selection": hs}
@@ -49,6 +49,8 @@ GRIDS: dict[str, list[dict]] = {
 SENSITIVITY: dict[str, list[dict]] = {
     "gamma": [{"gamma": g} for g in (0.0, 0.25, 0.5, 0.75, 1.0)],
     "k": [{"k": k} for k in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)],
+    "head_selection": [{"head_selection": h} for h in ("below-mean", "below-rho", "bottom-k")],
+    "layers": [{"layers": ls} for ls in ([0, 1, 2, 3, 4, 5], [2, 3, 4, 5], [2, 3], [4, 5])],
 }
 
 
@@ -100,7 +102,7 @@ def tune(
         def run_sens(unit):
             param, cfg = unit
             rows = run_one(("dleaf", cfg))
-            rows[0].update({"parameter": param, "param_value": cfg[param]})
+            rows[0].update({"parameter": param, "param_value": json.dumps(cfg[param])})
             return rows
 
         frames.append(run_sweep(units, run_sens, sstore, progress=progress, desc="sensitivity"))
@@ -114,8 +116,14 @@ def tune(
     return {"chosen": chosen, "grid": grid, "sensitivity": sens, "summary": result}
 
 
-def tuned_config(method: str) -> dict:
-    """The shipped tuned settings of a method (``data/tuned_methods.json``), or {} if none."""
+def tuned_config(method: str, weights_hash: str | None = None) -> dict:
+    """The shipped tuned settings of a method (``data/tuned_methods.json``), or {} if none.
+
+    With ``weights_hash``: only if the settings were tuned for that model (they are
+    model-specific; other models get the configs' generic defaults)."""
     if not TUNED_FILE.is_file():
         return {}
-    return json.loads(TUNED_FILE.read_text())["chosen"].get(method, {})
+    d = json.loads(TUNED_FILE.read_text())
+    if weights_hash is not None and d.get("weights_hash") != weights_hash:
+        return {}
+    return d["chosen"].get(method, {})

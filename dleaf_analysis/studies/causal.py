@@ -1,0 +1,210 @@
+"""Causal maps of one event: how much each layer / head moves
+``m = log p(hallucinated) - log p(preferred)`` at the event's step when it is ablated, corrected
+alone, or patched from the counterfactual run; plus attribution patching (one forward and one
+backward pass for all heads).
+
+Effects are ``m(intervened) - m(clean)``: negative = the intervention suppresses the
+hallucination.  Every map batches its components (heads of a layer, or layers) into one forward.
+Maps (``[L, H]`` for heads, ``[L]`` for layers):
+
+- ``head_zero``, ``head_mean``: a head's output (its slice of ``o_proj``'s input, every position)
+  set to zero / to its mean over the sequence's positions;
+- ``layer_zero``: a layer's whole attention output set to zero (every position);
+- ``correct_layer``: D-LEAF's fusion (gamma = 1, below-mean heads -> best head) in that one layer,
+  on the last query row;  ``correct_head``: that one head's last row replaced by the best head's;
+- ``patch_head``, ``patch_layer``: the head's (layer's attention) output at every position taken
+  from the counterfactual run (the cue object removed from the image);  ``patch_head_reverse``:
+  the clean output patched into the counterfactual run (effect measured against the
+  counterfactual's own ``m``);
+- ``attribution_head``: ``sum_pos (z_cf - z) . dm/dz`` at the clean run (gradient approximation
+  of ``patch_head``).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+
+import numpy as np
+import torch
+
+from dleaf_analysis import diagnostics as D
+from dleaf_analysis import hooks
+from dleaf_analysis.interventions import DLeaf, fuse_heads, image_columns
+from dleaf_analysis.models.adapters import ModelAdapter
+from dleaf_analysis.studies.events import logit_diff
+
+HEAD_MAPS = ("head_zero", "head_mean", "correct_head", "patch_head", "patch_head_reverse", "attribution_head")
+LAYER_MAPS = ("layer_zero", "correct_layer", "patch_layer")
+
+
+def _rep(inputs: dict, n: int) -> dict:
+    return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
+
+
+@contextmanager
+def _o_proj_pre(adapter: ModelAdapter, layer: int, fn):
+    h = adapter.layers[layer].self_attn.o_proj.register_forward_pre_hook(lambda m, args: (fn(args[0]),) + tuple(args[1:]))
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+@contextmanager
+def _o_proj_post(adapter: ModelAdapter, layer: int, fn):
+    h = adapter.layers[layer].self_attn.o_proj.register_forward_hook(lambda m, i, o: fn(o))
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def head_outputs(lm, inputs: dict) -> list[torch.Tensor]:
+    """Per layer, ``o_proj``'s input (the concatenated head outputs) ``[T, H * d]`` of one run."""
+    adapter = ModelAdapter(lm.model)
+    got: dict[int, torch.Tensor] = {}
+    with ExitStack() as st:
+        for l in range(adapter.n_layers):
+            st.enter_context(_o_proj_pre(adapter, l, lambda x, l=l: (got.__setitem__(l, x[0].detach().clone()), x)[1]))
+        with torch.no_grad():
+            lm.model(**inputs)
+    return [got[l] for l in range(adapter.n_layers)]
+
+
+def _metric(lm, inputs: dict, tok: int, pref: int) -> torch.Tensor:
+    with torch.no_grad():
+        return logit_diff(lm.model(**inputs).logits, tok, pref)
+
+
+def causal_maps(lm, inputs: dict, token_id: int, preferred_id: int, cf_inputs: dict | None = None,
+                kinds: tuple[str, ...] = ("ablation", "patching")) -> dict:
+    """Maps for one event (see module doc).  ``kinds``: "ablation" (ablation and correction maps)
+    and/or "patching" (patching and attribution maps, which need ``cf_inputs``: the
+    counterfactual run's inputs, same positions).  Returns ``{name: array}`` plus the clean
+    (and counterfactual) metric values."""
+    adapter = ModelAdapter(lm.model)
+    hooks.install(lm.model)
+    L, H, d = adapter.n_layers, adapter.n_heads, adapter.head_dim
+    tok, pref = token_id, preferred_id
+    base = float(_metric(lm, inputs, tok, pref)[0])
+    out: dict = {"m_clean": base}
+    clean_z = head_outputs(lm, inputs)
+
+    def per_head(edit_fn, src_inputs, ref: float) -> np.ndarray:
+        """For each layer: batch of H copies, copy h edited at head h by ``edit_fn(x_h, l, h)``."""
+        res = np.zeros((L, H))
+        rep = _rep(src_inputs, H)
+        for l in range(L):
+            def fn(x, l=l):
+                x = x.clone()
+                for h in range(H):
+                    sl = slice(h * d, (h + 1) * d)
+                    x[h, :, sl] = edit_fn(x[h, :, sl], l, h)
+                return x
+            with _o_proj_pre(adapter, l, fn):
+                res[l] = (_metric(lm, rep, tok, pref) - ref).numpy()
+        return res
+
+    if "ablation" in kinds:
+        out.update(_ablation_maps(lm, inputs, tok, pref, base, per_head))
+    if "patching" in kinds and cf_inputs is not None:
+        out.update(_patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head))
+    return out
+
+
+def _ablation_maps(lm, inputs, tok, pref, base, per_head) -> dict:
+    adapter = ModelAdapter(lm.model)
+    L, H = adapter.n_layers, adapter.n_heads
+    out = {}
+    out["head_zero"] = per_head(lambda x, l, h: torch.zeros_like(x), inputs, base)
+    out["head_mean"] = per_head(lambda x, l, h: x.mean(0, keepdim=True).expand_as(x), inputs, base)
+
+    # layer_zero: batch of L copies, copy l has layer l's attention output zeroed
+    repL = _rep(inputs, L)
+    with ExitStack() as st:
+        for l in range(L):
+            def zero(o, l=l):
+                o = o.clone()
+                o[l] = 0
+                return o
+            st.enter_context(_o_proj_post(adapter, l, zero))
+        out["layer_zero"] = (_metric(lm, repL, tok, pref) - base).numpy()
+
+    # correction alone: fusion in one layer (copy l), gamma = 1, last query row
+    img = adapter.image_mask(inputs["input_ids"])[0]
+    sel_cfg = DLeaf(gamma=1.0)
+
+    def correct_layer_editor(pattern, layer):
+        if pattern.shape[0] != L:
+            return pattern
+        row = pattern[layer:layer + 1, :, -1, :]
+        iaf = D.iaf(image_columns(row.float(), img[None, : row.shape[-1]]))
+        sel = sel_cfg.select_heads(iaf)
+        pattern = pattern.clone()
+        pattern[layer:layer + 1, :, -1, :] = fuse_heads(row, sel, iaf.argmax(-1), 1.0)
+        return pattern
+
+    with hooks.attach_editor(lm.model, correct_layer_editor):
+        out["correct_layer"] = (_metric(lm, repL, tok, pref) - base).numpy()
+
+    res = np.zeros((L, H))
+    repH = _rep(inputs, H)
+    for l in range(L):
+        def correct_head_editor(pattern, layer, l=l):
+            if layer != l:
+                return pattern
+            row = pattern[:, :, -1, :]
+            iaf = D.iaf(image_columns(row.float(), img[None].expand(row.shape[0], -1)))
+            best = iaf.argmax(-1)
+            sel = torch.eye(H, dtype=torch.bool)  # copy h corrects head h
+            pattern = pattern.clone()
+            pattern[:, :, -1, :] = fuse_heads(row, sel & (torch.arange(H)[None] != best[:, None]), best, 1.0)
+            return pattern
+        with hooks.attach_editor(lm.model, correct_head_editor):
+            res[l] = (_metric(lm, repH, tok, pref) - base).numpy()
+    out["correct_head"] = res
+    return out
+
+
+def _patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head) -> dict:
+    adapter = ModelAdapter(lm.model)
+    L, d = adapter.n_layers, adapter.head_dim
+    cf_z = head_outputs(lm, cf_inputs)
+    m_cf = float(_metric(lm, cf_inputs, tok, pref)[0])
+    out = {"m_cf": m_cf}
+    out["patch_head"] = per_head(lambda x, l, h: cf_z[l][:, h * d:(h + 1) * d], inputs, base)
+    out["patch_head_reverse"] = per_head(lambda x, l, h: clean_z[l][:, h * d:(h + 1) * d], cf_inputs, m_cf)
+    with ExitStack() as st:  # copy l: layer l's attention output from the counterfactual run
+        for l in range(L):
+            def patch(x, l=l):
+                x = x.clone()
+                x[l] = cf_z[l]
+                return x
+            st.enter_context(_o_proj_pre(adapter, l, patch))
+        out["patch_layer"] = (_metric(lm, _rep(inputs, L), tok, pref) - base).numpy()
+    out["attribution_head"] = attribution_patching(lm, inputs, tok, pref, clean_z, cf_z)
+    return out
+
+
+def attribution_patching(lm, inputs: dict, tok: int, pref: int, clean_z, cf_z) -> np.ndarray:
+    """``[L, H]``: ``sum_pos (z_cf - z_clean) . dm/dz`` from one forward and one backward pass."""
+    adapter = ModelAdapter(lm.model)
+    L, H, d = adapter.n_layers, adapter.n_heads, adapter.head_dim
+    leaves: dict[int, torch.Tensor] = {}
+
+    def capture(x, l):
+        x = x.detach().requires_grad_(True)
+        leaves[l] = x
+        return x
+
+    with ExitStack() as st:
+        for l in range(L):
+            st.enter_context(_o_proj_pre(adapter, l, lambda x, l=l: capture(x, l)))
+        with torch.enable_grad():
+            m = logit_diff(lm.model(**inputs).logits, tok, pref).sum()
+            grads = torch.autograd.grad(m, [leaves[l] for l in range(L)])
+    res = np.zeros((L, H))
+    for l in range(L):
+        delta = (cf_z[l] - clean_z[l]) * grads[l][0]  # [T, H*d]
+        res[l] = delta.view(delta.shape[0], H, d).sum((0, 2)).detach().numpy()
+    return res

@@ -1,0 +1,169 @@
+"""The DPO gradient-alignment check of the paper's Theorem 1, measured (shared/METHOD.md).
+
+For a hallucination event and each layer D-LEAF corrects at that step:
+
+- ``x+``: the residual stream (decoder layer output) at the event's position, plain run;
+- ``xD``: the same under D-LEAF's correction;
+- ``x-``: the preferred embedding: the same position in the counterfactual run (cue removed);
+- ``g = grad_x [log p(y_w | x) - log p(y_l | x)]`` at ``x+`` (``y_w`` preferred, ``y_l``
+  hallucinated), proportional to minus the DPO gradient at ``pi = pi_ref``.
+
+Reported: ``cos(xD - x+, g)``, ``cos(xD - x+, x- - x+)``, ``|xD - x-| / |x+ - x-|``, against a
+null: fusing the same number of random heads toward a random head in the same layers.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import wilcoxon
+
+from dleaf_analysis import diagnostics as D
+from dleaf_analysis import hooks
+from dleaf_analysis.interventions import DLeaf, fuse_heads, image_columns
+from dleaf_analysis.models.adapters import ModelAdapter
+from dleaf_analysis.studies.events import logit_diff
+
+
+def _resid(lm, inputs: dict, editor=None) -> list[torch.Tensor]:
+    """Decoder-layer outputs at the last position, per layer ``[D]``."""
+    adapter = ModelAdapter(lm.model)
+    got = {}
+    with ExitStack() as st:
+        for l, layer in enumerate(adapter.layers):
+            h = layer.register_forward_hook(
+                lambda m, i, o, l=l: got.__setitem__(l, (o[0] if isinstance(o, tuple) else o)[0, -1].detach().clone()))
+            st.callback(h.remove)
+        if editor is not None:
+            st.enter_context(hooks.attach_editor(lm.model, editor))
+        with torch.no_grad():
+            lm.model(**inputs)
+    return [got[l] for l in range(adapter.n_layers)]
+
+
+def fired_layers(lm, image, prefix: str, cfg: DLeaf) -> list[int]:
+    """Layers in which D-LEAF's threshold fires at the event's step, the earlier steps of the
+    generated prefix feeding the running statistics exactly as in decoding."""
+    from dleaf_analysis.tracing import trace_forward
+
+    adapter = ModelAdapter(lm.model)
+    c = trace_forward(lm, image, continuation=prefix or None, backend="hooks")
+    liae = c.liae(cfg.liae_variant)  # [S, L]; the last step is the event's
+    S = liae.shape[0]
+    out = []
+    for l in cfg.candidate_layers(adapter.n_layers):
+        hist, cur = liae[: S - 1, l], liae[S - 1, l]
+        if cfg.threshold == "static":
+            out.append(l)
+        elif len(hist) == 0:
+            continue
+        elif cfg.threshold == "running":
+            if cur > hist.mean() + cfg.k * hist.std(unbiased=False):
+                out.append(l)
+        elif cur > hist.min() * (1 + cfg.delta):
+            out.append(l)
+    return out
+
+
+def _fusion_editor(layers: list[int], img: torch.Tensor, gamma: float, cfg: DLeaf, rng: np.random.Generator | None):
+    """D-LEAF's correction in ``layers`` on the last row; with ``rng``: the same number of
+    randomly chosen heads fused toward a random other head (the null)."""
+    def edit(pattern, layer):
+        if layer not in layers:
+            return pattern
+        row = pattern[:, :, -1, :]
+        iaf = D.iaf(image_columns(row.float(), img[None, : row.shape[-1]]), cfg.iaf_variant)
+        sel = cfg.select_heads(iaf)
+        best = iaf.argmax(-1)
+        if rng is not None:
+            H = row.shape[1]
+            k = int(sel.sum())
+            b = int(rng.integers(H))
+            others = [h for h in range(H) if h != b]
+            pick = rng.choice(others, size=k, replace=False) if k else []
+            sel = torch.zeros_like(sel)
+            sel[0, list(pick)] = True
+            best = torch.tensor([b])
+        pattern = pattern.clone()
+        pattern[:, :, -1, :] = fuse_heads(row, sel, best, gamma)
+        return pattern
+    return edit
+
+
+def _grad_at(lm, inputs: dict, layer: int, win: int, lose: int) -> torch.Tensor:
+    """``d [log p(win) - log p(lose)] / d x`` where ``x`` is layer ``layer``'s output at the last position."""
+    adapter = ModelAdapter(lm.model)
+    holder = {}
+
+    def hook(m, i, o):
+        hs = o[0] if isinstance(o, tuple) else o
+        x = hs[:, -1].detach().requires_grad_(True)
+        holder["x"] = x
+        hs = torch.cat([hs[:, :-1], x[:, None]], 1)
+        return (hs,) + tuple(o[1:]) if isinstance(o, tuple) else hs
+
+    h = adapter.layers[layer].register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            m = -logit_diff(lm.model(**inputs).logits, lose, win).sum()  # log p(win) - log p(lose)
+            (g,) = torch.autograd.grad(m, [holder["x"]])
+    finally:
+        h.remove()
+    return g[0]
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = a.norm(), b.norm()
+    return float((a @ b) / (na * nb)) if na > 0 and nb > 0 else float("nan")
+
+
+def alignment(lm, inputs: dict, cf_inputs: dict, token_id: int, preferred_id: int, cfg: DLeaf,
+              layers: list[int], n_null: int = 5, seed: int = 0) -> list[dict]:
+    """Rows per (layer, run): run = "dleaf" or "null-i"."""
+    adapter = ModelAdapter(lm.model)
+    hooks.install(lm.model)
+    img = adapter.image_mask(inputs["input_ids"])[0]
+    x_plus = _resid(lm, inputs)
+    x_minus = _resid(lm, cf_inputs)
+    rng = np.random.default_rng(seed)
+    runs = [("dleaf", None)] + [(f"null-{i}", rng) for i in range(n_null)]
+    rows = []
+    for name, r in runs:
+        x_d = _resid(lm, inputs, _fusion_editor(layers, img, cfg.gamma, cfg, r))
+        for l in layers:
+            g = _grad_at(lm, inputs, l, preferred_id, token_id)
+            dx = x_d[l] - x_plus[l]
+            rows.append({
+                "layer": l, "run": name, "null": name != "dleaf",
+                "cos_update_grad": _cos(dx, g),
+                "cos_update_to_preferred": _cos(dx, x_minus[l] - x_plus[l]),
+                "distance_ratio": float((x_d[l] - x_minus[l]).norm() / (x_plus[l] - x_minus[l]).norm()),
+                "update_norm": float(dx.norm()),
+            })
+    return rows
+
+
+def summarize(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per statistic: D-LEAF mean, null mean, and a one-sided Wilcoxon signed-rank test that
+    D-LEAF aligns better than its paired null (greater cosines, smaller distance ratio)."""
+    from dleaf_analysis.studies.localization import mean_ci
+
+    out = []
+    keys = ["event", "layer"]
+    d = rows[~rows.null].set_index(keys)
+    nl = rows[rows.null].groupby(keys).mean(numeric_only=True)
+    for stat, better in (("cos_update_grad", "greater"), ("cos_update_to_preferred", "greater"), ("distance_ratio", "less")):
+        both = d[[stat]].join(nl[[stat]], rsuffix="_null").dropna()
+        if len(both) == 0:
+            continue
+        m, lo, hi = mean_ci(both[stat].to_numpy())
+        mn, lon, hin = mean_ci(both[f"{stat}_null"].to_numpy())
+        diff = both[stat] - both[f"{stat}_null"]
+        p = wilcoxon(diff, alternative=better).pvalue if (diff != 0).any() else float("nan")
+        out.append({"statistic": stat, "dleaf_mean": m, "dleaf_ci_low": lo, "dleaf_ci_high": hi,
+                    "null_mean": mn, "null_ci_low": lon, "null_ci_high": hin, "n": len(both),
+                    "alternative": better, "wilcoxon_p": float(p)})
+    return pd.DataFrame(out)

@@ -1,0 +1,204 @@
+"""``run_study``: the causal studies as resumable sweeps over hallucination events.
+
+Studies: ``ablation`` (ablation and correction maps), ``patching`` (counterfactual patching and
+attribution patching, with the attribution-vs-exact Spearman), ``localization`` (detectors vs
+causal maps, with a plain verdict), ``dpo`` (Theorem 1 alignment against a random-fusion null).
+Each writes ``out/<study>/results.jsonl`` as events finish, then tidy tables (``*.parquet``,
+``summary.csv``) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from dleaf_analysis import diagnostics as D
+from dleaf_analysis.interventions import DLeaf
+from dleaf_analysis.models.loading import LoadedModel, load_model
+from dleaf_analysis.scenes import load_split, render
+from dleaf_analysis.studies import causal, dpo, localization
+from dleaf_analysis.studies.events import event_inputs, find_events
+from dleaf_analysis.sweeps import ResultStore, run_sweep
+
+STUDIES = ("ablation", "patching", "localization", "dpo")
+
+
+class NoEventsError(RuntimeError):
+    """The model did not hallucinate on the chosen images (nothing to study)."""
+
+
+@dataclass
+class StudyResult:
+    study: str
+    events: pd.DataFrame
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"study": self.study, "summary": self.summary,
+                           **{k: v.to_dict(orient="records") for k, v in self.tables.items() if k.endswith("summary")}},
+                          indent=1, default=float)
+
+
+def _tidy_maps(key: str, maps: dict) -> list[dict]:
+    rows = []
+    for name, arr in maps.items():
+        if not isinstance(arr, np.ndarray):
+            continue
+        if arr.ndim == 1:
+            rows += [{"event": key, "map": name, "layer": l, "head": -1, "effect": float(v)} for l, v in enumerate(arr)]
+        else:
+            rows += [{"event": key, "map": name, "layer": l, "head": h, "effect": float(arr[l, h])}
+                     for l in range(arr.shape[0]) for h in range(arr.shape[1])]
+    return rows
+
+
+def run_study(
+    study: str,
+    split: str = "dev",
+    limit: int | None = 100,
+    out: str | Path = "runs/studies",
+    lm: LoadedModel | None = None,
+    dleaf_config: dict | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> StudyResult:
+    """Run one study on the hallucination events of the first ``limit`` images of ``split``."""
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; choose one of {STUDIES}")
+    from dleaf_analysis.evaluation.tuning import tuned_config
+
+    lm = lm or load_model()
+    data = load_split(split, limit=limit)
+    cfg = DLeaf(**{**tuned_config("dleaf"), **(dleaf_config or {})})
+    out = Path(out) / study
+    manifest = {"study": study, "weights_hash": lm.weights_hash, "model_id": lm.model_id, "split": split,
+                "split_hash": data.annotations_hash, "limit": limit, "seed": seed, "dleaf": cfg.to_dict()}
+    store = ResultStore(out, manifest)
+    events_file = out / "events.parquet"
+    if events_file.is_file():
+        events = pd.read_parquet(events_file)
+    else:
+        events = find_events(lm, data, progress=progress)
+        events.to_parquet(events_file)
+    hall = events[(events.kind == "hallucinated") & events.preferred.notna()].copy()
+    hall["key"] = [f"{r.image}:{r.step}" for r in hall.itertuples()]
+    n_total = int((events.kind == "hallucinated").sum())
+    summary = {"n_images": len(data), "n_object_tokens": len(events), "n_hallucinated": n_total,
+               "n_with_preferred": len(hall), "n_with_cue": int(hall.cue.notna().sum())}
+    if study in ("patching", "dpo"):
+        hall = hall[hall.cue.notna()]
+    if len(hall) == 0:
+        raise NoEventsError(
+            f"no usable hallucination events on the first {len(data)} images of {split!r} ({n_total} hallucinated "
+            f"object tokens, {summary['n_with_preferred']} with a preferred alternative): nothing to study; "
+            "use more images (--limit) or another split")
+    tok = lm.tokenizer
+    ids = lambda w: tok.convert_tokens_to_ids(w)  # noqa: E731
+
+    def unit_fn(ev: dict) -> list[dict]:
+        inputs = event_inputs(lm, data, ev)
+        cf = event_inputs(lm, data, ev, counterfactual=True) if ev.get("cue") else None
+        if study == "dpo":
+            image = render(data.world, data.scenes[ev["image"]])
+            layers = dpo.fired_layers(lm, image, ev["prefix"], cfg)
+            if not layers:
+                return [{"event": ev["key"], "fired": False}]
+            rows = dpo.alignment(lm, inputs, cf, ids(ev["token"]), ids(ev["preferred"]), cfg, layers, seed=seed)
+            return [{"event": ev["key"], "fired": True, **r} for r in rows]
+        kinds = {"ablation": ("ablation",), "patching": ("patching",), "localization": ("ablation", "patching")}[study]
+        maps = causal.causal_maps(lm, inputs, ids(ev["token"]), ids(ev["preferred"]), cf, kinds=kinds)
+        rows = _tidy_maps(ev["key"], maps)
+        if study == "localization":
+            rows += _detector_rows(lm, inputs, ev["key"], seed)
+        return rows
+
+    units = [(r["key"], r) for r in hall.to_dict(orient="records")]
+    df = run_sweep(units, unit_fn, store, progress=progress, desc=f"{study} over {len(units)} events")
+    tables: dict[str, pd.DataFrame] = {"events": events}
+    if study == "dpo":
+        fired = df[df.get("fired", True) == True]  # noqa: E712
+        summary["n_events_fired"] = int(fired.event.nunique()) if len(fired) else 0
+        summary["n_events_not_fired"] = int(df[df.fired == False].event.nunique())  # noqa: E712
+        rows = fired.drop(columns=["fired", "key"], errors="ignore")
+        tables["dpo"] = rows
+        tables["dpo_summary"] = dpo.summarize(rows) if len(rows) else pd.DataFrame()
+    else:
+        maps = df[df["map"].notna()] if "map" in df else df
+        tables["maps"] = maps.drop(columns=["key"], errors="ignore")
+        if study == "patching":
+            summary["attribution_vs_exact_spearman"] = _attribution_agreement(maps)
+        if study == "localization":
+            dets = df[df["detector"].notna()] if "detector" in df else pd.DataFrame()
+            agree = _agreement(maps, dets)
+            tables["agreement"] = agree
+            s = localization.summarize(agree)
+            tables["localization_summary"] = s
+            summary["verdict"] = [localization.verdict(s, m) for m in ("correct_layer", "layer_zero", "patch_layer")]
+    for name, t in tables.items():
+        t.to_parquet(out / f"{name}.parquet") if len(t) else None
+        if name.endswith("summary") and len(t):
+            t.to_csv(out / f"{name}.csv", index=False)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    return StudyResult(study, events, tables, summary)
+
+
+def _detector_rows(lm, inputs: dict, key: str, seed: int) -> list[dict]:
+    """Detector scores at the event's step: layers ``[L]`` and heads ``[L, H]``."""
+    from dleaf_analysis.tracing import trace_forward
+
+    c = trace_forward(lm, None, inputs=inputs, backend="hooks")  # one step: the query predicting the event token
+    rows = []
+    event_seed = seed * 100003 + abs(hash(key)) % 100003
+    for det in D.LAYER_DETECTORS:
+        sc = D.layer_scores(c, det, seed=event_seed)[0]
+        rows += [{"event": key, "detector": det, "level": "layer", "layer": l, "head": -1, "score": float(v)}
+                 for l, v in enumerate(sc)]
+    for det in D.HEAD_DETECTORS:
+        # heads that warrant correction: low focus -> suspect score = -IAF
+        sc = -D.head_scores(c, det, seed=event_seed)[0]
+        rows += [{"event": key, "detector": det, "level": "head", "layer": l, "head": h, "score": float(sc[l, h])}
+                 for l in range(sc.shape[0]) for h in range(sc.shape[1])]
+    return rows
+
+
+def _agreement(maps: pd.DataFrame, dets: pd.DataFrame) -> pd.DataFrame:
+    """Per event, causal map and detector: Spearman and top-k hit (layers: k = 2; heads within
+    each layer: k = 1, averaged over layers)."""
+    rows = []
+    for ev, m in maps.groupby("event"):
+        d_ev = dets[dets.event == ev]
+        for cmap, g in m.groupby("map"):
+            if cmap.startswith("m_"):
+                continue
+            causal_score = -g.sort_values(["layer", "head"])["effect"].to_numpy()
+            if (g["head"] == -1).all():
+                for det, dg in d_ev[d_ev.level == "layer"].groupby("detector"):
+                    rho, hit = localization.rank_agreement(dg.sort_values("layer")["score"].to_numpy(), causal_score, 2)
+                    rows.append({"event": ev, "level": "layer", "causal_map": cmap, "detector": det,
+                                 "spearman": rho, "topk_hit": hit})
+            else:
+                L = g["layer"].max() + 1
+                cs = causal_score.reshape(L, -1)
+                for det, dg in d_ev[d_ev.level == "head"].groupby("detector"):
+                    ds = dg.sort_values(["layer", "head"])["score"].to_numpy().reshape(L, -1)
+                    per = [localization.rank_agreement(ds[l], cs[l], 1) for l in range(L)]
+                    rows.append({"event": ev, "level": "head", "causal_map": cmap, "detector": det,
+                                 "spearman": float(np.mean([p[0] for p in per])),
+                                 "topk_hit": float(np.mean([p[1] for p in per]))})
+    return pd.DataFrame(rows)
+
+
+def _attribution_agreement(maps: pd.DataFrame) -> float:
+    """Spearman between attribution patching and exact head patching, over all (event, head)."""
+    a = maps[maps["map"] == "attribution_head"].set_index(["event", "layer", "head"])["effect"]
+    e = maps[maps["map"] == "patch_head"].set_index(["event", "layer", "head"])["effect"]
+    j = pd.concat([a, e], axis=1, keys=["attr", "exact"]).dropna()
+    return float(spearmanr(j["attr"], j["exact"]).statistic) if len(j) > 2 else float("nan")
