@@ -175,6 +175,44 @@ def diagnose(
 
 
 @app.command()
+def study(
+    name: str = typer.Argument(..., help="ablation | patching | localization | dpo"),
+    split: str = typer.Option("dev"),
+    limit: Optional[int] = typer.Option(100, help="first N images of the split"),
+    out: Path = typer.Option(Path("runs/studies"), help="results go to OUT/<study>/ (resumable)"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Causal studies over hallucination events (resumable; re-run to continue after a crash)."""
+    from dleaf_analysis.scenes import SPLITS
+    from dleaf_analysis.studies.runner import STUDIES, NoEventsError, run_study
+    from dleaf_analysis.sweeps import SweepMismatchError
+
+    if name not in STUDIES:
+        _fail(f"unknown study {name!r}; choose one of {list(STUDIES)}")
+    if split not in SPLITS:
+        _fail(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
+    try:
+        res = run_study(name, split, limit=limit, out=out, seed=seed, progress=not as_json, log=console.print)
+    except NoEventsError as e:
+        console.print(f"[yellow]{e}[/]")
+        if as_json:
+            sys.stdout.write(json.dumps({"study": name, "n_events": 0, "message": str(e)}) + "\n")
+        raise typer.Exit(0)
+    except SweepMismatchError as e:
+        _fail(str(e))
+    if as_json:
+        sys.stdout.write(res.to_json() + "\n")
+        return
+    for k, t in res.tables.items():
+        if k.endswith("summary") and len(t):
+            _print_table(t.round(3), f"{name}: {k}")
+    for k, v in res.summary.items():
+        console.print(f"{k}: {v}")
+    console.print(f"results in {out / name}")
+
+
+@app.command()
 def tune(
     out: Path = typer.Option(Path("runs/tuning"), help="sweep directory (resumable)"),
     limit: Optional[int] = typer.Option(None, help="first N dev images"),

@@ -153,8 +153,9 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
 
     out = []
     keys = ["event", "layer"]
-    d = rows[~rows.null].set_index(keys)
-    nl = rows[rows.null].groupby(keys).mean(numeric_only=True)
+    is_null = rows["null"].astype(bool)
+    d = rows[~is_null].set_index(keys)
+    nl = rows[is_null].groupby(keys).mean(numeric_only=True)
     for stat, better in (("cos_update_grad", "greater"), ("cos_update_to_preferred", "greater"), ("distance_ratio", "less")):
         both = d[[stat]].join(nl[[stat]], rsuffix="_null").dropna()
         if len(both) == 0:

@@ -74,7 +74,8 @@ def find_events(lm: LoadedModel, split: Split, limit: int | None = None, prompt:
                     scores = {c: float(logp[j, tok.convert_tokens_to_ids(c)]) for c in cands}
                     pref = max(sorted(cands), key=lambda c: scores[c])
                 partners = [p for p in world.partners.get(w, []) if p in present]
-                group = [o for o in sorted(present) if world.group_of(o) == world.group_of(w)]
+                g = world.group_of(w)
+                group = [o for o in sorted(present) if g is not None and world.group_of(o) == g]
                 cue = (partners or group or [None])[0]
             rows.append(Event(i, kind, w, pref, j, tok.convert_tokens_to_string(words[:j]) if j else "", cue, cap).to_dict())
             mentioned.append(w)

@@ -120,20 +120,21 @@ def run_study(
             rows += _detector_rows(lm, inputs, ev["key"], seed)
         return rows
 
-    units = [(r["key"], r) for r in hall.to_dict(orient="records")]
+    records = hall.astype(object).where(hall.notna(), None).to_dict(orient="records")  # NaN -> None
+    units = [(r["key"], r) for r in records]
     df = run_sweep(units, unit_fn, store, progress=progress, desc=f"{study} over {len(units)} events")
     tables: dict[str, pd.DataFrame] = {"events": events}
     if study == "dpo":
-        fired = df[df.get("fired", True) == True]  # noqa: E712
+        fired = df[df["fired"].astype(bool)]
         summary["n_events_fired"] = int(fired.event.nunique()) if len(fired) else 0
-        summary["n_events_not_fired"] = int(df[df.fired == False].event.nunique())  # noqa: E712
+        summary["n_events_not_fired"] = int(df[~df["fired"].astype(bool)].event.nunique())
         rows = fired.drop(columns=["fired", "key"], errors="ignore")
         tables["dpo"] = rows
         tables["dpo_summary"] = dpo.summarize(rows) if len(rows) else pd.DataFrame()
     else:
         maps = df[df["map"].notna()] if "map" in df else df
         tables["maps"] = maps.drop(columns=["key"], errors="ignore")
-        if study == "patching":
+        if study in ("patching", "localization"):
             summary["attribution_vs_exact_spearman"] = _attribution_agreement(maps)
         if study == "localization":
             dets = df[df["detector"].notna()] if "detector" in df else pd.DataFrame()
