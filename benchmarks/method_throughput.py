@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -47,11 +46,12 @@ def _setup(which: str):
     return lm, inputs
 
 
-def _method(name: str):
+def _method(name: str, lm):
+    """The method at its tuned settings for this model (generic defaults for other models)."""
     from dleaf_analysis.evaluation.tuning import tuned_config
     from dleaf_analysis.interventions import get_method
 
-    return get_method(name, tuned_config(name))
+    return get_method(name, tuned_config(name, lm.weights_hash))
 
 
 def _run(lm, inputs, m):
@@ -61,20 +61,45 @@ def _run(lm, inputs, m):
     return m.generate(lm, inputs, **kw)
 
 
+def _sampled_peak(fn) -> float:
+    """Peak RSS growth (MiB) while ``fn`` runs, sampled every millisecond by a thread."""
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        t.join()
+    return (peak[0] - base) / 2**20
+
+
 def peak_memory(which: str, method: str) -> float:
-    """Peak RSS (MiB) of a fresh process that loads the model and decodes once with ``method``."""
-    code = (f"import resource, sys; sys.path.insert(0, {os.getcwd()!r}); "
-            f"from benchmarks.method_throughput import _setup, _method, _run; "
-            f"lm, inp = _setup({which!r}); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            f"_run(lm, inp, _method({method!r})); "
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)")
+    """Peak RSS growth (MiB) during one decode with ``method``, in a fresh process (after a warm-up decode)."""
+    code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); "
+            f"from benchmarks.method_throughput import _setup, _method, _run, _sampled_peak; "
+            f"lm, inp = _setup({which!r}); m = _method({method!r}, lm); _run(lm, inp, m); "
+            f"print(_sampled_peak(lambda: _run(lm, inp, m)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def bench(which: str, repeats: int) -> list[tuple]:
     lm, inputs = _setup(which)
-    methods = {n: _method(n) for n in METHODS}
+    methods = {n: _method(n, lm) for n in METHODS}
     times: dict[str, list[float]] = {n: [] for n in METHODS}
     lengths = {}
     with torch.no_grad():
@@ -85,26 +110,27 @@ def bench(which: str, repeats: int) -> list[tuple]:
                 t = time.perf_counter()
                 _run(lm, inputs, m)
                 times[n].append((time.perf_counter() - t) / lengths[n])
-    base = statistics.median(times["greedy"])
+    base = min(times["greedy"])
     rows = []
     for n in METHODS:
-        med = statistics.median(times[n])
+        med = min(times[n])
         rows.append((which, n, lengths[n], med * 1e3, med / base, peak_memory(which, n)))
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--readme", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = bench("embedded", args.repeats) + bench("llava-1.5-shaped", args.repeats)
     names = {"embedded": "embedded (6 layers, 64 image tokens)",
              "llava-1.5-shaped": "LLaVA-1.5-shaped random (4 x 8 heads, 576 image tokens)"}
-    lines = [f"torch threads: {torch.get_num_threads()}; median of {args.repeats} interleaved repeats, batch 1, "
-             f"{N_TOKENS} tokens; methods at their tuned settings (`data/tuned_methods.json`); peak RSS growth "
-             "during one decode in a fresh process.", "",
+    lines = [f"torch threads: {torch.get_num_threads()}; best of {args.repeats} interleaved repeats, batch 1, "
+             f"{N_TOKENS} tokens; methods at their tuned settings (`data/tuned_methods.json`; generic defaults on the "
+             "random model); peak RSS growth during one decode (after a warm-up) in a fresh process, sampled every ms.",
+             "",
              "| model | method | ms / token | ratio to greedy | peak RSS growth (MiB) |", "|---|---|---|---|---|"]
     lines += [f"| {names[w]} | {n} | {ms:.2f} | {r:.3f}x | {mem:.1f} |" for w, n, _, ms, r, mem in rows]
     text = "\n".join(lines)

@@ -216,6 +216,9 @@ class _DLeafState:
         self.m2 = torch.zeros(B, L)  # Welford sum of squares
         self.best = torch.full((B, L), float("inf"))  # BAS: lowest LIAE so far
         self.log: list[dict] = []
+        img = adapter.image_mask(inputs["input_ids"])  # [B, P]
+        self.img_mask = img
+        self.img_pos = torch.stack([m.nonzero().flatten() for m in img])  # [B, n], fixed for the whole call
 
     def _seed_from_prompt_rows(self, pattern: torch.Tensor, img: torch.Tensor, layer: int) -> None:
         """Seed a layer's statistics with the LIAE of the prompt query rows after the image (the
@@ -237,10 +240,10 @@ class _DLeafState:
             return pattern
         cfg = self.cfg
         row = pattern[:, :, -1, :]  # [B, H, K] the current query
-        img = _image_key_mask(self.inputs, self.adapter, row.shape[-1]).to(row.device)
         if step == 0 and cfg.threshold != "static" and cfg.running_seed == "prefill-rows" and pattern.shape[2] > 1:
-            self._seed_from_prompt_rows(pattern, img, layer)
-        a_img = image_columns(row.float(), img)  # [B, H, n]
+            self._seed_from_prompt_rows(pattern, self.img_mask.to(row.device), layer)
+        pos = self.img_pos.to(row.device)
+        a_img = row.float().gather(-1, pos.unsqueeze(1).expand(-1, row.shape[1], -1))  # [B, H, n]
         n_img = a_img.shape[-1]
         liae = D.liae(a_img, cfg.liae_variant)  # [B]
         if cfg.threshold == "static":
@@ -269,7 +272,8 @@ class _DLeafState:
         sel = self.cfg.select_heads(iaf) & fire.unsqueeze(-1)
         best = iaf.argmax(-1)
         new_row = fuse_heads(row, sel, best, cfg.gamma).to(pattern.dtype)
-        pattern = pattern.clone()
+        if torch.is_grad_enabled():
+            pattern = pattern.clone()  # keep autograd's saved tensors intact
         pattern[:, :, -1, :] = new_row
         if cfg.record:
             for b in torch.nonzero(fire).flatten().tolist():

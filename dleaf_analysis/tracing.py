@@ -55,21 +55,20 @@ class KeyLayout:
             group[attention_mask == 0] = -1
         return cls(pos, group, P)
 
-    def summarize(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Attention rows ``[H, Q, K]`` -> image attention ``[Q, H, n]``, masses ``[Q, H, 4]`` and
-        the normalised entropy of each whole row over its non-padding keys ``[Q, H]``."""
+    def summarize(self, rows: torch.Tensor, query_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention rows ``[..., H, K]`` of queries at absolute ``query_positions [...]`` (keys
+        beyond a query's own position must be zero, e.g. right padding) -> image attention
+        ``[..., H, n]``, masses per key group ``[..., H, 4]``, and the normalised entropy of each
+        whole row over the non-padding keys it can see ``[..., H]``."""
         rows = rows.float()
         K = rows.shape[-1]
-        group = torch.cat([self.group_of, torch.full((K - self.prompt_length,), 3, dtype=torch.long)])[:K]
+        group = torch.cat([self.group_of, torch.full((max(0, K - self.prompt_length),), 3, dtype=torch.long)])[:K]
         onehot = torch.stack([(group == g) for g in range(len(KEY_GROUPS))], -1).float()  # [K, 4]
-        img = rows[..., self.image_positions].transpose(0, 1)  # [Q, H, n]
-        mass = (rows @ onehot).transpose(0, 1)  # [Q, H, 4]
-        valid = group >= 0
-        # query q (absolute position P - Q + q ... ) sees keys up to itself: normalise by that count
-        Q = rows.shape[1]
-        n_keys = valid.cumsum(0)[K - Q:].float()  # [Q]
+        img = rows[..., self.image_positions]
+        mass = rows @ onehot
+        n_keys = (group >= 0).cumsum(0)[query_positions].float()  # [...]
         plogp = torch.where(rows > 0, rows * torch.log(rows.clamp_min(1e-12)), torch.zeros_like(rows))
-        ent = (-plogp.sum(-1) / torch.log(n_keys.clamp_min(2))).transpose(0, 1)  # [Q, H]
+        ent = -plogp.sum(-1) / torch.log(n_keys.clamp_min(2)).unsqueeze(-1)
         return img, mass, ent
 
 
@@ -202,25 +201,28 @@ def trace_generation(
     meta = _meta(lm, adapter, prompt, backend, "generation")
     writer = CacheWriter(stream_to, {**meta, "image_positions": layout.image_positions.tolist(),
                                      "prompt_length": layout.prompt_length}, dtype=dtype) if stream_to else None
-    imgs, masses, ents = [], [], []
-    for s, rows in enumerate(steps):
-        summ = [layout.summarize(r) for r in rows]  # L x ([1, H, n], [1, H, 4], [1, H])
-        img = torch.stack([x[0][0] for x in summ])  # [L, H, n]
-        mass = torch.stack([x[1][0] for x in summ])
-        ent = torch.stack([x[2][0] for x in summ])
-        if writer:
-            writer.append(img, mass, ent, new_ids[s], lm.token_strs([new_ids[s]])[0], layout.prompt_length - 1 + s)
-        else:
-            imgs.append(img)
-            masses.append(mass)
-            ents.append(ent)
+    S = len(steps)
+    H, n = adapter.n_heads, len(layout.image_positions)
+    if S:
+        # one vectorised summary of every step: rows right-padded to the last step's key count
+        K = steps[-1][0].shape[-1]
+        R = torch.zeros(S, L, H, K)
+        for s, rows in enumerate(steps):
+            R[s, :, :, : rows[0].shape[-1]] = torch.stack([r[:, -1, :] for r in rows])
+        q = layout.prompt_length - 1 + torch.arange(S)
+        img_all, mass_all, ent_all = layout.summarize(R, q[:, None].expand(S, L))
+    else:
+        img_all, mass_all, ent_all = torch.zeros(0, L, H, n), torch.zeros(0, L, H, len(KEY_GROUPS)), torch.zeros(0, L, H)
+    if writer:
+        for s in range(S):
+            writer.append(img_all[s], mass_all[s], ent_all[s], new_ids[s], lm.token_strs([new_ids[s]])[0],
+                          layout.prompt_length - 1 + s)
     if writer:
         return AttentionCache.load(writer.close())
-    H, n = adapter.n_heads, len(layout.image_positions)
     return AttentionCache(
-        image_attn=torch.stack(imgs) if imgs else torch.zeros(0, L, H, n),
-        mass=torch.stack(masses) if masses else torch.zeros(0, L, H, len(KEY_GROUPS)),
-        row_entropy=torch.stack(ents) if ents else torch.zeros(0, L, H),
+        image_attn=img_all,
+        mass=mass_all,
+        row_entropy=ent_all,
         tokens=new_ids,
         token_strs=lm.token_strs(new_ids),
         query_positions=[layout.prompt_length - 1 + s for s in range(len(new_ids))],
@@ -306,10 +308,9 @@ def trace_forward(
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
     pats, logits = _forward_patterns(lm, adapter, inputs, backend)
     P = layout.prompt_length
-    summ = [layout.summarize(p[:, P - 1:, :]) for p in pats]  # L x ([Q, H, n], [Q, H, 4], [Q, H])
-    img = torch.stack([s[0] for s in summ], 1)  # [Q, L, H, n]
-    mass = torch.stack([s[1] for s in summ], 1)
-    ent = torch.stack([s[2] for s in summ], 1)
+    R = torch.stack([p[:, P - 1:, :] for p in pats]).permute(2, 0, 1, 3)  # [Q, L, H, K]
+    Q = R.shape[0]
+    img, mass, ent = layout.summarize(R, (P - 1 + torch.arange(Q))[:, None].expand(Q, R.shape[1]))
     tokens = cont + [int(logits.argmax())]  # the last query predicts the next token: its argmax
     return AttentionCache(
         image_attn=img, mass=mass, row_entropy=ent, tokens=tokens, token_strs=lm.token_strs(tokens),
