@@ -288,6 +288,29 @@ def info(model: Optional[Path] = typer.Option(None)) -> None:
 
 
 @app.command()
+def figures(
+    only: Optional[list[str]] = typer.Option(None, help="render only these figures (repeatable)"),
+    results: Path = typer.Option(Path("results"), help="the results directory of `dleaf reproduce`"),
+    out: Optional[Path] = typer.Option(None, help="output directory (default: figures/)"),
+    n_images: int = typer.Option(100, help="images traced by figures that trace the model"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Regenerate the figures (PNG, PDF, the CSV behind each, manifest.json)."""
+    from dleaf_analysis.figures import FIGURES, FigureContext, render_all
+    from dleaf_analysis.paths import FIGURES_DIR
+
+    unknown = [n for n in (only or []) if n not in FIGURES]
+    if unknown:
+        _fail(f"unknown figure(s) {unknown}; choose from {sorted(FIGURES)}")
+    try:
+        entries = render_all(FigureContext(results=results, n_images=n_images, seed=seed), out or FIGURES_DIR,
+                             only=only, log=console.print)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    console.print(f"{len(entries)} figures written to {out or FIGURES_DIR}")
+
+
+@app.command()
 def reproduce(
     quick: bool = typer.Option(False, "--quick", help="smoke-size run (used in CI)"),
     out: Path = typer.Option(Path("results"), help="where results and the report go"),

@@ -1,0 +1,396 @@
+"""Figure registry: each figure is ``data(ctx) -> tidy DataFrame`` plus ``plot(df) -> Figure``.
+
+``render_all`` writes, per figure, ``<name>.png``, ``<name>.pdf`` and ``<name>.csv`` (the data
+behind it) and a ``manifest.json`` entry (data hash, protocol, command).  Figures that summarise
+evaluations and studies read the tables ``dleaf reproduce`` wrote (``ctx.results``); the others
+trace the embedded model directly.  Everything is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from dleaf_analysis.paths import DATA_DIR, FIGURES_DIR
+
+
+@dataclass
+class FigureContext:
+    """What figures may use: the model, the results directory of ``dleaf reproduce``, sizes."""
+
+    results: Path = Path("results")
+    lm: object | None = None
+    n_images: int = 100
+    seed: int = 0
+
+    def model(self):
+        if self.lm is None:
+            from dleaf_analysis.models import load_model
+
+            self.lm = load_model()
+        return self.lm
+
+    def table(self, relpath: str) -> pd.DataFrame:
+        p = self.results / relpath
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: run `dleaf reproduce` (or `--quick`) first, or pass --results")
+        return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+
+
+@dataclass
+class FigureSpec:
+    name: str
+    title: str
+    data: Callable[[FigureContext], pd.DataFrame]
+    plot: Callable[[pd.DataFrame], plt.Figure]
+    paper: str | None = None  # the paper figure it regenerates, if any
+
+
+FIGURES: dict[str, FigureSpec] = {}
+
+
+def register(name: str, title: str, paper: str | None = None):
+    def deco(cls):
+        FIGURES[name] = FigureSpec(name, title, cls.data, cls.plot, paper)
+        return cls
+    return deco
+
+
+# -- data helpers ------------------------------------------------------------------------------
+def _token_type(token: str, present: frozenset, classes: set) -> str:
+    if token not in classes:
+        return "non-object"
+    return "real object" if token in present else "hallucinated object"
+
+
+# -- paper figures -----------------------------------------------------------------------------
+@register("fig1_dleaf_workflow", "D-LEAF on one decoding: LIAE per layer and step, dynamic threshold, corrections",
+          paper="Figure 1")
+class Fig1:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        from dleaf_analysis.interventions import DLeaf
+        from dleaf_analysis.evaluation.tuning import tuned_config
+        from dleaf_analysis.models import caption
+        from dleaf_analysis.scenes import load_split
+        from dleaf_analysis.tracing import trace_generation
+
+        lm = ctx.model()
+        split = load_split("test", limit=ctx.n_images)
+        cfg = DLeaf(**tuned_config("dleaf", lm.weights_hash))
+        imgs = [split.image(i) for i in range(len(split))]
+        greedy = caption(lm, imgs, progress=False)
+        dleaf = caption(lm, imgs, progress=False, decode=cfg.generate)
+        # the first image whose greedy caption hallucinates and changes under D-LEAF
+        pick = next((i for i in range(len(split)) if greedy[i] != dleaf[i]
+                     and any(w in split.world.classes and w not in split.scenes[i].name_set for w in greedy[i].split())), 0)
+        cache = trace_generation(lm, imgs[pick])
+        liae = cache.liae_frame()
+        from dleaf_analysis.models.inputs import PromptBuilder
+
+        inputs = PromptBuilder(lm.processor).inputs([imgs[pick]], ["describe the image ."])
+        cfg.generate(lm, inputs, max_new_tokens=32, do_sample=False, pad_token_id=lm.pad_token_id)
+        fired = pd.DataFrame(cfg.log)
+        df = liae.merge(fired[["step", "layer", "threshold", "heads"]] if len(fired) else
+                        pd.DataFrame(columns=["step", "layer", "threshold", "heads"]), on=["step", "layer"], how="left")
+        df["fired"] = df["threshold"].notna()
+        df["heads"] = df["heads"].apply(lambda h: ",".join(map(str, h)) if isinstance(h, list) else "")
+        df["image"] = pick
+        df["greedy_caption"] = greedy[pick]
+        df["dleaf_caption"] = dleaf[pick]
+        df["present"] = ",".join(sorted(split.scenes[pick].name_set))
+        return df
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        piv = df.pivot_table(index="layer", columns="step", values="liae")
+        fig, ax = plt.subplots(figsize=(10, 4.2))
+        sns.heatmap(piv, cmap="viridis", ax=ax, cbar_kws={"label": "LIAE (mean-map)"})
+        toks = df.drop_duplicates("step").sort_values("step")["token"].tolist()
+        ax.set_xticks(np.arange(len(toks)) + 0.5, toks, rotation=60, fontsize=8)
+        f = df[df.fired]
+        ax.scatter(f["step"] + 0.5, f["layer"] + 0.5, marker="x", color="red", s=60, label="D-LEAF fired (heads corrected)")
+        ax.legend(loc="upper right", fontsize=8)
+        present = set(df["present"].iloc[0].split(","))
+        def mark(c):
+            return " ".join(f"[{w}]" if w.isalpha() and w not in present and w in _CLASSES() else w for w in c.split())
+        ax.set_title(f"greedy: {mark(df['greedy_caption'].iloc[0])}\nD-LEAF: {mark(df['dleaf_caption'].iloc[0])}"
+                     "  ([x] = hallucinated)", fontsize=9)
+        ax.set_xlabel("generated token (step)")
+        fig.tight_layout()
+        return fig
+
+
+def _CLASSES() -> set:
+    from dleaf_analysis.scenes import World
+
+    return set(World.load().classes)
+
+
+@register("fig3_abnormal_heads_by_layer", "Heads corrected by D-LEAF per layer (test captions)", paper="Figure 3")
+class Fig3:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        p = ctx.results / "chair-test-dleaf" / "interventions.jsonl"
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: run `dleaf reproduce` first")
+        log = pd.read_json(p, lines=True)
+        rows = [{"layer": r.layer, "head": h} for r in log.itertuples() for h in r.heads]
+        return pd.DataFrame(rows).value_counts().rename("corrections").reset_index()
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        sns.barplot(df, x="layer", y="corrections", hue="head", ax=ax, palette="deep")
+        ax.set(title="Abnormal (low-IAF) heads corrected by D-LEAF, per layer", ylabel="corrections over test captions")
+        fig.tight_layout()
+        return fig
+
+
+@register("fig4_suppression_methods", "CHAIR_s, CHAIR_i and recall per method with 95% CIs (test)", paper="Figure 4")
+class Fig4:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        s = ctx.table("summary.csv")
+        return s[(s.benchmark == "chair") & (s.metric.isin(["CHAIR_s", "CHAIR_i", "recall"]))].reset_index(drop=True)
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        metrics = ["CHAIR_s", "CHAIR_i", "recall"]
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
+        for ax, m in zip(axes, metrics):
+            d = df[df.metric == m]
+            ax.bar(d["method"], d["value"], color=sns.color_palette("deep", len(d)))
+            ax.errorbar(d["method"], d["value"], yerr=[d["value"] - d["ci_low"], d["ci_high"] - d["value"]],
+                        fmt="none", color="black", capsize=3)
+            ax.set(title=m, ylabel="%")
+            ax.tick_params(axis="x", rotation=30)
+        fig.suptitle("Impact of suppression methods on the embedded LLaVA (test split)")
+        fig.tight_layout()
+        return fig
+
+
+@register("fig5_liae_by_token_type", "LIAE per layer across object token types (test captions)", paper="Figure 5")
+class Fig5:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        from dleaf_analysis.scenes import load_split
+        from dleaf_analysis.tracing import trace_generation
+
+        lm = ctx.model()
+        split = load_split("test", limit=ctx.n_images)
+        classes = set(split.world.classes)
+        frames = []
+        for i in range(len(split)):
+            c = trace_generation(lm, split.image(i), backend="hooks")
+            f = c.liae_frame()
+            f["image"] = i
+            f["token_type"] = [_token_type(t, split.scenes[i].name_set, classes) for t in f["token"]]
+            frames.append(f)
+        return pd.concat(frames, ignore_index=True)
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        fig, ax = plt.subplots(figsize=(9, 3.8))
+        order = ["real object", "hallucinated object", "non-object"]
+        sns.boxplot(df, x="layer", y="liae", hue="token_type", hue_order=order, ax=ax, fliersize=1, palette="deep")
+        ax.set(title="LIAE distribution across object token types", ylabel="LIAE (mean-map)")
+        fig.tight_layout()
+        return fig
+
+
+# -- analyses of the other issues --------------------------------------------------------------
+@register("localization_detectors", "Detector vs causal localisation: Spearman and top-k hit per detector")
+class Localization:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        return ctx.table("studies/localization/localization_summary.csv")
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        d = df[df.level == "layer"]
+        order = sorted(d.detector.unique())
+        g = sns.catplot(d, x="mean", y="detector", col="metric", row="causal_map", kind="bar", height=2.4, aspect=1.6,
+                        sharex=False, errorbar=None, palette="deep", hue="detector", legend=False, order=order,
+                        row_order=sorted(d.causal_map.unique()), col_order=sorted(d.metric.unique()))
+        g.set_titles("{row_name} | {col_name}")
+        for ax, (_, sub) in zip(g.axes.flat, d.groupby(["causal_map", "metric"], sort=True)):
+            sub = sub.set_index("detector").reindex(order)
+            ax.errorbar(sub["mean"], np.arange(len(sub)), xerr=[sub["mean"] - sub.ci_low, sub.ci_high - sub["mean"]],
+                        fmt="none", color="black", capsize=2)
+        g.figure.suptitle("Layer localisation: agreement of detector rankings with causal rankings", y=1.02)
+        return g.figure
+
+
+@register("causal_heatmaps", "Layer x head causal maps (mean over events) next to the IAF map")
+class CausalHeatmaps:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        maps = ctx.table("studies/localization/maps.parquet")
+        heads = maps[maps["head"] >= 0].groupby(["map", "layer", "head"], as_index=False)["effect"].mean()
+        agree = ctx.table("studies/localization/agreement.parquet")  # noqa: F841 (same run)
+        return heads
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        names = sorted(df["map"].unique())
+        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3))
+        for ax, n in zip(np.atleast_1d(axes), names):
+            piv = df[df["map"] == n].pivot(index="layer", columns="head", values="effect")
+            lim = np.abs(piv.values).max() or 1
+            sns.heatmap(piv, ax=ax, cmap="RdBu_r", center=0, vmin=-lim, vmax=lim, cbar=True)
+            ax.set_title(n, fontsize=9)
+        fig.suptitle("Mean effect on log p(hallucinated) - log p(preferred) (negative = suppresses)")
+        fig.tight_layout()
+        return fig
+
+
+@register("sensitivity_curves", "D-LEAF sensitivity on dev: gamma, threshold k, head selection, layers")
+class Sensitivity:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        return pd.read_csv(DATA_DIR / "tuning" / "sensitivity.csv")
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        params = list(dict.fromkeys(df["parameter"]))
+        fig, axes = plt.subplots(1, len(params), figsize=(3.6 * len(params), 3.2))
+        for ax, p in zip(np.atleast_1d(axes), params):
+            d = df[df.parameter == p]
+            for m in ("CHAIR_s", "CHAIR_i", "recall"):
+                ax.plot(d["param_value"].astype(str), d[m], marker="o", label=m)
+            ax.set(title=p, ylabel="%")
+            ax.tick_params(axis="x", rotation=30, labelsize=7)
+        np.atleast_1d(axes)[0].legend(fontsize=7)
+        fig.suptitle("D-LEAF sensitivity around the tuned setting (dev split)")
+        fig.tight_layout()
+        return fig
+
+
+@register("pope_by_method", "POPE accuracy and F1 by split and method (test)")
+class Pope:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        s = ctx.table("summary.csv")
+        return s[(s.benchmark == "pope") & s.metric.isin(["accuracy", "f1"])].reset_index(drop=True)
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        g = sns.catplot(df, x="variant", y="value", hue="method", col="metric", kind="bar", height=3, aspect=1.3,
+                        palette="deep", errorbar=None)
+        g.figure.suptitle("POPE on the embedded LLaVA", y=1.03)
+        return g.figure
+
+
+@register("dpo_alignment", "DPO alignment (Theorem 1): D-LEAF updates against the random-head null")
+class Dpo:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        d = ctx.table("studies/dpo/dpo.parquet")
+        long = d.melt(id_vars=["event", "layer", "run", "null"],
+                      value_vars=["cos_update_grad", "cos_update_to_preferred", "distance_ratio"],
+                      var_name="statistic", value_name="value")
+        long["condition"] = np.where(long["null"].astype(bool), "random-head null", "D-LEAF")
+        return long
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        g = sns.displot(df, x="value", hue="condition", col="statistic", kind="kde", common_norm=False,
+                        facet_kws={"sharex": False, "sharey": False}, height=3, aspect=1.2)
+        g.figure.suptitle("Theorem 1, measured: alignment of the corrected embedding", y=1.03)
+        return g.figure
+
+
+@register("image_attention_grid", "Image attention over the image grid: best head and a corrected head, before/after")
+class AttentionGrid:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        from dleaf_analysis.interventions import DLeaf, fuse_heads
+        from dleaf_analysis.scenes import load_split
+        from dleaf_analysis.tracing import trace_generation
+
+        lm = ctx.model()
+        img = load_split("test", limit=1).image(0)
+        c = trace_generation(lm, img, backend="hooks")
+        L = c.n_layers
+        layer = int(c.liae()[:, 2:].mean(0).argmax()) + 2  # the candidate layer with the highest mean LIAE
+        step = int(c.liae()[:, layer].argmax())
+        a = c.image_attn[step, layer]  # [H, n]
+        iaf = a.sum(-1)
+        best = int(iaf.argmax())
+        sel = DLeaf().select_heads(iaf[None])[0]
+        worst = int(iaf.argmin())
+        after = fuse_heads(a[None], sel[None], iaf.argmax()[None], 1.0)[0]
+        side = int(np.sqrt(c.n_image))
+        rows = []
+        for label, vec in (("best head", a[best]), ("corrected head, before", a[worst]),
+                           ("corrected head, after (gamma = 1)", after[worst])):
+            grid = (vec / vec.sum().clamp_min(1e-12)).reshape(side, side).numpy()
+            rows += [{"panel": label, "y": y, "x": x, "attention": float(grid[y, x]), "layer": layer, "step": step,
+                      "token": c.token_strs[step], "head": best if label == "best head" else worst}
+                     for y in range(side) for x in range(side)]
+        df = pd.DataFrame(rows)
+        df.attrs["image"] = img
+        return df
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        panels = list(dict.fromkeys(df["panel"]))
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2))
+        for ax, p in zip(axes, panels):
+            d = df[df.panel == p]
+            sns.heatmap(d.pivot(index="y", columns="x", values="attention"), ax=ax, cmap="magma", cbar=False,
+                        xticklabels=False, yticklabels=False, square=True)
+            ax.set_title(f"{p}\n(layer {d.layer.iloc[0]}, head {d['head'].iloc[0]}, token '{d.token.iloc[0]}')", fontsize=8)
+        fig.tight_layout()
+        return fig
+
+
+# -- rendering ---------------------------------------------------------------------------------
+def render(name: str, ctx: FigureContext, out: Path = FIGURES_DIR) -> dict:
+    """Compute, plot and write one figure (PNG, PDF, CSV); returns its manifest entry."""
+    if name not in FIGURES:
+        raise ValueError(f"unknown figure {name!r}; choose one of {sorted(FIGURES)}")
+    spec = FIGURES[name]
+    out.mkdir(parents=True, exist_ok=True)
+    np.random.seed(ctx.seed)
+    df = spec.data(ctx)
+    df.to_csv(out / f"{name}.csv", index=False)
+    fig = spec.plot(df)
+    fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
+    fig.savefig(out / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
+    protocol = None
+    pfile = ctx.results / "chair-test-greedy" / "protocol.json"
+    if pfile.is_file():
+        protocol = json.loads(pfile.read_text()).get("protocol_hash")
+    return {"figure": name, "title": spec.title, "paper": spec.paper,
+            "data_sha256": hashlib.sha256((out / f"{name}.csv").read_bytes()).hexdigest()[:16],
+            "protocol_hash": protocol, "command": "dleaf " + " ".join(sys.argv[1:]) if sys.argv else "dleaf figures"}
+
+
+def render_all(ctx: FigureContext, out: Path = FIGURES_DIR, only: list[str] | None = None,
+               log: Callable[[str], None] = print) -> list[dict]:
+    """Render every registered figure (or ``only`` those); write ``manifest.json``."""
+    names = only or list(FIGURES)
+    entries = []
+    manifest_file = out / "manifest.json"
+    old = {e["figure"]: e for e in json.loads(manifest_file.read_text())} if manifest_file.is_file() else {}
+    for n in names:
+        log(f"figure {n}")
+        entries.append(render(n, ctx, out))
+        old[n] = entries[-1]
+    manifest_file.write_text(json.dumps(list(old.values()), indent=1))
+    return entries

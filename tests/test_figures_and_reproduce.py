@@ -1,0 +1,60 @@
+"""`dleaf reproduce --quick` end to end: method tables, studies, every registered figure with its
+data file, and the report; the README is not touched by a quick run."""
+
+import json
+
+import pytest
+
+from dleaf_analysis.figures import FIGURES
+from dleaf_analysis.paths import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, embedded):
+    from dleaf_analysis.report import reproduce
+
+    out = tmp_path_factory.mktemp("reproduce")
+    readme_before = (REPO_ROOT / "README.md").read_text()
+    summary = reproduce(out, quick=True, progress=False, log=lambda s: None)
+    assert (REPO_ROOT / "README.md").read_text() == readme_before
+    return out, summary
+
+
+def test_reproduce_quick_tables(quick_run):
+    out, summary = quick_run
+    assert set(summary.method) == {"greedy", "dleaf", "uniform", "pai", "vcd"}
+    assert set(summary.benchmark) == {"chair", "pope"}
+    g = summary[(summary.method == "greedy")]
+    assert (g.rel_change_vs_greedy.abs() < 1e-9).all()
+    report = (out / "report.md").read_text()
+    assert "### CHAIR" in report and "### POPE" in report and "Does LIAE localise" in report and "## Figures" in report
+    for m in ("greedy", "dleaf"):
+        p = json.loads((out / f"chair-test-{m}" / "protocol.json").read_text())
+        assert p["method"] == m and p["n_items"] == 24
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_every_figure_rendered_with_data(quick_run, name):
+    out, _ = quick_run
+    fdir = out / "figures"
+    for ext in ("png", "pdf", "csv"):
+        assert (fdir / f"{name}.{ext}").stat().st_size > 0
+    manifest = {e["figure"]: e for e in json.loads((fdir / "manifest.json").read_text())}
+    assert manifest[name]["data_sha256"] and manifest[name]["protocol_hash"]
+
+
+def test_figures_are_deterministic(quick_run, embedded, tmp_path):
+    from dleaf_analysis.figures import FigureContext, render
+
+    out, _ = quick_run
+    a = render("fig4_suppression_methods", FigureContext(results=out, lm=embedded), tmp_path / "a")
+    b = render("fig4_suppression_methods", FigureContext(results=out, lm=embedded), tmp_path / "b")
+    assert a["data_sha256"] == b["data_sha256"]
+    assert (tmp_path / "a" / "fig4_suppression_methods.png").read_bytes() == (tmp_path / "b" / "fig4_suppression_methods.png").read_bytes()
+
+
+def test_unknown_figure(quick_run):
+    from dleaf_analysis.figures import FigureContext, render
+
+    with pytest.raises(ValueError, match="choose one of"):
+        render("fig9", FigureContext())
