@@ -139,6 +139,60 @@ def _CLASSES() -> set:
     return set(World.load().classes)
 
 
+@register("fig2_selective_correction", "Selective correction in visually ambiguous scenes: greedy, uniform (PAI) and "
+          "D-LEAF captions", paper="Figure 2")
+class Fig2:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        from dleaf_analysis.evaluation.tuning import tuned_config
+        from dleaf_analysis.interventions import get_method
+        from dleaf_analysis.models import caption
+        from dleaf_analysis.scenes import load_split
+
+        lm = ctx.model()
+        split = load_split("test-partner-absent", limit=ctx.n_images)  # a strong partner of a present object is absent
+        imgs = [split.image(i) for i in range(len(split))]
+        caps = {m: caption(lm, imgs, progress=False, decode=get_method(m, tuned_config(m, lm.weights_hash)).generate)
+                for m in ("greedy", "pai", "dleaf")}
+        classes = set(split.world.classes)
+
+        def n_hall(c, i):
+            return sum(w in classes and w not in split.scenes[i].name_set for w in c.split())
+        # up to three scenes where greedy hallucinates, preferring ones where D-LEAF differs from greedy
+        cand = [i for i in range(len(split)) if n_hall(caps["greedy"][i], i)]
+        cand.sort(key=lambda i: (caps["dleaf"][i] == caps["greedy"][i], i))
+        rows = []
+        for i in cand[:3]:
+            for m, cs in caps.items():
+                rows.append({"image": i, "method": m, "caption": cs[i], "n_hallucinated": n_hall(cs[i], i),
+                             "present": ",".join(sorted(split.scenes[i].name_set))})
+        return pd.DataFrame(rows)
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        from dleaf_analysis.scenes import load_split
+
+        split = load_split("test-partner-absent", limit=int(df["image"].max()) + 1)
+        images = list(dict.fromkeys(df["image"]))
+        fig, axes = plt.subplots(len(images), 2, figsize=(11, 2.6 * len(images)), gridspec_kw={"width_ratios": [1, 3.2]},
+                                 squeeze=False)
+        labels = {"greedy": "greedy", "pai": "uniform (PAI)", "dleaf": "D-LEAF"}
+        for r, i in enumerate(images):
+            axes[r, 0].imshow(split.image(i))
+            axes[r, 0].set_axis_off()
+            present = set(df[df.image == i]["present"].iloc[0].split(","))
+            ax = axes[r, 1]
+            ax.set_axis_off()
+            ax.text(0, 0.95, "in the image: " + ", ".join(sorted(present)), fontsize=9, va="top", color="dimgray")
+            for k, (_, row) in enumerate(df[df.image == i].iterrows()):
+                words = [f"[{w.upper()}]" if w in _CLASSES() and w not in present else w for w in row["caption"].split()]
+                ax.text(0, 0.7 - 0.25 * k, f"{labels[row['method']]:>14}: " + " ".join(words), fontsize=9, va="top",
+                        family="monospace", color="firebrick" if row["n_hallucinated"] else "black")
+        fig.suptitle("Partner-absent scenes: hallucinated objects in [CAPS]")
+        fig.tight_layout()
+        return fig
+
+
 @register("fig3_abnormal_heads_by_layer", "Heads corrected by D-LEAF per layer (test captions)", paper="Figure 3")
 class Fig3:
     @staticmethod
@@ -234,7 +288,7 @@ class Localization:
         return g.figure
 
 
-@register("causal_heatmaps", "Layer x head causal maps (mean over events) next to the IAF map")
+@register("causal_heatmaps", "Layer x head causal maps (mean over events)")
 class CausalHeatmaps:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
