@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -135,6 +136,12 @@ def main() -> None:
     lines += [f"| {names[w]} | {n} | {ms:.2f} | {r:.3f}x | {mem:.1f} |" for w, n, _, ms, r, mem in rows]
     text = "\n".join(lines)
     print(text)
+    import pandas as pd
+
+    res = Path(__file__).parent / "results"
+    res.mkdir(exist_ok=True)
+    pd.DataFrame(rows, columns=["model", "method", "tokens", "ms_per_token", "ratio_to_greedy", "peak_rss_growth_mib"]).replace(
+        names).to_csv(res / "method_throughput.csv", index=False)
     if args.readme:
         from dleaf_analysis.report import splice_readme
 

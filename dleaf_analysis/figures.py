@@ -311,6 +311,49 @@ class CausalHeatmaps:
         return fig
 
 
+@register("component_ablation", "D-LEAF components: LIAE only, IAF only, both, static layers (CHAIR, test)")
+class Components:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        s = ctx.table("components.csv")
+        return s[s.metric.isin(["CHAIR_s", "CHAIR_i", "recall"])].reset_index(drop=True)
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+        for ax, m in zip(axes, ["CHAIR_s", "CHAIR_i", "recall"]):
+            d = df[df.metric == m]
+            ax.bar(d["component"], d["value"], color=sns.color_palette("deep", len(d)))
+            ax.errorbar(d["component"], d["value"], yerr=[d["value"] - d.ci_low, d.ci_high - d["value"]], fmt="none",
+                        color="black", capsize=3)
+            ax.set(title=m, ylabel="%")
+            ax.tick_params(axis="x", rotation=30, labelsize=8)
+        fig.suptitle("Which part of D-LEAF does the work?")
+        fig.tight_layout()
+        return fig
+
+
+@register("throughput", "Time per token of each method relative to greedy (benchmarks/method_throughput.py)")
+class Throughput:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        p = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "method_throughput.csv"
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: run `python benchmarks/method_throughput.py` first")
+        return pd.read_csv(p)
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        sns.barplot(df, x="method", y="ratio_to_greedy", hue="model", ax=ax, palette="deep")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(1.05, color="firebrick", lw=0.8, ls="--", label="target for D-LEAF (1.05x)")
+        ax.legend(fontsize=7)
+        ax.set(ylabel="time per token / greedy", title="Decoding cost of each method")
+        fig.tight_layout()
+        return fig
+
+
 @register("sensitivity_curves", "D-LEAF sensitivity on dev: gamma, threshold k, head selection, layers")
 class Sensitivity:
     @staticmethod

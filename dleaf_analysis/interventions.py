@@ -130,7 +130,7 @@ def fuse_heads(row: torch.Tensor, fuse: torch.Tensor, best: torch.Tensor, gamma:
 # -- D-LEAF ------------------------------------------------------------------------------------
 THRESHOLDS = ("running", "bas", "static")
 RUNNING_SEEDS = ("prefill-last", "prefill-rows")
-HEAD_SELECTIONS = ("below-mean", "bottom-k", "below-rho")
+HEAD_SELECTIONS = ("below-mean", "bottom-k", "below-rho", "all")
 
 
 @dataclass
@@ -182,7 +182,9 @@ class DLeaf(Method):
     def select_heads(self, iaf: torch.Tensor) -> torch.Tensor:
         """``iaf [B, H]`` -> heads to correct ``[B, H]`` (never the best head)."""
         best = iaf.argmax(-1, keepdim=True)
-        if self.head_selection == "below-mean":
+        if self.head_selection == "all":  # no IAF ranking: every head but the best
+            sel = torch.ones_like(iaf, dtype=torch.bool)
+        elif self.head_selection == "below-mean":
             sel = iaf < iaf.mean(-1, keepdim=True)
         elif self.head_selection == "bottom-k":
             sel = torch.zeros_like(iaf, dtype=torch.bool).scatter(-1, iaf.argsort(-1)[:, : self.bottom_k], True)

@@ -212,6 +212,7 @@ def test_head_selection_variants_hand_computed():
     assert DLeaf(head_selection="bottom-k", bottom_k=1).select_heads(iaf).tolist() == [[False, False, False, True]]
     # below rho * best = 0.35 * 0.5 = 0.175
     assert DLeaf(head_selection="below-rho", rho=0.35).select_heads(iaf).tolist() == [[False, True, False, True]]
+    assert DLeaf(head_selection="all").select_heads(iaf).tolist() == [[False, True, True, True]]
 
 
 def test_running_seed_variants_at_step_zero(lm, dev_split):
