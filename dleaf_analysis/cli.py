@@ -236,6 +236,37 @@ def tune(
         console.print(f"tuned settings written to {TUNED_FILE}")
 
 
+@app.command("chair-score")
+def chair_score(
+    captions: Path = typer.Option(..., help="captions file: JSON Lines (or JSON) with image ids and captions"),
+    gt: Optional[Path] = typer.Option(None, help="ground truth {image_id: [objects]} (default: COCO 2014, data/coco)"),
+    tagger: str = typer.Option("perceptron", help="perceptron | none (every token lemmatised as a noun)"),
+    image_id_key: str = typer.Option("image_id"),
+    caption_key: str = typer.Option("caption"),
+    out: Optional[Path] = typer.Option(None, help="write per-caption details (jsonl) here"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """CHAIR of a COCO captions file (faithful to the script used by OPERA / PAI), with bootstrap CIs."""
+    from dleaf_analysis.evaluation.coco_chair import CocoChair, CocoDataError, NLPResourceError, chair_score as score
+    from dleaf_analysis.evaluation.coco_chair import read_captions
+
+    try:
+        scorer = CocoChair.load(gt, tagger=tagger)
+        summary, details = score(read_captions(captions, image_id_key, caption_key), scorer, seed=seed)
+    except (CocoDataError, NLPResourceError, ValueError) as e:
+        _fail(str(e))
+    if out:
+        details.to_json(out, orient="records", lines=True)
+    skipped = {k: v for k, v in summary.attrs.items() if k.startswith("skipped")}
+    if as_json:
+        sys.stdout.write(json.dumps({"summary": summary.to_dict(orient="records"), **summary.attrs}) + "\n")
+        return
+    _print_table(summary, f"CHAIR (COCO) · {captions.name} · tagger {tagger}")
+    console.print(f"hallucinated/mentions: {summary.attrs['hallucinated_mentions']}/{summary.attrs['mentions']}; "
+                  f"skipped: {skipped}")
+
+
 @app.command("make-splits")
 def make_splits() -> None:
     """Re-freeze the split manifests in data/splits/ (after changing the world spec)."""

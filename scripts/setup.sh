@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PIP_CONSTRAINT="$PWD/constraints.txt"   # keeps torchvision (and CUDA torch) out, also for sub-installs
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# WordNet 3.0 for the COCO CHAIR lemmatiser (Debian's wordnet-base; NLTK's data cannot be downloaded here)
+if [ ! -f /usr/share/wordnet/data.noun ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null) \
+    || echo "warning: could not install wordnet-base; COCO CHAIR scoring will ask for it"
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
