@@ -267,6 +267,121 @@ def chair_score(
                   f"skipped: {skipped}")
 
 
+def _method_arg(method: str, config: Optional[Path], lm):
+    from dleaf_analysis.evaluation.tuning import tuned_config
+    from dleaf_analysis.interventions import ConfigError, get_method, load_config
+
+    try:
+        cfg = load_config(config) if config else {}
+        cfg.pop("method", None)
+        return None if method == "greedy" and not cfg else get_method(method, {**tuned_config(method, lm.weights_hash), **cfg})
+    except ConfigError as e:
+        _fail(str(e))
+
+
+@app.command("pope-coco")
+def pope_coco(
+    coco_images: Path = typer.Option(..., help="folder with COCO val2014 images (COCO_val2014_*.jpg)"),
+    model: Optional[Path] = typer.Option(None, help="model directory (e.g. llava-hf/llava-1.5-7b-hf downloaded)"),
+    variant: str = typer.Option("adversarial", help="random | popular | adversarial"),
+    version: str = typer.Option("current", help="current (RUCAIBox/POPE) | opera (the snapshot OPERA used)"),
+    questions: Optional[Path] = typer.Option(None, help="a POPE question file instead of the shipped ones"),
+    method: str = typer.Option("greedy"),
+    config: Optional[Path] = typer.Option(None),
+    parser: str = typer.Option("official", help="official | negation | substring | first-token"),
+    limit: Optional[int] = typer.Option(None),
+    shard: Optional[str] = typer.Option(None, help="i/N: this process takes every N-th question from i"),
+    out: Path = typer.Option(Path("runs/pope-coco"), help="resumable results directory"),
+    device: str = typer.Option("cpu"),
+    dtype: Optional[str] = typer.Option(None),
+    batch_size: int = typer.Option(8),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """POPE on COCO with any supported model (resumable, shardable)."""
+    from dleaf_analysis.evaluation.coco_chair import CocoDataError
+    from dleaf_analysis.evaluation.coco_runs import load_pope_questions, parse_shard, run_pope, score_pope
+
+    try:
+        qs = load_pope_questions(variant, version, questions)
+        sh = parse_shard(shard)
+    except (CocoDataError, ValueError) as e:
+        _fail(str(e))
+    if not coco_images.is_dir():
+        _fail(f"COCO image folder not found: {coco_images}")
+    qs = qs.head(limit) if limit else qs
+    lm = _load(model, device, dtype)
+    rows = run_pope(lm, qs, coco_images, out, parser=parser, method=_method_arg(method, config, lm), shard=sh,
+                    batch_size=batch_size, progress=not as_json)
+    s = score_pope(rows)
+    if as_json:
+        sys.stdout.write(json.dumps({"summary": s.to_dict(orient="records"), **s.attrs}) + "\n")
+        return
+    _print_table(s, f"POPE {variant} ({version}) · shard {sh[0]}/{sh[1]}")
+    console.print(f"skipped (missing images): {s.attrs['skipped_missing_images']}; results in {out}")
+
+
+@app.command("caption-coco")
+def caption_coco(
+    coco_images: Path = typer.Option(..., help="folder with COCO val2014 images"),
+    image_ids: Path = typer.Option(..., help="a captions file (its image ids are used) or a text file of ids"),
+    model: Optional[Path] = typer.Option(None),
+    prompt: str = typer.Option("Please describe this image in detail."),
+    max_new_tokens: int = typer.Option(512),
+    method: str = typer.Option("greedy"),
+    config: Optional[Path] = typer.Option(None),
+    limit: Optional[int] = typer.Option(None),
+    shard: Optional[str] = typer.Option(None, help="i/N"),
+    out: Path = typer.Option(Path("runs/captions-coco")),
+    device: str = typer.Option("cpu"),
+    dtype: Optional[str] = typer.Option(None),
+    batch_size: int = typer.Option(4),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Caption COCO images with any supported model, then score CHAIR (resumable, shardable)."""
+    from dleaf_analysis.evaluation.coco_chair import CocoDataError, read_captions
+    from dleaf_analysis.evaluation.coco_runs import parse_shard, run_captions, score_captions
+
+    try:
+        if image_ids.suffix in (".jsonl", ".json"):
+            ids = read_captions(image_ids)["image_id"].tolist()
+        else:
+            ids = [int(x) for x in image_ids.read_text().split()]
+        sh = parse_shard(shard)
+    except (CocoDataError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    ids = ids[:limit] if limit else ids
+    lm = _load(model, device, dtype)
+    rows = run_captions(lm, ids, coco_images, out, prompt=prompt, method=_method_arg(method, config, lm), shard=sh,
+                        batch_size=batch_size, max_new_tokens=max_new_tokens, progress=not as_json)
+    rows[rows.status == "ok"][["image_id", "caption"]].to_json(out / "captions.jsonl", orient="records", lines=True)
+    s, _ = score_captions(rows)
+    if as_json:
+        sys.stdout.write(json.dumps({"summary": s.to_dict(orient="records"), **s.attrs}) + "\n")
+        return
+    _print_table(s, f"CHAIR (COCO) · shard {sh[0]}/{sh[1]}")
+    console.print(f"captions in {out / 'captions.jsonl'}; skipped (missing images): {s.attrs['skipped_missing_images']}")
+
+
+@app.command("merge-shards")
+def merge_shards(
+    dirs: list[Path] = typer.Argument(..., help="the shard directories of one run"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Merge the shard directories of one POPE or captions run into one table and score it."""
+    from dleaf_analysis.evaluation.coco_runs import merge_runs, score_captions, score_pope
+
+    try:
+        rows = merge_runs(dirs)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    task = json.loads((dirs[0] / "manifest.json").read_text())["task"]
+    s = score_pope(rows) if task == "pope" else score_captions(rows)[0]
+    if as_json:
+        sys.stdout.write(json.dumps({"task": task, "summary": s.to_dict(orient="records"), **s.attrs}) + "\n")
+        return
+    _print_table(s, f"{task}: {len(dirs)} shards merged ({len(rows)} rows)")
+
+
 @app.command("make-splits")
 def make_splits() -> None:
     """Re-freeze the split manifests in data/splits/ (after changing the world spec)."""

@@ -43,7 +43,8 @@ def generate(
     g = torch.Generator().manual_seed(seed)
     starts = range(0, len(images), batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress or len(starts) <= 1):
-        inputs = builder.inputs(images[s : s + batch_size], prompts[s : s + batch_size], lm.image_size)
+        size = lm.image_size if lm.is_embedded else None  # real checkpoints' processors resize any image
+        inputs = builder.inputs(images[s : s + batch_size], prompts[s : s + batch_size], size)
         inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
         if do_sample:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))

@@ -49,6 +49,11 @@ class LoadedModel:
         return int(self.model.config.vision_config.image_size)
 
     @property
+    def is_embedded(self) -> bool:
+        """The embedded scene model (it takes exactly its training image size; others resize)."""
+        return (self.path / "model_card.json").is_file()
+
+    @property
     def pad_token_id(self) -> int | None:
         tok = self.tokenizer
         if tok is not None and tok.pad_token_id is not None:

@@ -1,0 +1,110 @@
+"""Real-checkpoint path on COCO: a tiny LLaVA-1.5-shaped model directory answers POPE questions and
+captions images from a (synthetic) COCO folder; shards merge to the unsharded result; runs resume;
+missing images and malformed files are reported."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dleaf_analysis.evaluation.coco_chair import CocoDataError
+from dleaf_analysis.evaluation.coco_runs import (
+    coco_image_path, load_pope_questions, merge_runs, parse_shard, run_captions, run_pope, score_captions, score_pope,
+)
+from dleaf_analysis.models import load_model
+from dleaf_analysis.models.tiny import tiny_llava15
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return load_model(tiny_llava15(tmp_path_factory.mktemp("m") / "llava-1.5-tiny"))
+
+
+@pytest.fixture(scope="module")
+def questions():
+    return load_pope_questions("adversarial").head(12)
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory, questions):
+    d = tmp_path_factory.mktemp("coco")
+    rng = np.random.default_rng(0)
+    for name in questions["image"].unique():
+        h, w = rng.integers(200, 500, size=2)  # COCO images come in any size: the processor resizes
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(d / name)
+    return d
+
+
+def test_pope_versions():
+    assert len(load_pope_questions("random")) == 3000
+    assert len(load_pope_questions("random", "opera")) == 2910  # the snapshot OPERA's numbers refer to
+    with pytest.raises(ValueError, match="choose one of"):
+        load_pope_questions("random", "v2")
+
+
+def test_shards_merge_to_the_unsharded_run(tmp_path, lm, questions, coco):
+    full = run_pope(lm, questions, coco, tmp_path / "full", batch_size=1, progress=False)
+    parts = [tmp_path / f"s{i}" for i in range(3)]
+    for i, p in enumerate(parts):
+        run_pope(lm, questions, coco, p, shard=(i, 3), batch_size=1, progress=False)
+    merged = merge_runs(parts)
+    key = ["question_id", "answer", "prediction"]
+    assert merged.sort_values("question_id")[key].reset_index(drop=True).equals(
+        full.sort_values("question_id")[key].reset_index(drop=True))
+    a, b = score_pope(full), score_pope(merged)
+    assert a["value"].tolist() == b["value"].tolist()
+    with pytest.raises(ValueError, match="incomplete"):
+        merge_runs(parts[:2])
+
+
+def test_resume_and_missing_images(tmp_path, lm, questions, coco):
+    out = tmp_path / "r"
+    run_pope(lm, questions, coco, out, batch_size=4, progress=False)
+    before = (out / "results.jsonl").read_text()
+    run_pope(lm, questions, coco, out, batch_size=4, progress=False)  # nothing redone
+    assert (out / "results.jsonl").read_text() == before
+    gone = coco_image_path(coco, questions["image"].iloc[0])
+    data = gone.read_bytes()
+    gone.unlink()
+    try:
+        rows = run_pope(lm, questions, coco, tmp_path / "m", batch_size=4, progress=False)
+    finally:
+        gone.write_bytes(data)
+    n_missing = int((questions["image"] == questions["image"].iloc[0]).sum())
+    assert score_pope(rows).attrs["skipped_missing_images"] == n_missing
+
+
+def test_captions_and_chair(tmp_path, lm, questions, coco):
+    ids = sorted({int(n.split("_")[-1].split(".")[0]) for n in questions["image"]}) + [999999999]
+    rows = run_captions(lm, ids, coco, tmp_path / "c", max_new_tokens=6, batch_size=2, progress=False)
+    s, d = score_captions(rows)
+    assert s.attrs["skipped_missing_images"] == 1 and len(d) == len(ids) - 1
+    assert set(s["metric"]) == {"CHAIR_s", "CHAIR_i", "recall", "length"}
+
+
+def test_bad_inputs(tmp_path):
+    bad = tmp_path / "q.json"
+    bad.write_text(json.dumps({"question_id": 1, "image": "x.jpg", "text": "Is there a dog?"}) + "\n")
+    with pytest.raises(CocoDataError, match="missing"):
+        load_pope_questions(path=bad)
+    bad.write_text("not json\n")
+    with pytest.raises(CocoDataError, match="not JSON"):
+        load_pope_questions(path=bad)
+    for s in ("3/2", "a/b", "1-2"):
+        with pytest.raises(ValueError, match="shard"):
+            parse_shard(s)
+    assert parse_shard("1/4") == (1, 4)
+
+
+def test_cli_pope_coco(tmp_path, lm, coco):
+    from typer.testing import CliRunner
+
+    from dleaf_analysis.cli import app
+
+    r = CliRunner().invoke(app, ["pope-coco", "--coco-images", str(coco), "--model", str(lm.path), "--limit", "4",
+                                 "--out", str(tmp_path / "p"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["skipped_missing_images"] == 0
+    r = CliRunner().invoke(app, ["pope-coco", "--coco-images", str(tmp_path / "nope"), "--model", str(lm.path)])
+    assert r.exit_code == 2 and "not found" in r.output
