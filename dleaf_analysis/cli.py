@@ -37,6 +37,8 @@ def _load(model: Optional[Path], device: str = "cpu", dtype: Optional[str] = Non
     from dleaf_analysis.models.loading import ModelLoadError, load_model
 
     try:
+        if device == "auto":  # larger than one device: accelerate places the layers
+            return load_model(model, dtype=dtype, device_map="auto")
         return load_model(model, device=device, dtype=dtype)
     except ModelLoadError as e:
         _fail(str(e))
