@@ -108,3 +108,9 @@ def test_cli_pope_coco(tmp_path, lm, coco):
     assert json.loads(r.stdout)["skipped_missing_images"] == 0
     r = CliRunner().invoke(app, ["pope-coco", "--coco-images", str(tmp_path / "nope"), "--model", str(lm.path)])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_device_map_auto_loads(lm):
+    m = load_model(lm.path, device_map="auto")  # accelerate's placement (all on CPU here)
+    assert m.weights_hash == lm.weights_hash
+    assert {p.device.type for p in m.model.parameters()} == {"cpu"}
