@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from dleaf_analysis.evaluation.bootstrap import bootstrap_ci
+from dleaf_analysis.evaluation.chair import chair_summary
 from dleaf_analysis.paths import DATA_DIR
 
 COCO_DIR = DATA_DIR / "coco"
@@ -249,24 +248,10 @@ def chair_score(captions: pd.DataFrame, scorer: CocoChair, n_resamples: int = 10
     Captions of images not in the ground truth are skipped and counted in ``summary.attrs``."""
     known = captions["image_id"].isin(scorer.gt.keys())
     details = scorer.details(captions[known])
-    cols = {k: details[c].to_numpy(float) for k, c in
-            (("hall", "n_hallucinated"), ("ment", "n_mentions"), ("cov", "n_covered"), ("gt", "n_gt"), ("len", "n_words"))}
-    cols["any"] = (details["n_hallucinated"] > 0).to_numpy(float)
-    cols["one"] = np.ones(len(details))
-    stats = {
-        "CHAIR_s": lambda s: 100 * s["any"] / s["one"],
-        "CHAIR_i": lambda s: 100 * s["hall"] / s["ment"],
-        "recall": lambda s: 100 * s["cov"] / s["gt"],
-        "length": lambda s: s["len"] / s["one"],
-    }
-    full = {k: np.array([v.sum()]) for k, v in cols.items()}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        point = {k: float(f(full)[0]) for k, f in stats.items()}
-    ci = bootstrap_ci(cols, stats, n_resamples=n_resamples, seed=seed)
-    summary = pd.DataFrame([{"metric": k, "value": point[k], "ci_low": ci[k][0], "ci_high": ci[k][1], "n": len(details)}
-                            for k in stats])
+    summary = chair_summary(details, n_resamples=n_resamples, seed=seed)  # same statistics as on scenes
     summary.attrs.update({"skipped_unknown_image_ids": int((~known).sum()),
                           "skipped_missing_keys": captions.attrs.get("skipped_missing_keys", 0),
-                          "hallucinated_mentions": int(cols["hall"].sum()), "mentions": int(cols["ment"].sum()),
+                          "hallucinated_mentions": int(details["n_hallucinated"].sum()),
+                          "mentions": int(details["n_mentions"].sum()),
                           "tagger": scorer.tagger})
     return summary, details
