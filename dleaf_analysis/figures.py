@@ -293,9 +293,7 @@ class CausalHeatmaps:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
         maps = ctx.table("studies/localization/maps.parquet")
-        heads = maps[maps["head"] >= 0].groupby(["map", "layer", "head"], as_index=False)["effect"].mean()
-        agree = ctx.table("studies/localization/agreement.parquet")  # noqa: F841 (same run)
-        return heads
+        return maps[maps["head"] >= 0].groupby(["map", "layer", "head"], as_index=False)["effect"].mean()
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:

@@ -21,7 +21,7 @@ Every method is a dataclass config (``validate``, ``to_dict``, ``from_dict``) wh
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar, Iterator
@@ -486,4 +486,4 @@ def method_from_dict(d: dict) -> Method:
 
 
 __all__ = ["METHODS", "ConfigError", "DLeaf", "Greedy", "HeadAblation", "Method", "PAI", "UniformFusion", "VCD",
-           "fuse_heads", "get_method", "load_config", "method_from_dict", "nullcontext"]
+           "fuse_heads", "get_method", "load_config", "method_from_dict"]
