@@ -77,7 +77,8 @@ def _prepare(lm: LoadedModel, image, prompt: str, inputs: dict | None = None):
     adapter = ModelAdapter(lm.model)
     hooks.install(lm.model)
     if inputs is None:
-        inputs = PromptBuilder(lm.processor).inputs([image], [prompt], lm.image_size)
+        size = lm.image_size if lm.is_embedded else None  # real checkpoints' processors resize any image
+        inputs = PromptBuilder(lm.processor).inputs([image], [prompt], size)
     if inputs["input_ids"].shape[0] != 1:
         raise InputError("traces take one sequence at a time (batch size 1)")
     inputs = dict(inputs)

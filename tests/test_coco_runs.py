@@ -114,3 +114,22 @@ def test_device_map_auto_loads(lm):
     m = load_model(lm.path, device_map="auto")  # accelerate's placement (all on CPU here)
     assert m.weights_hash == lm.weights_hash
     assert {p.device.type for p in m.model.parameters()} == {"cpu"}
+
+
+def test_every_model_command_runs_on_a_llava_hf_directory(tmp_path, lm):
+    """The tiny LLaVA-1.5-shaped directory through evaluate, trace and diagnose (any image size)."""
+    from typer.testing import CliRunner
+
+    from dleaf_analysis.cli import app
+
+    run = lambda *a: CliRunner().invoke(app, list(a), catch_exceptions=False)  # noqa: E731
+    for bench in ("chair", "pope"):
+        r = run("evaluate", "--model", str(lm.path), "--benchmark", bench, "--split", "dev", "--limit", "2", "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["protocol"]["weights_hash"] == lm.weights_hash
+    r = run("evaluate", "--model", str(lm.path), "--method", "dleaf", "--split", "dev", "--limit", "2", "--json")
+    assert r.exit_code == 0, r.output
+    r = run("trace", "--model", str(lm.path), "--split", "dev", "--max-new-tokens", "4", "--out", str(tmp_path / "c"))
+    assert r.exit_code == 0, r.output
+    r = run("diagnose", "--cache", str(tmp_path / "c"), "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)
