@@ -288,21 +288,28 @@ class Localization:
         return g.figure
 
 
-@register("causal_heatmaps", "Layer x head causal maps (mean over events)")
+@register("causal_heatmaps", "Layer x head causal maps (mean over events) next to the IAF map")
 class CausalHeatmaps:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
         maps = ctx.table("studies/localization/maps.parquet")
-        return maps[maps["head"] >= 0].groupby(["map", "layer", "head"], as_index=False)["effect"].mean()
+        heads = maps[maps["head"] >= 0].groupby(["map", "layer", "head"], as_index=False)["effect"].mean()
+        det = ctx.table("studies/localization/detectors.parquet")
+        iaf = det[det.detector == "iaf"].groupby(["layer", "head"], as_index=False)["score"].mean()
+        iaf = iaf.assign(map="IAF (image mass) at the event step", effect=-iaf["score"]).drop(columns="score")
+        return pd.concat([iaf, heads], ignore_index=True)
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
-        names = sorted(df["map"].unique())
+        names = list(dict.fromkeys(df["map"]))
         fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3))
         for ax, n in zip(np.atleast_1d(axes), names):
             piv = df[df["map"] == n].pivot(index="layer", columns="head", values="effect")
-            lim = np.abs(piv.values).max() or 1
-            sns.heatmap(piv, ax=ax, cmap="RdBu_r", center=0, vmin=-lim, vmax=lim, cbar=True)
+            if n.startswith("IAF"):
+                sns.heatmap(piv, ax=ax, cmap="rocket", cbar=True)
+            else:
+                lim = np.abs(piv.values).max() or 1
+                sns.heatmap(piv, ax=ax, cmap="RdBu_r", center=0, vmin=-lim, vmax=lim, cbar=True)
             ax.set_title(n, fontsize=9)
         fig.suptitle("Mean effect on log p(hallucinated) - log p(preferred) (negative = suppresses)")
         fig.tight_layout()

@@ -133,11 +133,12 @@ def run_study(
         tables["dpo_summary"] = dpo.summarize(rows) if len(rows) else pd.DataFrame()
     else:
         maps = df[df["map"].notna()] if "map" in df else df
-        tables["maps"] = maps.drop(columns=["key"], errors="ignore")
+        tables["maps"] = maps[["event", "map", "layer", "head", "effect"]]
         if study in ("patching", "localization"):
             summary["attribution_vs_exact_spearman"] = _attribution_agreement(maps)
         if study == "localization":
             dets = df[df["detector"].notna()] if "detector" in df else pd.DataFrame()
+            tables["detectors"] = dets[["event", "detector", "level", "layer", "head", "score"]]
             agree = _agreement(maps, dets)
             tables["agreement"] = agree
             s = localization.summarize(agree)
