@@ -75,6 +75,21 @@ def _token_type(token: str, present: frozenset, classes: set) -> str:
     return "real object" if token in present else "hallucinated object"
 
 
+def _metric_bars(df: pd.DataFrame, by: str, title: str) -> plt.Figure:
+    """CHAIR_s, CHAIR_i and recall side by side: one bar per ``by`` value, with its 95% CI."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, m in zip(axes, ["CHAIR_s", "CHAIR_i", "recall"]):
+        d = df[df.metric == m]
+        ax.bar(d[by], d["value"], color=sns.color_palette("deep", len(d)))
+        ax.errorbar(d[by], d["value"], yerr=[d["value"] - d.ci_low, d.ci_high - d["value"]], fmt="none",
+                    color="black", capsize=3)
+        ax.set(title=m, ylabel="%")
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 # -- paper figures -----------------------------------------------------------------------------
 @register("fig1_dleaf_workflow", "D-LEAF on one decoding: LIAE per layer and step, dynamic threshold, corrections",
           paper="Figure 1")
@@ -222,18 +237,7 @@ class Fig4:
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
-        metrics = ["CHAIR_s", "CHAIR_i", "recall"]
-        fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
-        for ax, m in zip(axes, metrics):
-            d = df[df.metric == m]
-            ax.bar(d["method"], d["value"], color=sns.color_palette("deep", len(d)))
-            ax.errorbar(d["method"], d["value"], yerr=[d["value"] - d["ci_low"], d["ci_high"] - d["value"]],
-                        fmt="none", color="black", capsize=3)
-            ax.set(title=m, ylabel="%")
-            ax.tick_params(axis="x", rotation=30)
-        fig.suptitle("Impact of suppression methods on the embedded LLaVA (test split)")
-        fig.tight_layout()
-        return fig
+        return _metric_bars(df, "method", "Impact of suppression methods on the embedded LLaVA (test split)")
 
 
 @register("fig5_liae_by_token_type", "LIAE per layer across object token types (test captions)", paper="Figure 5")
@@ -325,17 +329,7 @@ class Components:
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-        for ax, m in zip(axes, ["CHAIR_s", "CHAIR_i", "recall"]):
-            d = df[df.metric == m]
-            ax.bar(d["component"], d["value"], color=sns.color_palette("deep", len(d)))
-            ax.errorbar(d["component"], d["value"], yerr=[d["value"] - d.ci_low, d.ci_high - d["value"]], fmt="none",
-                        color="black", capsize=3)
-            ax.set(title=m, ylabel="%")
-            ax.tick_params(axis="x", rotation=30, labelsize=8)
-        fig.suptitle("Which part of D-LEAF does the work?")
-        fig.tight_layout()
-        return fig
+        return _metric_bars(df, "component", "Which part of D-LEAF does the work?")
 
 
 @register("throughput", "Time per token of each method relative to greedy (benchmarks/method_throughput.py)")

@@ -116,7 +116,7 @@ def reproduce(
         f"`{protocol['weights_hash']}`, data `{protocol['split_hash']}`, {protocol['n_items']} images, prompt "
         f"`{protocol['prompt']}`, max {protocol['max_new_tokens']} new tokens, seed {protocol['seed']}.",
     ]
-    body += _components_section(out, lm, limit, seed, progress, log)
+    body += _components_section(out, lm, limit, seed, progress, log, tables["chair"])
     body += _studies_section(out, quick, seed, progress, log, lm)
     body += _figures_section(out, quick, seed, log, lm, figures_dir)
     report = [f"# dleaf-analysis report{' (quick)' if quick else ''}", "",
@@ -156,15 +156,14 @@ def component_configs(lm, seed: int = 0) -> dict[str, dict]:
     }
 
 
-def _components_section(out: Path, lm, limit, seed, progress, log) -> list[str]:
+def _components_section(out: Path, lm, limit, seed, progress, log, chair: pd.DataFrame) -> list[str]:
     log("component ablation of D-LEAF (CHAIR, test)")
     rows = []
     for label, cfg in component_configs(lm, seed).items():
         res = evaluate("chair", "test", lm, method="dleaf", method_config=cfg, limit=limit, seed=seed, progress=progress,
                        out_dir=out / f"components-{label.split()[0].lower()}")
         rows.append(res.summary.assign(component=label, layers=json.dumps(cfg.get("layers"))))
-    g = pd.read_csv(out / "summary.csv")
-    g = g[(g.benchmark == "chair") & (g.method == "greedy")].assign(component="greedy (none)", layers="null")
+    g = chair[chair.method == "greedy"].assign(component="greedy (none)", layers="null")
     df = pd.concat([g] + rows, ignore_index=True)
     df.to_csv(out / "components.csv", index=False)
     df["cell"] = [f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in zip(df.value, df.ci_low, df.ci_high)]

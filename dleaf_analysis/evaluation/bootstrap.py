@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 
 
 def bootstrap_ci(
@@ -36,3 +37,21 @@ def bootstrap_ci(
                 (float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha))) if len(vals) else (float("nan"),) * 2
             )
     return out
+
+
+def summary_table(
+    columns: dict[str, np.ndarray],
+    statistics: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]],
+    n: int,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """One row per statistic: the point value (statistic of the full column sums), its bootstrap
+    95% CI, and ``n`` (items summarised)."""
+    full = {k: np.array([np.asarray(v, dtype=np.float64).sum()]) for k, v in columns.items()}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = {k: float(fn(full)[0]) for k, fn in statistics.items()}
+    ci = bootstrap_ci(columns, statistics, n_resamples=n_resamples, seed=seed)
+    return pd.DataFrame(
+        [{"metric": k, "value": point[k], "ci_low": ci[k][0], "ci_high": ci[k][1], "n": n} for k in statistics]
+    )

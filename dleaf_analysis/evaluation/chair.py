@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from dleaf_analysis.evaluation.bootstrap import bootstrap_ci
+from dleaf_analysis.evaluation.bootstrap import summary_table
 
 CHAIR_METRICS = ("CHAIR_s", "CHAIR_i", "recall", "length")
 
@@ -67,10 +67,4 @@ def chair_summary(details: pd.DataFrame, n_resamples: int = 1000, seed: int = 0)
         "recall": lambda s: 100 * s["cov"] / s["gt"],
         "length": lambda s: s["len"] / s["one"],
     }
-    full = {k: np.array([v.sum()]) for k, v in cols.items()}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        point = {k: float(fn(full)[0]) for k, fn in stats.items()}
-    ci = bootstrap_ci(cols, stats, n_resamples=n_resamples, seed=seed)
-    return pd.DataFrame(
-        [{"metric": k, "value": point[k], "ci_low": ci[k][0], "ci_high": ci[k][1], "n": len(details)} for k in stats]
-    )
+    return summary_table(cols, stats, n=len(details), n_resamples=n_resamples, seed=seed)

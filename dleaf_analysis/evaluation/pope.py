@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from dleaf_analysis.evaluation.bootstrap import bootstrap_ci
+from dleaf_analysis.evaluation.bootstrap import summary_table
 
 POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
@@ -80,10 +80,4 @@ def pope_summary(
         "f1": lambda s: 100 * 2 * s["tp"] / (2 * s["tp"] + s["fp"] + s["fn"]),
         "yes_ratio": lambda s: 100 * (s["tp"] + s["fp"]) / (s["tp"] + s["fp"] + s["tn"] + s["fn"]),
     }
-    full = {k: np.array([v.sum()]) for k, v in cols.items()}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        point = {k: float(fn(full)[0]) for k, fn in stats.items()}
-    ci = bootstrap_ci(cols, stats, n_resamples=n_resamples, seed=seed)
-    return pd.DataFrame(
-        [{"metric": k, "value": point[k], "ci_low": ci[k][0], "ci_high": ci[k][1], "n": len(y)} for k in stats]
-    )
+    return summary_table(cols, stats, n=len(y), n_resamples=n_resamples, seed=seed)
