@@ -72,7 +72,7 @@ class AttentionCache:
     def text(self) -> str:
         return " ".join(self.token_strs)
 
-    # -- diagnostics (shared/METHOD.md) -------------------------------------------------------
+    # -- diagnostics (docs/method.md) -------------------------------------------------------
     def liae(self, variant: str = "mean-map") -> torch.Tensor:
         """LIAE ``[S, L]``."""
         return D.liae(self.image_attn.float(), variant)

@@ -178,14 +178,16 @@ def diagnose(
 
 @app.command()
 def study(
-    name: str = typer.Argument(..., help="ablation | patching | localization | dpo"),
+    name: str = typer.Argument(..., help="ablation | patching | localization | dpo | calibration"),
     split: str = typer.Option("dev"),
     limit: Optional[int] = typer.Option(100, help="first N images of the split"),
     out: Path = typer.Option(Path("runs/studies"), help="results go to OUT/<study>/ (resumable)"),
+    model: Optional[Path] = typer.Option(None, help="model directory (default: the embedded model)"),
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Causal studies over hallucination events (resumable; re-run to continue after a crash)."""
+    """Causal studies over hallucination events, and the planted-fault calibration study
+    (resumable; re-run to continue after a crash)."""
     from dleaf_analysis.scenes import SPLITS
     from dleaf_analysis.studies.runner import STUDIES, NoEventsError, run_study
     from dleaf_analysis.sweeps import SweepMismatchError
@@ -195,7 +197,10 @@ def study(
     if split not in SPLITS:
         _fail(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
     try:
-        res = run_study(name, split, limit=limit, out=out, seed=seed, progress=not as_json, log=console.print)
+        from dleaf_analysis.models import load_model
+
+        lm = load_model(model) if model is not None else None
+        res = run_study(name, split, limit=limit, out=out, lm=lm, seed=seed, progress=not as_json, log=console.print)
     except NoEventsError as e:
         console.print(f"[yellow]{e}[/]")
         if as_json:

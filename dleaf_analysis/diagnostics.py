@@ -1,6 +1,6 @@
 """LIAE, IAF and the uniform detectors: pure functions of attention rows.
 
-Definitions follow ``shared/METHOD.md``.  Notation: ``a[..., h, k]`` is the post-softmax
+Definitions follow ``docs/method.md``.  Notation: ``a[..., h, k]`` is the post-softmax
 attention of the current query over all key positions ``k`` (leading dims: steps, layers, ...),
 ``I`` the image-token positions, ``n = |I|``.
 
@@ -92,8 +92,28 @@ def row_entropy(a: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.
     return normalized_entropy(a).mean(-1)
 
 
+def running_z(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each step's score against the same layer's steps before it: ``[S, L] -> [S, L]``.
+
+    ``z[s, l] = (x[s, l] - mean(x[:s, l])) / std(x[:s, l])`` (population std, as D-LEAF's Welford
+    statistics); step 0, with no history, scores 0.  D-LEAF's ``running`` rule fires exactly
+    where ``z > k`` (for a positive std).
+    """
+    S = x.shape[0]
+    x = x.float()
+    csum = torch.cumsum(x, 0)
+    csq = torch.cumsum(x * x, 0)
+    n = torch.arange(1, S + 1, dtype=x.dtype, device=x.device).view(-1, *([1] * (x.dim() - 1)))
+    mu = torch.cat([torch.zeros_like(x[:1]), csum[:-1] / n[:-1]])
+    var = torch.cat([torch.zeros_like(x[:1]), (csq[:-1] / n[:-1] - (csum[:-1] / n[:-1]) ** 2).clamp_min(0)])
+    z = (x - mu) / var.sqrt().clamp_min(eps)
+    z[0] = 0
+    return z
+
+
 # -- detectors over a cache: tidy tables -----------------------------------------------------
-LAYER_DETECTORS = ("liae", "liae-mean-entropy", "image-mass", "row-entropy", "all-layers", "random")
+LAYER_DETECTORS = ("liae", "liae-z", "liae-mean-entropy", "image-mass", "image-mass-z", "row-entropy", "all-layers",
+                   "random")
 HEAD_DETECTORS = ("iaf", "iaf-focused-mass", "head-image-mass-inverse", "random")
 
 
@@ -101,17 +121,25 @@ def layer_scores(cache, detector: str, seed: int = 0) -> torch.Tensor:
     """Per-step layer scores ``[S, L]``; higher = more suspect.
 
     ``liae`` / ``liae-mean-entropy``: LIAE variants (high entropy = not looking);
+    ``liae-z``: LIAE against the layer's own running mean and std over the steps so far
+    (:func:`running_z`: the statistic D-LEAF's running threshold compares, so the detector
+    D-LEAF actually uses);
     ``image-mass``: minus the mean image attention mass (low mass = suspect, PAI-style);
+    ``image-mass-z``: the running z-score of ``image-mass``;
     ``row-entropy``: entropy of the whole attention row, head-averaged;
     ``all-layers``: every layer equally (no localisation); ``random``: seeded uniform noise.
     """
     S, L = cache.n_steps, cache.n_layers
     if detector == "liae":
         return cache.liae("mean-map")
+    if detector == "liae-z":
+        return running_z(cache.liae("mean-map"))
     if detector == "liae-mean-entropy":
         return cache.liae("mean-entropy")
     if detector == "image-mass":
         return -layer_image_mass(cache.image_attn.float())
+    if detector == "image-mass-z":
+        return running_z(-layer_image_mass(cache.image_attn.float()))
     if detector == "row-entropy":
         return cache.row_entropy.float().mean(-1)
     if detector == "all-layers":

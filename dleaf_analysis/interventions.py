@@ -4,7 +4,7 @@ Every method is a dataclass config (``validate``, ``to_dict``, ``from_dict``) wh
 ``generate(lm, inputs, ...)`` decodes with the intervention attached, and whose
 ``attach(lm, inputs)`` context manager edits attention at the one hook point
 (:mod:`dleaf_analysis.hooks`) and restores the model on exit.  Definitions:
-``shared/METHOD.md``.
+``docs/method.md``.
 
 - ``greedy``: no intervention.
 - ``dleaf``: at each decoding step, layers whose LIAE exceeds a dynamic threshold (``running``
@@ -116,14 +116,23 @@ def image_columns(row: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
     return row.gather(-1, pos.unsqueeze(1).expand(-1, row.shape[1], -1))
 
 
-def fuse_heads(row: torch.Tensor, fuse: torch.Tensor, best: torch.Tensor, gamma: float) -> torch.Tensor:
+FUSIONS = ("row", "image")
+
+
+def fuse_heads(row: torch.Tensor, fuse: torch.Tensor, best: torch.Tensor, gamma: float,
+               image_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mixed attention (paper Eq. 4) on one query row per head.
 
     ``row [B, H, K]``; ``fuse [B, H]`` bool (heads to correct); ``best [B]`` (index of the best
-    head).  Returns ``a_h <- (1 - gamma) a_h + gamma a_best`` for the selected heads.
+    head).  Returns ``a_h <- (1 - gamma) a_h + gamma a_best`` for the selected heads
+    (``row`` fusion).  With ``image_mask [B, K]`` (``image`` fusion) only the image
+    columns are mixed, the text columns are kept, and the row is renormalised to sum to 1.
     """
     a_best = row.gather(1, best.view(-1, 1, 1).expand(-1, 1, row.shape[-1]))  # [B, 1, K]
     mixed = (1 - gamma) * row + gamma * a_best
+    if image_mask is not None:
+        mixed = torch.where(image_mask[:, None, :].to(row.device), mixed, row)
+        mixed = mixed / mixed.sum(-1, keepdim=True).clamp_min(1e-12)
     return torch.where(fuse.unsqueeze(-1), mixed, row)
 
 
@@ -135,7 +144,7 @@ HEAD_SELECTIONS = ("below-mean", "bottom-k", "below-rho", "all")
 
 @dataclass
 class DLeaf(Method):
-    """D-LEAF: dynamic layer selection by LIAE, head correction by IAF (shared/METHOD.md)."""
+    """D-LEAF: dynamic layer selection by LIAE, head correction by IAF (docs/method.md)."""
 
     name: ClassVar[str] = "dleaf"
     # defaults = the settings chosen by the tuning study on the embedded model's dev split
@@ -145,11 +154,14 @@ class DLeaf(Method):
     k: float = 0.5
     delta: float = 0.05
     layers: list[int] | None = None  # candidate layers (running/bas) or the fixed set (static); None: all but the first two
-    head_selection: str = "below-rho"
+    head_selection: str = "below-mean"
     bottom_k: int = 1
     rho: float = 0.5
     liae_variant: str = "mean-map"
     iaf_variant: str = "mass"
+    # "row": the best head's whole row is mixed in (Eq. 4 as written); "image": only
+    # the image columns are mixed, text columns kept, row renormalised
+    fusion: str = "row"
     # how the running statistics start: "prefill-last" (the prefill's last query row only: no layer
     # can fire at step 0) or "prefill-rows" (every prompt query row after the image: step 0, and so a
     # one-token answer such as POPE's, can be corrected)
@@ -168,6 +180,8 @@ class DLeaf(Method):
             raise ConfigError(f"unknown liae_variant {self.liae_variant!r}; choose one of {D.LIAE_VARIANTS}")
         if self.iaf_variant not in D.IAF_VARIANTS:
             raise ConfigError(f"unknown iaf_variant {self.iaf_variant!r}; choose one of {D.IAF_VARIANTS}")
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"unknown fusion {self.fusion!r}; choose one of {FUSIONS}")
         if self.k < 0 or self.delta < 0:
             raise ConfigError("k and delta must be >= 0")
         _check_range("rho", self.rho, 0.0, 1.0)
@@ -273,7 +287,8 @@ class _DLeafState:
         iaf = D.iaf(a_img, cfg.iaf_variant)  # [B, H]
         sel = self.cfg.select_heads(iaf) & fire.unsqueeze(-1)
         best = iaf.argmax(-1)
-        new_row = fuse_heads(row, sel, best, cfg.gamma).to(pattern.dtype)
+        key_img = _image_key_mask(self.inputs, self.adapter, row.shape[-1]) if cfg.fusion == "image" else None
+        new_row = fuse_heads(row, sel, best, cfg.gamma, key_img).to(pattern.dtype)
         if torch.is_grad_enabled():
             pattern = pattern.clone()  # keep autograd's saved tensors intact
         pattern[:, :, -1, :] = new_row
@@ -287,11 +302,12 @@ class _DLeafState:
 
 @dataclass
 class UniformFusion(DLeaf):
-    """Baseline: D-LEAF's fusion in every candidate layer at every step (no LIAE threshold)."""
+    """Baseline: D-LEAF's fusion in every candidate layer (``layers``; default: all but the first
+    two, D-LEAF's own candidates) at every step, with no LIAE threshold."""
 
     name: ClassVar[str] = "uniform"
     threshold: str = "static"
-    gamma: float = 0.1  # tuned (data/tuned_methods.json)
+    gamma: float = 0.25  # tuned (data/tuned_methods.json)
     head_selection: str = "below-mean"
 
     def validate(self, n_layers=None, n_heads=None) -> "UniformFusion":
@@ -456,8 +472,64 @@ class HeadAblation(Method):
                 h.remove()
 
 
+# -- grounding probes --------------------------------------------------------------------------
+PROBE_KINDS = ("uniform", "shuffle", "single")
+
+
+@dataclass
+class ImageAttentionProbe(Method):
+    """Destroys *where* attention falls inside the image while keeping *how much* falls there.
+
+    In every layer and head, for every text query row (prompt text and generated tokens), the
+    row's image columns are replaced by: ``uniform`` (the same mass spread evenly), ``shuffle``
+    (the same values permuted across image positions) or ``single`` (all of the mass on one
+    image position).  Permutations and positions are drawn per call from ``seed``.  On a
+    grounded model recall must collapse; it is the model card's acceptance probe.
+    """
+
+    name: ClassVar[str] = "probe"
+    kind: str = "uniform"
+    seed: int = 0
+
+    def validate(self, n_layers=None, n_heads=None) -> "ImageAttentionProbe":
+        if self.kind not in PROBE_KINDS:
+            raise ConfigError(f"unknown probe kind {self.kind!r}; choose one of {PROBE_KINDS}")
+        return self
+
+    @contextmanager
+    def attach(self, lm, inputs: dict) -> Iterator["ImageAttentionProbe"]:
+        adapter = ModelAdapter(lm.model)
+        self.validate()
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def edit(pattern: torch.Tensor, layer: int) -> torch.Tensor:
+            B, H, Q, K = pattern.shape
+            img = _image_key_mask(inputs, adapter, K).to(pattern.device)  # [B, K]
+            q_text = ~img[:, K - Q:]  # [B, Q]: query rows that are not image tokens
+            sel = img[:, None, None, :] & q_text[:, None, :, None]  # [B, 1, Q, K]
+            mass = (pattern * img[:, None, None, :]).sum(-1, keepdim=True)  # [B, H, Q, 1]
+            n = img.sum(-1).view(B, 1, 1, 1).clamp(min=1)
+            if self.kind == "uniform":
+                new = (mass / n).expand_as(pattern)
+            else:
+                new = torch.zeros_like(pattern)
+                for b in range(B):
+                    pos = img[b].nonzero().flatten()
+                    if self.kind == "shuffle":
+                        perm = pos[torch.randperm(len(pos), generator=gen).to(pos.device)]
+                        new[b][..., pos] = pattern[b][..., perm]
+                    else:
+                        j = pos[torch.randint(len(pos), (1,), generator=gen).to(pos.device)]
+                        new[b][..., j] = mass[b]
+            return torch.where(sel, new, pattern)
+
+        with hooks.attach_editor(lm.model, edit):
+            yield self
+
+
 # -- registry ------------------------------------------------------------------------------------
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Greedy, DLeaf, UniformFusion, PAI, VCD, HeadAblation)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Greedy, DLeaf, UniformFusion, PAI, VCD, HeadAblation,
+                                                        ImageAttentionProbe)}
 
 
 def get_method(name: str, config: dict | None = None) -> Method:
@@ -485,5 +557,5 @@ def method_from_dict(d: dict) -> Method:
     return get_method(d.pop("method"), d)
 
 
-__all__ = ["METHODS", "ConfigError", "DLeaf", "Greedy", "HeadAblation", "Method", "PAI", "UniformFusion", "VCD",
+__all__ = ["FUSIONS", "METHODS", "PROBE_KINDS", "ConfigError", "DLeaf", "Greedy", "HeadAblation", "ImageAttentionProbe", "Method", "PAI", "UniformFusion", "VCD",
            "fuse_heads", "get_method", "load_config", "method_from_dict"]

@@ -34,7 +34,7 @@ D-LEAF diagnostics as tidy DataFrames and heatmaps:
   spread over the whole image;
 - **IAF** (Image Attention Focus): per head; how much attention the head puts on the image.
 
-Definitions: `shared/METHOD.md`.""",
+Definitions: `docs/method.md`.""",
 SETUP,
 """from dleaf_analysis.models import load_model, caption
 from dleaf_analysis.scenes import load_split, to_pil

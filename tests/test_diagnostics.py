@@ -1,4 +1,4 @@
-"""Hand-computed oracle tests of LIAE, IAF and the uniform detectors (shared/METHOD.md)."""
+"""Hand-computed oracle tests of LIAE, IAF and the uniform detectors (docs/method.md)."""
 
 import math
 

@@ -206,6 +206,20 @@ def test_defaults_are_the_tuned_settings():
             assert default[k] == v, (name, k)
 
 
+def test_every_default_is_in_the_tuning_grid():
+    """A default that the tuning study never tried cannot be "the tuned setting"."""
+    from dleaf_analysis.evaluation.tuning import GRIDS
+    from dleaf_analysis.interventions import METHODS
+
+    for name, grid in GRIDS.items():
+        default = METHODS[name]().to_dict()
+        for key in {k for cfg in grid for k in cfg}:
+            if name == "pai" and key == "layers":
+                continue  # model-specific layer ranges; the default (None) is in the grid
+            values = [cfg.get(key, default[key]) for cfg in grid]
+            assert default[key] in values, (name, key, default[key], values)
+
+
 def test_head_selection_variants_hand_computed():
     iaf = torch.tensor([[0.5, 0.1, 0.3, 0.05]])  # best = head 0, mean = 0.2375
     assert DLeaf(head_selection="below-mean").select_heads(iaf).tolist() == [[False, True, False, True]]

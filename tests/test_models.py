@@ -19,7 +19,8 @@ def test_loads_like_any_llava_hf_checkpoint(dev_split):
     model = LlavaForConditionalGeneration.from_pretrained(EMBEDDED_MODEL_DIR, local_files_only=True)
     proc = AutoProcessor.from_pretrained(EMBEDDED_MODEL_DIR, local_files_only=True)
     inputs = proc(images=[dev_split.image(0)], text=["user : <image> describe the image . assistant :"], return_tensors="pt")
-    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64
+    n_tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    assert n_tokens == 144 and int((inputs["input_ids"] == model.config.image_token_id).sum()) == n_tokens
     out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
 
@@ -47,12 +48,21 @@ def test_fast_training_inputs_equal_processor(embedded, dev_split):
 def test_training_is_deterministic():
     from dleaf_analysis.models.training import TrainConfig, train_embedded
 
-    cfg = TrainConfig(vision_steps=3, full_steps=3, question_steps=2, batch_size=4, train_size=32)
+    cfg = TrainConfig(vision_steps=3, text_steps=2, align_steps=2, full_steps=3, question_steps=2, batch_size=4,
+                      train_size=32)
     runs = [train_embedded(cfg, progress=False, log=lambda s: None) for _ in range(2)]
     (m1, _, h1), (m2, _, h2) = runs
-    assert h1["vision_loss"] == h2["vision_loss"] and h1["loss"] == h2["loss"]
+    assert h1["vision_loss"] == h2["vision_loss"] and h1["loss"] == h2["loss"] and h1["text_loss"] == h2["text_loss"]
     for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), k
+    # the vision tower is frozen after stage 1: later stages leave it as stage 1 left it
+    from dataclasses import replace
+
+    vision_only = replace(cfg, text_steps=0, align_steps=0, full_steps=0, question_steps=0)
+    m0, _, _ = train_embedded(vision_only, progress=False, log=lambda s: None)
+    for (k, a), (_, b) in zip(m0.model.vision_tower.state_dict().items(), m1.model.vision_tower.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not torch.equal(m0.model.multi_modal_projector.linear_1.weight, m1.model.multi_modal_projector.linear_1.weight)
     cfg.seed = 1
     _, _, h3 = train_embedded(cfg, progress=False, log=lambda s: None)
     assert h3["loss"] != h1["loss"]

@@ -55,3 +55,50 @@ def summary_table(
     return pd.DataFrame(
         [{"metric": k, "value": point[k], "ci_low": ci[k][0], "ci_high": ci[k][1], "n": n} for k in statistics]
     )
+
+
+def paired_difference(
+    columns_a: dict[str, np.ndarray],
+    columns_b: dict[str, np.ndarray],
+    statistics: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]],
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Paired bootstrap of ``stat(b) - stat(a)`` on the same items (e.g. a method vs greedy on
+    the same images): every resample draws one set of items (or of ``groups``, e.g. images of
+    POPE questions) and evaluates both methods on it.
+
+    Returns one row per statistic: ``diff`` (on all items), its percentile CI, ``p_two_sided``
+    (twice the smaller share of resampled differences on either side of 0) and ``n``.
+    """
+    n = len(next(iter(columns_a.values())))
+    for k, v in columns_b.items():
+        if len(v) != n:
+            raise ValueError(f"paired columns differ in length ({len(v)} vs {n}): not the same items")
+    keys = np.arange(n) if groups is None else np.asarray(groups)
+    uniq, inv = np.unique(keys, return_inverse=True)
+    G = len(uniq)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, G, size=(n_resamples, G))
+    weights = np.zeros((n_resamples, G))
+    np.add.at(weights, (np.arange(n_resamples)[:, None], draws), 1.0)  # [R, G] multiplicities
+    w_items = weights[:, inv]  # [R, n]
+
+    def sums(cols, w):
+        return {k: w @ np.asarray(v, dtype=np.float64) for k, v in cols.items()}
+
+    full_a, full_b = sums(columns_a, np.ones((1, n))), sums(columns_b, np.ones((1, n)))
+    ra, rb = sums(columns_a, w_items), sums(columns_b, w_items)
+    alpha = (1 - level) / 2
+    rows = []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for name, fn in statistics.items():
+            point = float(fn(full_b)[0] - fn(full_a)[0])
+            d = np.asarray(fn(rb) - fn(ra), dtype=np.float64)
+            d = d[np.isfinite(d)]
+            lo, hi = (float(np.quantile(d, alpha)), float(np.quantile(d, 1 - alpha))) if len(d) else (float("nan"),) * 2
+            p = float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean()))) if len(d) else float("nan")
+            rows.append({"metric": name, "diff": point, "ci_low": lo, "ci_high": hi, "p_two_sided": p, "n": G})
+    return pd.DataFrame(rows)

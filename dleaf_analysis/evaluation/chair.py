@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from dleaf_analysis.evaluation.bootstrap import summary_table
+from dleaf_analysis.evaluation.bootstrap import paired_difference, summary_table
 
 CHAIR_METRICS = ("CHAIR_s", "CHAIR_i", "recall", "length")
 
@@ -50,9 +50,8 @@ def chair_details(captions: Sequence[str], ground_truth: Sequence[Iterable[str]]
     return pd.DataFrame(rows)
 
 
-def chair_summary(details: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """CHAIR_s, CHAIR_i, recall (percent) and mean length, each with a bootstrap 95% CI."""
-    cols = {
+def _chair_columns(details: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {
         "any": (details["n_hallucinated"] > 0).to_numpy(float),
         "one": np.ones(len(details)),
         "hall": details["n_hallucinated"].to_numpy(float),
@@ -61,10 +60,25 @@ def chair_summary(details: pd.DataFrame, n_resamples: int = 1000, seed: int = 0)
         "gt": details["n_gt"].to_numpy(float),
         "len": details["n_words"].to_numpy(float),
     }
-    stats = {
-        "CHAIR_s": lambda s: 100 * s["any"] / s["one"],
-        "CHAIR_i": lambda s: 100 * s["hall"] / s["ment"],
-        "recall": lambda s: 100 * s["cov"] / s["gt"],
-        "length": lambda s: s["len"] / s["one"],
-    }
-    return summary_table(cols, stats, n=len(details), n_resamples=n_resamples, seed=seed)
+
+
+CHAIR_STATISTICS = {
+    "CHAIR_s": lambda s: 100 * s["any"] / s["one"],
+    "CHAIR_i": lambda s: 100 * s["hall"] / s["ment"],
+    "recall": lambda s: 100 * s["cov"] / s["gt"],
+    "length": lambda s: s["len"] / s["one"],
+}
+
+
+def chair_summary(details: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """CHAIR_s, CHAIR_i, recall (percent) and mean length, each with a bootstrap 95% CI."""
+    return summary_table(_chair_columns(details), CHAIR_STATISTICS, n=len(details), n_resamples=n_resamples, seed=seed)
+
+
+def chair_paired(base: pd.DataFrame, other: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Paired bootstrap of ``other - base`` for every CHAIR metric, on the same images (points;
+    e.g. a method against greedy).  The rows of both detail tables must be the same images."""
+    if "image" in base and "image" in other and list(base["image"]) != list(other["image"]):
+        raise ValueError("the two CHAIR tables are not on the same images in the same order")
+    return paired_difference(_chair_columns(base), _chair_columns(other), CHAIR_STATISTICS,
+                             n_resamples=n_resamples, seed=seed)

@@ -65,6 +65,21 @@ def pope_summary(
     ``groups`` (e.g. image ids) makes the bootstrap resample whole groups (questions of one
     image together); default: each question alone.
     """
+    cols = _confusion_columns(labels, predictions, groups)
+    return summary_table(cols, POPE_STATISTICS, n=len(labels), n_resamples=n_resamples, seed=seed)
+
+
+POPE_STATISTICS = {
+    "accuracy": lambda s: 100 * (s["tp"] + s["tn"]) / (s["tp"] + s["fp"] + s["tn"] + s["fn"]),
+    "precision": lambda s: 100 * s["tp"] / (s["tp"] + s["fp"]),
+    "recall": lambda s: 100 * s["tp"] / (s["tp"] + s["fn"]),
+    "f1": lambda s: 100 * 2 * s["tp"] / (2 * s["tp"] + s["fp"] + s["fn"]),
+    "yes_ratio": lambda s: 100 * (s["tp"] + s["fp"]) / (s["tp"] + s["fp"] + s["tn"] + s["fn"]),
+}
+
+
+def _confusion_columns(labels, predictions, groups=None) -> dict[str, np.ndarray]:
+    """Per group (or per question) confusion counts ``tp, fp, tn, fn``."""
     y = np.asarray([lab == "yes" for lab in labels], dtype=float)
     p = np.asarray([pred == "yes" for pred in predictions], dtype=float)
     if len(y) != len(p):
@@ -72,12 +87,22 @@ def pope_summary(
     g = np.arange(len(y)) if groups is None else pd.factorize(np.asarray(groups))[0]
     per = pd.DataFrame({"g": g, "tp": y * p, "fp": (1 - y) * p, "tn": (1 - y) * (1 - p), "fn": y * (1 - p)})
     per = per.groupby("g").sum()
-    cols = {k: per[k].to_numpy(float) for k in ("tp", "fp", "tn", "fn")}
-    stats = {
-        "accuracy": lambda s: 100 * (s["tp"] + s["tn"]) / (s["tp"] + s["fp"] + s["tn"] + s["fn"]),
-        "precision": lambda s: 100 * s["tp"] / (s["tp"] + s["fp"]),
-        "recall": lambda s: 100 * s["tp"] / (s["tp"] + s["fn"]),
-        "f1": lambda s: 100 * 2 * s["tp"] / (2 * s["tp"] + s["fp"] + s["fn"]),
-        "yes_ratio": lambda s: 100 * (s["tp"] + s["fp"]) / (s["tp"] + s["fp"] + s["tn"] + s["fn"]),
-    }
-    return summary_table(cols, stats, n=len(y), n_resamples=n_resamples, seed=seed)
+    return {k: per[k].to_numpy(float) for k in ("tp", "fp", "tn", "fn")}
+
+
+def pope_paired(base: pd.DataFrame, other: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Paired bootstrap of ``other - base`` per POPE variant and metric, resampling whole images
+    (both tables: POPE details with ``variant, image, question, label, prediction``, same rows)."""
+    from dleaf_analysis.evaluation.bootstrap import paired_difference
+
+    frames = []
+    for variant, a in base.groupby("variant", sort=False):
+        b = other[other["variant"] == variant]
+        if list(a["question"]) != list(b["question"]) or list(a["image"]) != list(b["image"]):
+            raise ValueError(f"POPE {variant}: the two tables are not the same questions in the same order")
+        ca = _confusion_columns(a["label"], a["prediction"], a["image"])
+        cb = _confusion_columns(b["label"], b["prediction"], b["image"])
+        d = paired_difference(ca, cb, POPE_STATISTICS, n_resamples=n_resamples, seed=seed)
+        d.insert(0, "variant", variant)
+        frames.append(d)
+    return pd.concat(frames, ignore_index=True)

@@ -21,19 +21,23 @@ from dleaf_analysis.sweeps import ResultStore, run_sweep
 
 TUNED_FILE = DATA_DIR / "tuned_methods.json"
 
-# the same number of configurations (12) per method
+# the same number of configurations (12) per method.  Settings a grid does not vary are written
+# into every one of its configurations, so that every default of a tuned method is in its grid
+# (a test checks it) and the chosen configuration is complete.
 GRIDS: dict[str, list[dict]] = {
     "dleaf": [
-        {"gamma": g, "threshold": t, "k": k, "delta": d, "running_seed": rs}
+        {"gamma": g, "fusion": fu, "threshold": t, "k": k, "delta": 0.05, "head_selection": "below-mean",
+         "running_seed": "prefill-last"}
         for g in (0.5, 1.0)
-        for t, k, d in (("running", 0.5, 0.05), ("running", 1.0, 0.05), ("bas", 1.0, 0.05))
-        for rs in ("prefill-last", "prefill-rows")
+        for fu in ("row", "image")
+        for t, k in (("running", 0.5), ("running", 1.0), ("bas", 1.0))
     ],
     "uniform": [
-        {"gamma": g, "head_selection": hs}
-        for g in (0.1, 0.25, 0.5, 0.75, 1.0)
+        {"gamma": g, "fusion": fu, "head_selection": hs}
+        for g in (0.25, 0.5, 1.0)
+        for fu in ("row", "image")
         for hs in ("below-mean", "below-rho")
-    ] + [{"gamma": g, "layers": [4, 5]} for g in (0.5, 1.0)],
+    ],
     "pai": [
         {"alpha": a, "layers": ls}
         for a in (0.25, 0.5, 1.0, 2.0)
@@ -50,6 +54,7 @@ SENSITIVITY: dict[str, list[dict]] = {
     "gamma": [{"gamma": g} for g in (0.0, 0.25, 0.5, 0.75, 1.0)],
     "k": [{"k": k} for k in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)],
     "head_selection": [{"head_selection": h} for h in ("below-mean", "below-rho", "bottom-k")],
+    "fusion": [{"fusion": f} for f in ("row", "image")],
     "layers": [{"layers": ls} for ls in ([0, 1, 2, 3, 4, 5], [2, 3, 4, 5], [2, 3], [4, 5])],
 }
 

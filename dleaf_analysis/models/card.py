@@ -106,7 +106,48 @@ def card_metrics(lm: LoadedModel, limit: int | None = None, progress: bool = Tru
     tokens = pd.concat(frames, ignore_index=True)
     out["signal_table"] = signal_table(tokens, ModelAdapter(lm.model).n_layers).to_dict(orient="records")
     out["protocol_chair"] = natural.protocol.to_dict()
+    from dleaf_analysis.evaluation.grounding import grounding_report
+
+    out["grounding"] = grounding_report(lm, "dev", limit=limit, progress=progress)
     return out
+
+
+def _metric(records: list[dict], metric: str, variant: str | None = None) -> float:
+    for r in records:
+        if r["metric"] == metric and (variant is None or r.get("variant") == variant):
+            return float(r["value"])
+    return float("nan")
+
+
+def acceptance(metrics: dict) -> pd.DataFrame:
+    """The embedded model's acceptance checks (issue 10): grounding probes and hallucination
+    targets, one row each with the measured value, the target, and whether it passes."""
+    g = metrics["grounding"]
+    probes = {r["probe"]: r for r in g["probe_recall"]}
+    pp = g["patch_probe"]
+    rows = [(f"recall change, image attention {k} (points, dev)", probes[k]["d_recall"], "<= -30",
+             probes[k]["d_recall"] <= -30) for k in ("uniform", "shuffle", "single")]
+    rows += [
+        ("within-image cosine of image tokens (centred)", g["cosine_within_centred"], "<= 0.5",
+         g["cosine_within_centred"] <= 0.5),
+        ("linear probe: object-patch class accuracy (%, dev)", 100 * pp["accuracy_object_patches"],
+         f">= 2 x chance ({100 * pp['chance_object_patches']:.1f})",
+         pp["accuracy_object_patches"] >= 2 * pp["chance_object_patches"]),
+    ]
+    cs, rec = _metric(metrics["chair_test"], "CHAIR_s"), _metric(metrics["chair_test"], "recall")
+    cs_pa = _metric(metrics["chair_partner_absent"], "CHAIR_s")
+    share = metrics["hallucinated_share_same_group_partner_absent"]
+    pr = _metric(metrics["pope_test"], "accuracy", "random")
+    pa = _metric(metrics["pope_test"], "accuracy", "adversarial")
+    rows += [
+        ("CHAIR_s, test (%)", cs, "15 to 50", 15 <= cs <= 50),
+        ("object recall, test (%)", rec, ">= 60", rec >= 60),
+        ("CHAIR_s, partner-absent minus test (points)", cs_pa - cs, "> 0 (clearly)", cs_pa - cs >= 10),
+        ("hallucinated objects from a present object's group, partner-absent (%)", share, "> 50", share > 50),
+        ("POPE accuracy, random (%)", pr, ">= 70", pr >= 70),
+        ("POPE accuracy, adversarial minus random (points)", pa - pr, "< 0", pa - pr < 0),
+    ]
+    return pd.DataFrame(rows, columns=["check", "value", "target", "passes"])
 
 
 def _md_table(df: pd.DataFrame, floatfmt: str = ".2f") -> str:
@@ -137,14 +178,16 @@ def write_card_markdown(model_dir) -> str:
     model_dir = Path(model_dir)
     card = json.loads((model_dir / "model_card.json").read_text())
     h = card["history"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
     axes[0].plot(h["vision_loss"], lw=0.8)
-    axes[0].set(title="stage 1: vision (BCE)", xlabel="step", yscale="log")
-    axes[1].plot(pd.Series(h["loss"]).rolling(20, min_periods=1).mean(), lw=0.8, label="all")
-    axes[1].plot(pd.Series(h["caption_loss"], dtype=float).rolling(20, min_periods=1).mean(), lw=0.8, label="captions")
-    axes[1].plot(pd.Series(h["question_loss"], dtype=float).rolling(20, min_periods=1).mean(), lw=0.8, label="questions")
-    axes[1].set(title="stage 2: LLaVA (token CE, rolling 20)", xlabel="step", yscale="log")
-    axes[1].legend()
+    axes[0].set(title="stage 1: vision, per-patch labels (CE)", xlabel="step", yscale="log")
+    axes[1].plot(h.get("text_loss", []), lw=0.8)
+    axes[1].set(title="stage 2: language, text only (CE)", xlabel="step", yscale="log")
+    axes[2].plot(pd.Series(h["loss"]).rolling(20, min_periods=1).mean(), lw=0.8, label="all")
+    axes[2].plot(pd.Series(h["caption_loss"], dtype=float).rolling(20, min_periods=1).mean(), lw=0.8, label="captions")
+    axes[2].plot(pd.Series(h["question_loss"], dtype=float).rolling(20, min_periods=1).mean(), lw=0.8, label="questions")
+    axes[2].set(title="stages 3-5: LLaVA (CE per sequence, rolling 20)", xlabel="step", yscale="log")
+    axes[2].legend()
     fig.tight_layout()
     fig.savefig(model_dir / "loss_curve.png", dpi=110)
     plt.close(fig)
@@ -167,6 +210,8 @@ def write_card_markdown(model_dir) -> str:
         "",
     ]
     if m:
+        prev = _previous(model_dir)
+        lines += _acceptance_section(m, prev)
         lines += [
             "## Captioning (greedy), CHAIR on the natural test split", "", _ci_table(m["chair_test"]), "",
             "## CHAIR on the partner-absent test split", "", _ci_table(m["chair_partner_absent"]), "",
@@ -188,6 +233,54 @@ def write_card_markdown(model_dir) -> str:
     text = "\n".join(lines) + "\n"
     (model_dir / "MODEL_CARD.md").write_text(text)
     return text
+
+
+PREVIOUS_FILE = "previous_model.json"
+
+
+def _previous(model_dir) -> dict | None:
+    """The previous embedded model's card metrics and grounding report, if shipped beside the card."""
+    import json
+    from pathlib import Path
+
+    p = Path(model_dir) / PREVIOUS_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _acceptance_section(m: dict, prev: dict | None) -> list[str]:
+    acc = acceptance(m)
+    acc["value"] = acc["value"].map(lambda v: f"{v:.2f}")
+    acc["passes"] = acc["passes"].map({True: "yes", False: "**no**"})
+    if prev is not None:
+        try:
+            pa = acceptance(prev["metrics"])
+            acc.insert(1, "previous model", pa["value"].map(lambda v: f"{v:.2f}"))
+        except KeyError:
+            pass
+    g = m["grounding"]
+    lines = ["## Acceptance: is the model grounded, and does it hallucinate?", "",
+             "Grounding probes (issue 10): where attention falls inside the image must decide what the model says. "
+             "The probes replace, in every layer and head, each text query's attention over the image tokens by a "
+             "uniform distribution, a shuffle across image positions, or a single image token, all at the same "
+             "image mass (`dleaf_analysis.interventions.ImageAttentionProbe`), and caption the dev split. "
+             "The cosine is between two image tokens of one image after subtracting the mean token "
+             "(raw cosines are dominated by the offset all tokens share; raw and between-image values below). "
+             "The linear probe reads each patch's object class from its own token (fitted on train images, "
+             "scored on dev). `previous model`: the 64-token model this one replaces, measured by the same "
+             "functions (`data/embedded-llava/previous_model.json`).", "",
+             _md_table(acc), ""]
+    probes = pd.DataFrame(g["probe_recall"])
+    lines += ["Probe captions on dev (this model):", "", _md_table(probes.round(2)), "",
+              f"Token cosines (this model): within-image raw {g['cosine_within_raw']:.3f}, centred "
+              f"{g['cosine_within_centred']:.3f}; between-image raw {g['cosine_between_raw']:.3f}, centred "
+              f"{g['cosine_between_centred']:.3f}; within-image share of variance "
+              f"{g['within_image_variance_share']:.3f}."]
+    if prev is not None and "grounding" in prev.get("metrics", {}):
+        pg = prev["metrics"]["grounding"]
+        lines += [f"Previous model: within-image raw {pg['cosine_within_raw']:.3f}, centred "
+                  f"{pg['cosine_within_centred']:.3f}; between-image raw {pg['cosine_between_raw']:.3f}; "
+                  f"within-image share of variance {pg['within_image_variance_share']:.3f}."]
+    return lines + [""]
 
 
 def finalize_card(model_dir, limit: int | None = None, progress: bool = True) -> dict:

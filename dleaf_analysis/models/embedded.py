@@ -35,13 +35,22 @@ CHAT_TEMPLATE = (
 
 @dataclass
 class EmbeddedModelConfig:
-    """Sizes of the embedded model (defaults: about 1.3M parameters)."""
+    """Sizes of the embedded model.
 
-    image_size: int = 64
+    The vision tower is a CLIP whose LLaVA features are taken, as in LLaVA-1.5, from its
+    penultimate hidden state (``vision_feature_layer=-2``).  With ``vision_layers=1`` that is
+    the patch embedding (conv with kernel = stride = ``patch_size``, plus position embedding
+    and CLIP's pre-layernorm): each image token's receptive field is exactly its own patch,
+    so no token can encode the whole scene.  The last CLIP layer exists but feeds nothing,
+    like LLaVA-1.5's last CLIP layer.
+    """
+
+    image_size: int = 96
     patch_size: int = 8
-    vision_hidden: int = 96
-    vision_layers: int = 3
+    vision_hidden: int = 128
+    vision_layers: int = 1
     vision_heads: int = 4
+    vision_feature_layer: int = -2
     text_hidden: int = 128
     text_layers: int = 6
     text_heads: int = 4
@@ -124,7 +133,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, cfg: EmbeddedModelConfig, se
         text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
+        vision_feature_layer=cfg.vision_feature_layer,
         projector_hidden_act="gelu",
     )
     config.architectures = ["LlavaForConditionalGeneration"]

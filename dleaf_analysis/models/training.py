@@ -1,12 +1,20 @@
 """Training of the embedded model on the scene world (``dleaf train-model``).
 
-Two stages, from one seed:
+LLaVA-1.5's recipe, in five stages from one seed:
 
-1. the CLIP vision tower learns to recognise objects: a per-patch multi-label head,
-   max-pooled over patches (so object evidence stays local to its patches);
-2. the whole LLaVA learns captions and yes/no questions on the train split;
-3. a continuation with mostly questions (in a trial, yes/no answers stayed at chance while
-   captions dominated the gradient; from a caption-trained model they are learnt quickly).
+1. **vision pretraining, then frozen**: the CLIP vision tower learns per-patch object labels
+   (:func:`~dleaf_analysis.scenes.render.patch_labels`: the class covering most of each
+   patch, or background) through a small MLP head that is thrown away.  The LLaVA features
+   are the patch embedding (receptive field: one patch), so each image token stays about its
+   own patch.  The tower is frozen from here on, as LLaVA-1.5's CLIP is in both its stages;
+2. **language pretraining**: the language model alone learns the train captions as plain text
+   (no image), the stand-in for an LLM's pretraining and the source of its co-occurrence prior;
+3. **projector alignment**: the projector alone learns captions while the vision tower and the
+   language model stay frozen (LLaVA-1.5's stage 1);
+4. **instruction tuning**: projector and language model on captions and yes/no questions
+   (LLaVA-1.5's stage 2);
+5. a continuation with mostly questions (from a caption-trained model yes/no answers are
+   learnt quickly; with captions dominating the gradient they stay near chance).
 
 Negatives of the training questions are absent classes drawn uniformly (no co-occurrence
 hard negatives), as in natural instruction data: the model is never taught to reject partners.
@@ -31,6 +39,7 @@ from tqdm.auto import tqdm
 from dleaf_analysis.models.embedded import EmbeddedModelConfig, build_model, build_processor
 from dleaf_analysis.models.inputs import PromptBuilder
 from dleaf_analysis.scenes import World, load_split
+from dleaf_analysis.scenes.render import patch_labels
 
 
 @dataclass
@@ -38,9 +47,11 @@ class TrainConfig:
     """Hyperparameters of ``dleaf train-model``; the shipped model used the defaults."""
 
     seed: int = 0
-    vision_steps: int = 600
-    full_steps: int = 1600
-    question_steps: int = 600  # stage 3: question-heavy continuation
+    vision_steps: int = 800  # stage 1: vision tower on per-patch labels
+    text_steps: int = 600  # stage 2: language model on captions, text only
+    align_steps: int = 300  # stage 3: projector only
+    full_steps: int = 2400  # stage 4: projector + language model
+    question_steps: int = 600  # stage 5: question-heavy continuation
     question_stage_fraction: float = 0.7
     question_stage_lr: float = 7e-4
     batch_size: int = 48
@@ -82,37 +93,55 @@ def train_embedded(
     log(f"rendering {n} training images")
     images = torch.from_numpy(split.images())  # uint8 [N, H, W, 3]
     classes = world.classes
-    targets = torch.zeros(n, len(classes))
-    for i, sc in enumerate(split.scenes):
-        for name in sc.name_set:
-            targets[i, classes.index(name)] = 1.0
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    history: dict = {"vision_loss": [], "loss": [], "caption_loss": [], "question_loss": []}
+    history: dict = {"text_loss": [], "vision_loss": [], "loss": [], "caption_loss": [], "question_loss": []}
 
-    # -- stage 1: vision tower, per-patch multi-label recognition ------------------------
+    # -- stage 1: vision tower, per-patch object labels; then frozen ---------------------
     vision = model.model.vision_tower
-    head = torch.nn.Linear(cfg.model.vision_hidden, len(classes))
+    feature_layer = model.config.vision_feature_layer
+    patch_targets = torch.from_numpy(np.stack([patch_labels(world, sc, cfg.model.patch_size) for sc in split.scenes]))
+    head = torch.nn.Sequential(torch.nn.Linear(cfg.model.vision_hidden, 256), torch.nn.GELU(),
+                               torch.nn.Linear(256, len(classes) + 1))
     params = list(vision.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
     # sdpa trains about 3x faster than eager here and gives the same weights' function;
     # the saved model is switched back to eager.
     model.set_attn_implementation("sdpa")
     model.train()
-    for step in tqdm(range(cfg.vision_steps), desc="stage 1: vision", disable=not progress):
+    for step in tqdm(range(cfg.vision_steps), desc="stage 1: vision", disable=not progress, mininterval=5):
         for g in opt.param_groups:
             g["lr"] = cfg.vision_lr * _cosine(step, cfg.vision_steps)
         idx = torch.from_numpy(rng.integers(0, n, size=cfg.batch_size))
         pix = builder.pixel_values(images[idx])
-        hidden = vision(pixel_values=pix).last_hidden_state[:, 1:]  # [B, P, D], CLS dropped
-        logits = head(hidden).amax(dim=1)  # [B, C]
-        loss = F.binary_cross_entropy_with_logits(logits, targets[idx])
+        feats = vision(pixel_values=pix, output_hidden_states=True).hidden_states[feature_layer][:, 1:]  # [B, P, D]
+        logits = head(feats)  # [B, P, C+1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), patch_targets[idx].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
         history["vision_loss"].append(round(loss.item(), 5))
+    vision.requires_grad_(False)
 
-    # -- stages 2 and 3: the whole LLaVA, captions and yes/no questions -------------------
+    # -- stage 2: the language prior, text only ------------------------------------------
+    lm_params = [p for n_, p in model.named_parameters() if "language_model" in n_ or n_.startswith("lm_head")]
+    opt = torch.optim.AdamW(lm_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tok.padding_side = "right"
+    for step in tqdm(range(cfg.text_steps), desc="stage 2: language", disable=not progress, mininterval=5):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _cosine(step, cfg.text_steps)
+        idx = rng.integers(0, n, size=cfg.batch_size)
+        enc = tok([world.caption(split.scenes[i]) + " " + tok.eos_token for i in idx], return_tensors="pt", padding=True)
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, :-1]
+        labels = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history["text_loss"].append(round(loss.item(), 5))
+    tok.padding_side = "left"
+
+    # -- stages 3 to 5: projector alignment, then projector + language model -------------
     def batch_for(qfrac: float) -> tuple[dict, torch.Tensor]:
         idx = rng.integers(0, n, size=cfg.batch_size)
         prompts, answers, is_q = [], [], []
@@ -134,10 +163,18 @@ def train_embedded(
                 is_q.append(False)
         return builder.training_batch(images[torch.from_numpy(idx)], prompts, answers), torch.tensor(is_q)
 
-    stages = [("stage 2: llava", cfg.full_steps, cfg.lr, cfg.question_fraction),
-              ("stage 3: questions", cfg.question_steps, cfg.question_stage_lr, cfg.question_stage_fraction)]
-    for desc, steps, lr, qfrac in stages:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    projector = model.model.multi_modal_projector
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all but the frozen tower
+    stages = [("stage 3: align projector", cfg.align_steps, cfg.lr, 0.0, list(projector.parameters())),
+              ("stage 4: llava", cfg.full_steps, cfg.lr, cfg.question_fraction, trainable),
+              ("stage 5: questions", cfg.question_steps, cfg.question_stage_lr, cfg.question_stage_fraction, trainable)]
+    for desc, steps, lr, qfrac, params in stages:
+        if steps <= 0:
+            continue
+        ids_ = {id(p) for p in params}
+        for p in trainable:  # frozen parts get no gradient at all in this stage
+            p.requires_grad_(id(p) in ids_)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
         bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=5)
         for step in bar:
             for g in opt.param_groups:
@@ -156,13 +193,15 @@ def train_embedded(
             loss = per_seq.mean()
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             history["loss"].append(round(loss.item(), 5))
             history["caption_loss"].append(round(per_seq[~q].mean().item(), 5) if (~q).any() else None)
             history["question_loss"].append(round(per_seq[q].mean().item(), 5) if q.any() else None)
             if step % 100 == 99:
-                recent = lambda k: np.nanmean([x for x in history[k][-100:] if x is not None])  # noqa: E731
+                def recent(k: str) -> float:
+                    xs = [x for x in history[k][-100:] if x is not None]
+                    return float(np.mean(xs)) if xs else float("nan")
                 bar.set_postfix(caption=f"{recent('caption_loss'):.3f}", question=f"{recent('question_loss'):.3f}")
     model.eval()
     model.set_attn_implementation("eager")

@@ -93,3 +93,34 @@ def render(world: World, scene: Scene) -> np.ndarray:
 
 def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(image, mode="RGB")
+
+
+def label_map(world: World, scene: Scene) -> np.ndarray:
+    """``int64 [H, W]``: 1 + class index of the object visible at each pixel, 0 for background
+    (later objects cover earlier ones, as drawn)."""
+    size = world.image_size
+    out = np.zeros((size, size), np.int64)
+    for obj in scene.objects:
+        out[object_mask(world, obj)] = world.classes.index(obj.name) + 1
+    return out
+
+
+def patch_labels(world: World, scene: Scene, patch_size: int, min_fraction: float = 0.25) -> np.ndarray:
+    """``int64 [P]`` (row-major patches): 1 + class index of the object covering most of each
+    patch, or 0 (background) when no object covers at least ``min_fraction`` of it.
+
+    The per-patch target of the embedded model's vision pretraining and of the grounding
+    probe: a token labelled ``c`` is about its own patch showing class ``c``.
+    """
+    lab = label_map(world, scene)
+    g = world.image_size // patch_size
+    blocks = lab[: g * patch_size, : g * patch_size].reshape(g, patch_size, g, patch_size).transpose(0, 2, 1, 3)
+    blocks = blocks.reshape(g * g, patch_size * patch_size)
+    n_cls = len(world.classes) + 1
+    P = len(blocks)
+    flat = (blocks + n_cls * np.arange(P)[:, None]).ravel()
+    counts = np.bincount(flat, minlength=P * n_cls).reshape(P, n_cls)  # [P, C+1] pixel counts
+    counts[:, 0] = 0
+    best = counts.argmax(1)
+    keep = counts[np.arange(len(best)), best] >= min_fraction * patch_size**2
+    return np.where(keep, best, 0)

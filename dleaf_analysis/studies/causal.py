@@ -14,10 +14,11 @@ Maps (``[L, H]`` for heads, ``[L]`` for layers):
   on the last query row;  ``correct_head``: that one head's last row replaced by the best head's;
 - ``patch_head``, ``patch_layer``: the head's (layer's attention) output at every position taken
   from the counterfactual run (the cue object removed from the image);  ``patch_head_reverse``:
-  the clean output patched into the counterfactual run (effect measured against the
-  counterfactual's own ``m``);
-- ``attribution_head``: ``sum_pos (z_cf - z) . dm/dz`` at the clean run (gradient approximation
-  of ``patch_head``).
+  the clean output patched into the counterfactual run, signed like the others:
+  ``m_cf - m(cf with the clean head)``, so that a head carrying the hallucination (restoring it
+  into the counterfactual raises ``m``) is negative here too;
+- ``attribution_head``: ``sum_pos (z_cf - z) . dm/dz`` at the clean run, with the full gradient
+  (every path through later layers; a first-order approximation of ``patch_head``).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def causal_maps(lm, inputs: dict, token_id: int, preferred_id: int, cf_inputs: d
                     x[h, :, sl] = edit_fn(x[h, :, sl], l, h)
                 return x
             with _o_proj_pre(adapter, l, fn):
-                res[l] = (_metric(lm, rep, tok, pref) - ref).numpy()
+                res[l] = (_metric(lm, rep, tok, pref) - ref).cpu().numpy()
         return res
 
     if "ablation" in kinds:
@@ -128,7 +129,7 @@ def _ablation_maps(lm, inputs, tok, pref, base, per_head) -> dict:
                 o[l] = 0
                 return o
             st.enter_context(_o_proj_post(adapter, l, zero))
-        out["layer_zero"] = (_metric(lm, repL, tok, pref) - base).numpy()
+        out["layer_zero"] = (_metric(lm, repL, tok, pref) - base).cpu().numpy()
 
     # correction alone: fusion in one layer (copy l), gamma = 1, last query row
     img = adapter.image_mask(inputs["input_ids"])[0]
@@ -145,7 +146,7 @@ def _ablation_maps(lm, inputs, tok, pref, base, per_head) -> dict:
         return pattern
 
     with hooks.attach_editor(lm.model, correct_layer_editor):
-        out["correct_layer"] = (_metric(lm, repL, tok, pref) - base).numpy()
+        out["correct_layer"] = (_metric(lm, repL, tok, pref) - base).cpu().numpy()
 
     res = np.zeros((L, H))
     repH = _rep(inputs, H)
@@ -161,7 +162,7 @@ def _ablation_maps(lm, inputs, tok, pref, base, per_head) -> dict:
             pattern[:, :, -1, :] = fuse_heads(row, sel & (torch.arange(H)[None] != best[:, None]), best, 1.0)
             return pattern
         with hooks.attach_editor(lm.model, correct_head_editor):
-            res[l] = (_metric(lm, repH, tok, pref) - base).numpy()
+            res[l] = (_metric(lm, repH, tok, pref) - base).cpu().numpy()
     out["correct_head"] = res
     return out
 
@@ -173,7 +174,8 @@ def _patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head) ->
     m_cf = float(_metric(lm, cf_inputs, tok, pref)[0])
     out = {"m_cf": m_cf}
     out["patch_head"] = per_head(lambda x, l, h: cf_z[l][:, h * d:(h + 1) * d], inputs, base)
-    out["patch_head_reverse"] = per_head(lambda x, l, h: clean_z[l][:, h * d:(h + 1) * d], cf_inputs, m_cf)
+    # restoring a carrier head into the counterfactual raises m: negate so "carries" is negative everywhere
+    out["patch_head_reverse"] = -per_head(lambda x, l, h: clean_z[l][:, h * d:(h + 1) * d], cf_inputs, m_cf)
     with ExitStack() as st:  # copy l: layer l's attention output from the counterfactual run
         for l in range(L):
             def patch(x, l=l):
@@ -181,21 +183,25 @@ def _patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head) ->
                 x[l] = cf_z[l]
                 return x
             st.enter_context(_o_proj_pre(adapter, l, patch))
-        out["patch_layer"] = (_metric(lm, _rep(inputs, L), tok, pref) - base).numpy()
+        out["patch_layer"] = (_metric(lm, _rep(inputs, L), tok, pref) - base).cpu().numpy()
     out["attribution_head"] = attribution_patching(lm, inputs, tok, pref, clean_z, cf_z)
     return out
 
 
 def attribution_patching(lm, inputs: dict, tok: int, pref: int, clean_z, cf_z) -> np.ndarray:
-    """``[L, H]``: ``sum_pos (z_cf - z_clean) . dm/dz`` from one forward and one backward pass."""
+    """``[L, H]``: ``sum_pos (z_cf - z_clean) . dm/dz`` from one forward and one backward pass.
+
+    ``dm/dz`` is the full gradient: a zero-valued leaf is *added* to every layer's ``o_proj``
+    input, so the gradient at layer ``l`` includes every path through the later layers (a
+    detached copy would cut them and leave only the direct path).
+    """
     adapter = ModelAdapter(lm.model)
     L, H, d = adapter.n_layers, adapter.n_heads, adapter.head_dim
     leaves: dict[int, torch.Tensor] = {}
 
     def capture(x, l):
-        x = x.detach().requires_grad_(True)
-        leaves[l] = x
-        return x
+        leaves[l] = torch.zeros_like(x, requires_grad=True)
+        return x + leaves[l]
 
     with ExitStack() as st:
         for l in range(L):
@@ -206,5 +212,5 @@ def attribution_patching(lm, inputs: dict, tok: int, pref: int, clean_z, cf_z) -
     res = np.zeros((L, H))
     for l in range(L):
         delta = (cf_z[l] - clean_z[l]) * grads[l][0]  # [T, H*d]
-        res[l] = delta.view(delta.shape[0], H, d).sum((0, 2)).detach().numpy()
+        res[l] = delta.view(delta.shape[0], H, d).sum((0, 2)).detach().cpu().numpy()
     return res

@@ -1,4 +1,4 @@
-"""The DPO gradient-alignment check of the paper's Theorem 1, measured (shared/METHOD.md).
+"""The DPO gradient-alignment check of the paper's Theorem 1, measured (docs/method.md).
 
 For a hallucination event and each layer D-LEAF corrects at that step:
 
@@ -44,28 +44,29 @@ def _resid(lm, inputs: dict, editor=None) -> list[torch.Tensor]:
     return [got[l] for l in range(adapter.n_layers)]
 
 
-def fired_layers(lm, image, prefix: str, cfg: DLeaf) -> list[int]:
-    """Layers in which D-LEAF's threshold fires at the event's step, the earlier steps of the
-    generated prefix feeding the running statistics exactly as in decoding."""
-    from dleaf_analysis.tracing import trace_forward
+def forced_decoding_log(lm, inputs: dict, continuation_ids: list[int], cfg: DLeaf) -> list[dict]:
+    """D-LEAF's own log over a teacher-forced decoding: the prompt (step 0), then each token of
+    ``continuation_ids`` fed one at a time with the KV cache, exactly as ``generate`` steps, with
+    D-LEAF's editor attached (its corrections apply to the later steps as in decoding).  One
+    firing rule: the editor that decodes is the one that decides here."""
+    cfg = type(cfg).from_dict({**cfg.to_dict(), "record": True})  # a fresh copy that logs
+    model = lm.model
+    with torch.no_grad(), cfg.attach(lm, inputs):
+        out = model(**inputs, use_cache=True)
+        past, am = out.past_key_values, inputs["attention_mask"]
+        for t in continuation_ids:
+            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+            ids = torch.tensor([[int(t)]], device=inputs["input_ids"].device)
+            out = model(input_ids=ids, attention_mask=am, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+    return list(cfg.log)
 
-    adapter = ModelAdapter(lm.model)
-    c = trace_forward(lm, image, continuation=prefix or None, backend="hooks")
-    liae = c.liae(cfg.liae_variant)  # [S, L]; the last step is the event's
-    S = liae.shape[0]
-    out = []
-    for l in cfg.candidate_layers(adapter.n_layers):
-        hist, cur = liae[: S - 1, l], liae[S - 1, l]
-        if cfg.threshold == "static":
-            out.append(l)
-        elif len(hist) == 0:
-            continue
-        elif cfg.threshold == "running":
-            if cur > hist.mean() + cfg.k * hist.std(unbiased=False):
-                out.append(l)
-        elif cur > hist.min() * (1 + cfg.delta):
-            out.append(l)
-    return out
+
+def fired_layers(lm, inputs: dict, prefix_ids: list[int], cfg: DLeaf) -> list[int]:
+    """Layers D-LEAF corrects at the event's step (step ``len(prefix_ids)``) when decoding the
+    event's prefix: read from D-LEAF's own log (:func:`forced_decoding_log`)."""
+    step = len(prefix_ids)
+    return sorted({r["layer"] for r in forced_decoding_log(lm, inputs, prefix_ids, cfg) if r["step"] == step})
 
 
 def _fusion_editor(layers: list[int], img: torch.Tensor, gamma: float, cfg: DLeaf, rng: np.random.Generator | None):
@@ -88,7 +89,8 @@ def _fusion_editor(layers: list[int], img: torch.Tensor, gamma: float, cfg: DLea
             sel[0, list(pick)] = True
             best = torch.tensor([b])
         pattern = pattern.clone()
-        pattern[:, :, -1, :] = fuse_heads(row, sel, best, gamma)
+        key_img = img[None, : row.shape[-1]] if cfg.fusion == "image" else None
+        pattern[:, :, -1, :] = fuse_heads(row, sel, best, gamma, key_img)
         return pattern
     return edit
 

@@ -30,6 +30,9 @@ class Event:
     prefix: str  # caption text generated before the token
     cue: str | None  # the present object cueing the hallucination (co-occurrence partner), if any
     caption: str
+    # the model's top-rated present, unmentioned object was the cue itself, so the next-rated one
+    # (or none) was taken: the counterfactual removes the cue, and must not remove the preferred object
+    cue_was_top_preferred: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,10 +42,13 @@ def find_events(lm: LoadedModel, split: Split, limit: int | None = None, prompt:
                 max_new_tokens: int = 32, progress: bool = True, captions: list[str] | None = None) -> pd.DataFrame:
     """Events from greedy captions of ``split`` (first ``limit`` images).
 
-    Preferred alternative: among present objects not yet mentioned, the one the model rates
-    highest at that step; events with none are kept with ``preferred=None`` (counted, not used
-    by studies that need a preferred token).  Cue: a present strong partner of the
-    hallucinated object, else a present object of its group.
+    Preferred alternative: among present objects not yet mentioned, *other than the cue*, the
+    one the model rates highest at that step; events with none are kept with ``preferred=None``
+    (counted, not used by studies that need a preferred token).  Cue: a present strong partner
+    of the hallucinated object, else a present object of its group.  The cue is never the
+    preferred object, since the counterfactual image removes the cue: were it also the
+    preferred object, removing it would lower ``log p(preferred)`` and *raise* the margin.
+    ``cue_was_top_preferred`` marks the events where the cue would have been the top choice.
     """
     world = split.world
     n = len(split) if limit is None else min(limit, len(split))
@@ -68,16 +74,21 @@ def find_events(lm: LoadedModel, split: Split, limit: int | None = None, prompt:
             kind = "grounded" if w in present else "hallucinated"
             pref = None
             cue = None
+            cue_top = False
             if kind == "hallucinated":
-                cands = [c for c in present if c not in mentioned]
-                if cands:
-                    scores = {c: float(logp[j, tok.convert_tokens_to_ids(c)]) for c in cands}
-                    pref = max(sorted(cands), key=lambda c: scores[c])
                 partners = [p for p in world.partners.get(w, []) if p in present]
                 g = world.group_of(w)
                 group = [o for o in sorted(present) if g is not None and world.group_of(o) == g]
                 cue = (partners or group or [None])[0]
-            rows.append(Event(i, kind, w, pref, j, tok.convert_tokens_to_string(words[:j]) if j else "", cue, cap).to_dict())
+                cands = sorted(c for c in present if c not in mentioned)
+                scores = {c: float(logp[j, tok.convert_tokens_to_ids(c)]) for c in cands}
+                if cands:
+                    cue_top = max(cands, key=lambda c: scores[c]) == cue
+                cands = [c for c in cands if c != cue]
+                if cands:
+                    pref = max(cands, key=lambda c: scores[c])
+            rows.append(Event(i, kind, w, pref, j, tok.convert_tokens_to_string(words[:j]) if j else "", cue, cap,
+                              cue_top).to_dict())
             mentioned.append(w)
     return pd.DataFrame(rows, columns=list(Event.__dataclass_fields__))
 

@@ -49,20 +49,45 @@ def summarize(agreement: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -
     return pd.DataFrame(rows)
 
 
+LIAE_DETECTORS = ("liae", "liae-z", "liae-mean-entropy")
+BASELINE = "layer-profile"
+
+
+def _compare(s: pd.DataFrame, a: str, b: str) -> str:
+    x, y = s.loc[a], s.loc[b]
+    if x["ci_low"] > y["ci_high"]:
+        return "better than"
+    if x["ci_high"] < y["ci_low"]:
+        return "worse than"
+    return "not distinguishable from"
+
+
 def verdict(summary: pd.DataFrame, causal_map: str = "correct_layer", metric: str = "spearman") -> str:
-    """A plain sentence: does LIAE localise better than the uniform detectors on this map?"""
+    """A plain sentence: do LIAE and LIAE-z (the statistic D-LEAF thresholds) localise better than
+    the best uniform detector, and better than the fixed ``layer-profile`` ordering?  A detector
+    localises only if it beats the layer profile."""
     s = summary[(summary.level == "layer") & (summary.causal_map == causal_map) & (summary.metric == metric)]
     if s.empty:
         return f"no events for {causal_map}: nothing to compare"
     s = s.set_index("detector")
-    liae = s.loc["liae"]
-    others = s.drop(index=[d for d in ("liae", "liae-mean-entropy") if d in s.index])
+    others = s.drop(index=[d for d in LIAE_DETECTORS + (BASELINE, "causal-profile", "random") if d in s.index])
     best_other = others["mean"].idxmax()
-    bo = others.loc[best_other]
-    sep = liae["ci_low"] > bo["ci_high"]
-    worse = liae["ci_high"] < bo["ci_low"]
-    rel = "better than" if sep else ("worse than" if worse else "not distinguishable from")
-    return (f"On `{causal_map}` ({metric}, {int(liae['n_events'])} events): LIAE {liae['mean']:.3f} "
-            f"[{liae['ci_low']:.3f}, {liae['ci_high']:.3f}] is {rel} the best uniform detector, "
-            f"`{best_other}` {bo['mean']:.3f} [{bo['ci_low']:.3f}, {bo['ci_high']:.3f}]; "
-            f"random: {s.loc['random', 'mean']:.3f}.")
+    fmt = lambda d: f"`{d}` {s.loc[d, 'mean']:.3f} [{s.loc[d, 'ci_low']:.3f}, {s.loc[d, 'ci_high']:.3f}]"  # noqa: E731
+    parts = []
+    for det in ("liae", "liae-z"):
+        if det not in s.index:
+            continue
+        txt = f"{fmt(det)} is {_compare(s, det, best_other)} the best uniform detector"
+        if BASELINE in s.index:
+            beats = _compare(s, det, BASELINE) == "better than"
+            txt += f" and {_compare(s, det, BASELINE)} the layer profile ({'localises' if beats else 'does not localise'})"
+        parts.append(txt)
+    tail = f"best uniform: {fmt(best_other)}"
+    if BASELINE in s.index:
+        tail += f"; layer profile: {fmt(BASELINE)}"
+    if "causal-profile" in s.index:
+        tail += f"; best fixed ordering (causal profile): {fmt('causal-profile')}"
+    if "random" in s.index:
+        tail += f"; random: {s.loc['random', 'mean']:.3f}"
+    n = int(s["n_events"].max())
+    return f"On `{causal_map}` ({metric}, {n} events): " + "; ".join(parts) + f". ({tail}.)"

@@ -22,11 +22,12 @@ from dleaf_analysis import diagnostics as D
 from dleaf_analysis.interventions import DLeaf
 from dleaf_analysis.models.loading import LoadedModel, load_model
 from dleaf_analysis.scenes import load_split, render
+from dleaf_analysis.seeding import derive_seed
 from dleaf_analysis.studies import causal, dpo, localization
 from dleaf_analysis.studies.events import event_inputs, find_events
 from dleaf_analysis.sweeps import ResultStore, run_sweep
 
-STUDIES = ("ablation", "patching", "localization", "dpo")
+STUDIES = ("ablation", "patching", "localization", "dpo", "calibration")
 
 
 class NoEventsError(RuntimeError):
@@ -77,8 +78,10 @@ def run_study(
 
     lm = lm or load_model()
     data = load_split(split, limit=limit)
-    cfg = DLeaf(**{**tuned_config("dleaf"), **(dleaf_config or {})})
+    cfg = DLeaf(**{**tuned_config("dleaf", lm.weights_hash), **(dleaf_config or {})})
     out = Path(out) / study
+    if study == "calibration":
+        return _calibration(lm, data, cfg, out, seed, progress, log)
     manifest = {"study": study, "weights_hash": lm.weights_hash, "model_id": lm.model_id, "split": split,
                 "split_hash": data.annotations_hash, "limit": limit, "seed": seed, "dleaf": cfg.to_dict()}
     store = ResultStore(out, manifest)
@@ -107,8 +110,9 @@ def run_study(
         inputs = event_inputs(lm, data, ev)
         cf = event_inputs(lm, data, ev, counterfactual=True) if ev.get("cue") else None
         if study == "dpo":
-            image = render(data.world, data.scenes[ev["image"]])
-            layers = dpo.fired_layers(lm, image, ev["prefix"], cfg)
+            prompt_inputs = event_inputs(lm, data, {**ev, "prefix": ""})
+            prefix_ids = tok(ev["prefix"], add_special_tokens=False)["input_ids"] if ev["prefix"] else []
+            layers = dpo.fired_layers(lm, prompt_inputs, prefix_ids, cfg)
             if not layers:
                 return [{"event": ev["key"], "fired": False}]
             rows = dpo.alignment(lm, inputs, cf, ids(ev["token"]), ids(ev["preferred"]), cfg, layers, seed=seed)
@@ -117,7 +121,7 @@ def run_study(
         maps = causal.causal_maps(lm, inputs, ids(ev["token"]), ids(ev["preferred"]), cf, kinds=kinds)
         rows = _tidy_maps(ev["key"], maps)
         if study == "localization":
-            rows += _detector_rows(lm, inputs, ev["key"], seed)
+            rows += _detector_rows(lm, render(data.world, data.scenes[ev["image"]]), ev["prefix"], ev["key"], seed)
         return rows
 
     records = hall.astype(object).where(hall.notna(), None).to_dict(orient="records")  # NaN -> None
@@ -152,20 +156,38 @@ def run_study(
     return StudyResult(study, events, tables, summary)
 
 
-def _detector_rows(lm, inputs: dict, key: str, seed: int) -> list[dict]:
-    """Detector scores at the event's step: layers ``[L]`` and heads ``[L, H]``."""
+def _calibration(lm: LoadedModel, data, cfg: DLeaf, out: Path, seed: int, progress: bool, log) -> StudyResult:
+    from dleaf_analysis.evaluation.tuning import tuned_config
+    from dleaf_analysis.studies.calibration import run_calibration
+
+    images = [data.image(i) for i in range(len(data))]
+    manifest = {"weights_hash": lm.weights_hash, "model_id": lm.model_id, "split": data.name,
+                "split_hash": data.annotations_hash, "n_images": len(data)}
+    methods = {m: tuned_config(m, lm.weights_hash) for m in ("dleaf", "uniform", "pai")}
+    tables = run_calibration(lm, images, [s.name_set for s in data.scenes], data.world.classes, out, manifest,
+                             dleaf_config={k: v for k, v in cfg.to_dict().items() if k != "method"}, methods=methods,
+                             seed=seed, progress=progress, log=log)
+    summary = json.loads((out / "summary.json").read_text())
+    return StudyResult("calibration", pd.DataFrame(), {f"{k}_summary" if k == "detection" else k: v
+                                                       for k, v in tables.items()}, summary)
+
+
+def _detector_rows(lm, image, prefix: str, key: str, seed: int) -> list[dict]:
+    """Detector scores at the event's step: layers ``[L]`` and heads ``[L, H]``.  The trace covers
+    every step of the generated prefix, so the running detectors (``liae-z``) see the same
+    history as D-LEAF in decoding; the last step is the event's."""
     from dleaf_analysis.tracing import trace_forward
 
-    c = trace_forward(lm, None, inputs=inputs, backend="hooks")  # one step: the query predicting the event token
+    c = trace_forward(lm, image, continuation=prefix or None, backend="hooks")
     rows = []
-    event_seed = seed * 100003 + abs(hash(key)) % 100003
+    event_seed = derive_seed(seed, key)
     for det in D.LAYER_DETECTORS:
-        sc = D.layer_scores(c, det, seed=event_seed)[0]
+        sc = D.layer_scores(c, det, seed=event_seed)[-1]
         rows += [{"event": key, "detector": det, "level": "layer", "layer": l, "head": -1, "score": float(v)}
                  for l, v in enumerate(sc)]
     for det in D.HEAD_DETECTORS:
         # heads that warrant correction: low focus -> suspect score = -IAF
-        sc = -D.head_scores(c, det, seed=event_seed)[0]
+        sc = -D.head_scores(c, det, seed=event_seed)[-1]
         rows += [{"event": key, "detector": det, "level": "head", "layer": l, "head": h, "score": float(sc[l, h])}
                  for l in range(sc.shape[0]) for h in range(sc.shape[1])]
     return rows
@@ -173,8 +195,18 @@ def _detector_rows(lm, inputs: dict, key: str, seed: int) -> list[dict]:
 
 def _agreement(maps: pd.DataFrame, dets: pd.DataFrame) -> pd.DataFrame:
     """Per event, causal map and detector: Spearman and top-k hit (layers: k = 2; heads within
-    each layer: k = 1, averaged over layers)."""
+    each layer: k = 1, averaged over layers).
+
+    Layer maps also get two constant baselines, the same ordering of layers for every event:
+    ``layer-profile`` (each layer's mean raw LIAE over the study's events: which layers are
+    *usually* diffuse; a detector localises only if it beats it) and ``causal-profile`` (each
+    layer's mean causal score over the *other* events: the best any fixed ordering can do).
+    """
     rows = []
+    layer_maps = maps[maps["head"] == -1]
+    totals = layer_maps.groupby(["map", "layer"])["effect"].agg(["sum", "count"])
+    liae = dets[(dets.level == "layer") & (dets.detector == "liae")]
+    profile = liae.groupby("layer")["score"].mean().sort_index().to_numpy() if len(liae) else None
     for ev, m in maps.groupby("event"):
         d_ev = dets[dets.event == ev]
         for cmap, g in m.groupby("map"):
@@ -184,6 +216,16 @@ def _agreement(maps: pd.DataFrame, dets: pd.DataFrame) -> pd.DataFrame:
             if (g["head"] == -1).all():
                 for det, dg in d_ev[d_ev.level == "layer"].groupby("detector"):
                     rho, hit = localization.rank_agreement(dg.sort_values("layer")["score"].to_numpy(), causal_score, 2)
+                    rows.append({"event": ev, "level": "layer", "causal_map": cmap, "detector": det,
+                                 "spearman": rho, "topk_hit": hit})
+                t = totals.loc[cmap].sort_index()
+                others = (t["count"].to_numpy() - 1).clip(min=1)
+                loo = -(t["sum"].to_numpy() - g.sort_values("layer")["effect"].to_numpy()) / others
+                baselines = {"causal-profile": loo}
+                if profile is not None and len(profile) == len(causal_score):
+                    baselines["layer-profile"] = profile
+                for det, sc in baselines.items():
+                    rho, hit = localization.rank_agreement(sc, causal_score, 2)
                     rows.append({"event": ev, "level": "layer", "causal_map": cmap, "detector": det,
                                  "spearman": rho, "topk_hit": hit})
             else:

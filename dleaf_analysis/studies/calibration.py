@@ -1,0 +1,362 @@
+"""Calibration by planted faults: what can each study and detector see when the cause is known?
+
+A *fault* is planted through the hook point while the model decodes: in one layer, on a subset
+of heads, on a random fraction of decoding steps (drawn per image from a seed), each head's
+attention row of the current query is damaged with a strength ``s`` in ``[0, 1]``:
+
+- ``diffuse``: its image columns move toward a uniform distribution of the same image mass,
+  ``a_I <- (1 - s) a_I + s m / n`` (where it looks inside the image is lost; how much is kept);
+- ``drain``: image mass is moved to the text keys, ``a_I <- (1 - s) a_I`` and the text columns
+  are scaled up so that the row still sums to 1 (how much it looks is lost).
+
+For each fault this study measures, on the same images as an unfaulted greedy run:
+
+- **harm**: paired difference of CHAIR_s and recall against the unfaulted run;
+- **detection**: per-step AUROC of every layer detector for the faulted layer (positives: the
+  faulted layer's score at faulted steps; negatives: the same layer's score in the unfaulted
+  run) and the top-1 hit rate (the detector ranks the faulted layer first among D-LEAF's
+  candidate layers at a faulted step) against its base rate ``1 / #candidates``;
+- **IAF**: at faulted steps in the faulted layer, how often the best head (highest IAF) is an
+  intact head and which share of the faulted (and of the intact) heads D-LEAF's head rule selects;
+- **recovery**: CHAIR_s and recall of D-LEAF, uniform fusion and PAI decoding *with the fault
+  in place*, and of an oracle that applies D-LEAF's fusion exactly at the faulted steps and
+  heads (toward the best intact head); recovery = share of the fault's harm undone;
+- **causal maps**: on hallucination events of the faulted captions (fault on the event's query
+  row), whether ``correct_layer`` and ``layer_zero`` rank the faulted layer first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dleaf_analysis import diagnostics as D
+from dleaf_analysis import hooks
+from dleaf_analysis.evaluation.chair import chair_details, chair_paired
+from dleaf_analysis.interventions import DLeaf, _image_key_mask, fuse_heads, get_method
+from dleaf_analysis.models.adapters import ModelAdapter
+from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT
+from dleaf_analysis.models.inputs import PromptBuilder
+from dleaf_analysis.models.loading import LoadedModel
+from dleaf_analysis.seeding import derive_seed
+from dleaf_analysis.sweeps import ResultStore, run_sweep
+
+FAULT_KINDS = ("diffuse", "drain")
+CALIBRATION_DETECTORS = ("liae", "liae-z", "image-mass", "image-mass-z", "row-entropy", "layer-profile")
+RECOVERY_METHODS = ("dleaf", "uniform", "pai", "oracle")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A planted attention fault (see the module doc)."""
+
+    kind: str
+    layer: int
+    heads: tuple[int, ...]
+    strength: float = 1.0
+    step_fraction: float = 1.0
+    seed: int = 0
+
+    def validate(self, n_layers: int, n_heads: int) -> "Fault":
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; choose one of {FAULT_KINDS}")
+        if not 0 <= self.layer < n_layers:
+            raise ValueError(f"fault layer {self.layer} out of range; the model has layers 0..{n_layers - 1}")
+        if not self.heads or any(not 0 <= h < n_heads for h in self.heads) or len(self.heads) >= n_heads:
+            raise ValueError(f"fault heads {self.heads} must be a non-empty proper subset of 0..{n_heads - 1}")
+        if not (0 < self.strength <= 1 and 0 < self.step_fraction <= 1):
+            raise ValueError("fault strength and step_fraction must be in (0, 1]")
+        return self
+
+    @property
+    def key(self) -> str:
+        return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}, sort_keys=True)
+
+    def active_steps(self, item: int, n_steps: int = 256) -> np.ndarray:
+        """``bool [n_steps]``: the decoding steps at which the fault acts on image ``item``."""
+        rng = np.random.default_rng(derive_seed(self.seed, self.key, item))
+        return rng.random(n_steps) < self.step_fraction
+
+
+def damage(row: torch.Tensor, img: torch.Tensor, kind: str, strength: float) -> torch.Tensor:
+    """The damaged attention row: ``row [B, H, K]``, ``img [B, K]`` bool -> ``[B, H, K]``."""
+    imgf = img[:, None, :].to(row.dtype)
+    mass = (row * imgf).sum(-1, keepdim=True)  # [B, H, 1]
+    n = imgf.sum(-1, keepdim=True).clamp_min(1)
+    if kind == "diffuse":
+        new_img = (1 - strength) * row + strength * mass / n
+        return torch.where(img[:, None, :], new_img, row)
+    text_mass = (row * (1 - imgf)).sum(-1, keepdim=True).clamp_min(1e-12)
+    scale = 1 + strength * mass / text_mass
+    return torch.where(img[:, None, :], (1 - strength) * row, row * scale)
+
+
+class FaultEditor:
+    """Pattern editor that plants ``fault`` during decoding of a batch of ``items`` (image ids).
+
+    With ``oracle``, D-LEAF's fusion (``oracle_cfg``: gamma, fusion variant) is applied right
+    after the damage, exactly at the faulted steps and heads, toward the best intact head.
+    ``every_call``: act on every call (teacher-forced analyses), not per decoding step.
+    """
+
+    def __init__(self, fault: Fault, adapter: ModelAdapter, inputs: dict, items: list[int],
+                 oracle_cfg: DLeaf | None = None, every_call: bool = False) -> None:
+        self.fault, self.adapter, self.inputs = fault, adapter, inputs
+        self.active = torch.from_numpy(np.stack([fault.active_steps(i) for i in items]))  # [B, S]
+        self.oracle_cfg, self.every_call = oracle_cfg, every_call
+        self.step = -1
+
+    def __call__(self, pattern: torch.Tensor, layer: int) -> torch.Tensor:
+        if layer == 0:
+            self.step += 1
+        f = self.fault
+        if layer != f.layer:
+            return pattern
+        B, H, _, K = pattern.shape
+        act = torch.ones(B, dtype=torch.bool) if self.every_call else self.active[:, min(self.step, self.active.shape[1] - 1)]
+        act = act.to(pattern.device)
+        head_mask = torch.zeros(H, dtype=torch.bool, device=pattern.device)
+        head_mask[list(f.heads)] = True
+        sel = act[:, None] & head_mask[None, :]  # [B, H]
+        row = pattern[:, :, -1, :]
+        img = _image_key_mask(self.inputs, self.adapter, K).to(pattern.device)
+        if img.shape[0] != B:  # batched copies of one input (causal maps)
+            img = img[:1].expand(B, -1)
+        new = torch.where(sel[..., None], damage(row.float(), img, f.kind, f.strength).to(row.dtype), row)
+        if self.oracle_cfg is not None:
+            iaf = (new.float() * img[:, None, :]).sum(-1).masked_fill(head_mask[None, :], -1.0)  # intact heads only
+            key_img = img if self.oracle_cfg.fusion == "image" else None
+            new = fuse_heads(new, sel, iaf.argmax(-1), self.oracle_cfg.gamma, key_img)
+        pattern = pattern.clone()
+        pattern[:, :, -1, :] = new
+        return pattern
+
+
+def _captions(lm: LoadedModel, images: list, items: list[int], fault: Fault | None, method: str = "greedy",
+              method_config: dict | None = None, max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """Greedy captions with ``fault`` planted and ``method`` decoding (``oracle``: the fault's oracle fusion)."""
+    adapter = ModelAdapter(lm.model)
+    builder = PromptBuilder(lm.processor)
+    oracle = method == "oracle"
+    m = get_method("greedy" if oracle else method, None if oracle else method_config)
+    oracle_cfg = DLeaf(**{k: v for k, v in (method_config or {}).items() if k in DLeaf.__dataclass_fields__}) if oracle else None
+    out = []
+    for i in range(0, len(images), batch_size):
+        inputs = dict(builder.inputs(images[i:i + batch_size], [DEFAULT_CAPTION_PROMPT] * len(images[i:i + batch_size]),
+                                     lm.image_size))
+        with torch.no_grad():
+            if fault is None:
+                ids = m.generate(lm, inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.pad_token_id)
+            else:
+                ed = FaultEditor(fault, adapter, inputs, items[i:i + batch_size], oracle_cfg)
+                with hooks.attach_editor(lm.model, ed):  # the fault first: the method sees the damaged pattern
+                    ids = m.generate(lm, inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=lm.pad_token_id)
+        gen = ids[:, inputs["input_ids"].shape[1]:]
+        out += [s.strip() for s in lm.tokenizer.batch_decode(gen, skip_special_tokens=True)]
+    return out
+
+
+def _traces(lm: LoadedModel, images: list, items: list[int], fault: Fault | None, max_new_tokens: int):
+    """Per image: ``(layer scores {detector: [S, L]}, IAF [S, L, H], active steps [S])``."""
+    from dleaf_analysis.tracing import trace_generation
+
+    adapter = ModelAdapter(lm.model)
+    builder = PromptBuilder(lm.processor)
+    out = []
+    for img, item in zip(images, items):
+        inputs = dict(builder.inputs([img], [DEFAULT_CAPTION_PROMPT], lm.image_size))
+        if fault is None:
+            c = trace_generation(lm, None, inputs=inputs, max_new_tokens=max_new_tokens, backend="hooks")
+            act = np.zeros(c.n_steps, bool)
+        else:
+            ed = FaultEditor(fault, adapter, inputs, [item])
+            with hooks.attach_editor(lm.model, ed):
+                c = trace_generation(lm, None, inputs=inputs, max_new_tokens=max_new_tokens, backend="hooks")
+            act = ed.active[0, : c.n_steps].numpy()
+        scores = {d: D.layer_scores(c, d).float().numpy() for d in CALIBRATION_DETECTORS if d != "layer-profile"}
+        out.append((scores, c.iaf("mass").float().numpy(), act))
+    return out
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    from scipy.stats import mannwhitneyu
+
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    return float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
+
+
+def default_faults(n_layers: int, n_heads: int, seed: int = 0) -> list[Fault]:
+    """The default grid: both kinds, three strengths, one middle layer, half of the heads, half of
+    the steps; plus full-strength faults at an early and a late candidate layer."""
+    mid = n_layers // 2
+    heads = tuple(range(max(1, n_heads // 2)))
+    grid = [Fault(k, mid, heads, s, 0.5, seed) for k, s in itertools.product(FAULT_KINDS, (0.25, 0.5, 1.0))]
+    for layer in sorted({min(2, n_layers - 1), n_layers - 1} - {mid}):
+        grid += [Fault(k, layer, heads, 1.0, 0.5, seed) for k in FAULT_KINDS]
+    return grid
+
+
+def run_calibration(
+    lm: LoadedModel,
+    images: list,
+    ground_truth: list,
+    vocabulary: list[str],
+    out: str | Path,
+    manifest: dict,
+    faults: list[Fault] | None = None,
+    dleaf_config: dict | None = None,
+    methods: dict[str, dict] | None = None,
+    max_new_tokens: int = 32,
+    n_causal_events: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, pd.DataFrame]:
+    """Run the calibration grid (resumable: one unit per fault) on ``images`` with their
+    ground-truth object sets; returns tidy tables ``faults``, ``detection``, ``recovery`` and
+    writes them (and ``summary.json``) to ``out``."""
+    adapter = ModelAdapter(lm.model)
+    hooks.install(lm.model)
+    L, H = adapter.n_layers, adapter.n_heads
+    faults = faults or default_faults(L, H, seed)
+    for f in faults:
+        f.validate(L, H)
+    dcfg = DLeaf(**{**(dleaf_config or {})})
+    methods = methods or {}
+    items = list(range(len(images)))
+    out = Path(out)
+    store = ResultStore(out, {**manifest, "study": "calibration", "faults": [f.key for f in faults],
+                              "dleaf": dcfg.to_dict(), "methods": methods, "max_new_tokens": max_new_tokens,
+                              "seed": seed})
+    log(f"calibration: unfaulted captions and traces of {len(images)} images")
+    clean_caps = _captions(lm, images, items, None, max_new_tokens=max_new_tokens)
+    clean_det = chair_details(clean_caps, ground_truth, vocabulary)
+    clean_tr = _traces(lm, images, items, None, max_new_tokens)
+    cand = dcfg.candidate_layers(L)
+    profile = np.mean([s["liae"].mean(0) for s, _, _ in clean_tr], axis=0)  # [L] layer profile (unfaulted)
+
+    def unit(fault_key: str) -> list[dict]:
+        f = next(x for x in faults if x.key == fault_key)
+        rows: list[dict] = []
+        caps = _captions(lm, images, items, f, max_new_tokens=max_new_tokens)
+        det = chair_details(caps, ground_truth, vocabulary)
+        harm = chair_paired(clean_det, det, n_resamples=500, seed=seed).set_index("metric")
+        base = {"fault": fault_key, "kind": f.kind, "layer": f.layer, "heads": list(f.heads), "strength": f.strength,
+                "step_fraction": f.step_fraction}
+        rows.append({**base, "table": "faults", "dCHAIR_s": harm.loc["CHAIR_s", "diff"],
+                     "dCHAIR_s_low": harm.loc["CHAIR_s", "ci_low"], "dCHAIR_s_high": harm.loc["CHAIR_s", "ci_high"],
+                     "drecall": harm.loc["recall", "diff"], "drecall_low": harm.loc["recall", "ci_low"],
+                     "drecall_high": harm.loc["recall", "ci_high"]})
+        # detection and IAF, per step
+        tr = _traces(lm, images, items, f, max_new_tokens)
+        faulted = np.zeros(H, bool)
+        faulted[list(f.heads)] = True
+        for d in CALIBRATION_DETECTORS:
+            if d == "layer-profile":
+                pos = np.concatenate([np.full(int(a.sum()), profile[f.layer]) for _, _, a in tr])
+                neg = np.full(sum(len(s["liae"]) for s, _, _ in clean_tr), profile[f.layer])
+                top1 = [float(cand[int(np.argmax(profile[cand]))] == f.layer)] * max(1, len(pos))
+            else:
+                pos = np.concatenate([s[d][a, f.layer] for s, _, a in tr])
+                neg = np.concatenate([s[d][:, f.layer] for s, _, _ in clean_tr])
+                top1 = np.concatenate([np.array(cand)[np.argmax(s[d][a][:, cand], axis=1)] == f.layer
+                                       for s, _, a in tr if a.any()]) if any(a.any() for _, _, a in tr) else []
+            rows.append({**base, "table": "detection", "detector": d, "auroc": _auroc(pos, neg),
+                         "top1_hit": float(np.mean(top1)) if len(top1) else float("nan"),
+                         "top1_base_rate": 1 / len(cand) if f.layer in cand else 0.0, "n_faulted_steps": int(len(pos))})
+        iaf_rows = [iaf[a, f.layer] for _, iaf, a in tr if a.any()]
+        if iaf_rows:
+            iaf = torch.from_numpy(np.concatenate(iaf_rows))  # [N, H]
+            sel = dcfg.select_heads(iaf).numpy()
+            best = iaf.argmax(-1).numpy()
+            rows.append({**base, "table": "iaf", "best_is_intact": float((~faulted[best]).mean()),
+                         "faulted_selected": float(sel[:, faulted].mean()),
+                         "intact_selected": float(sel[:, ~faulted].mean()), "n_faulted_steps": int(len(iaf))})
+        # recovery under the fault
+        for name in RECOVERY_METHODS:
+            cfg = {k: v for k, v in dcfg.to_dict().items() if k != "method"} if name == "oracle" else methods.get(name, {})
+            mcaps = _captions(lm, images, items, f, name, cfg, max_new_tokens=max_new_tokens)
+            mdet = chair_details(mcaps, ground_truth, vocabulary)
+            vs_clean = chair_paired(clean_det, mdet, n_resamples=500, seed=seed).set_index("metric")
+            vs_fault = chair_paired(det, mdet, n_resamples=500, seed=seed).set_index("metric")
+            harm_s, harm_r = harm.loc["CHAIR_s", "diff"], harm.loc["recall", "diff"]
+            rows.append({**base, "table": "recovery", "method": name,
+                         "dCHAIR_s_vs_unfaulted": vs_clean.loc["CHAIR_s", "diff"],
+                         "drecall_vs_unfaulted": vs_clean.loc["recall", "diff"],
+                         "dCHAIR_s_vs_faulted": vs_fault.loc["CHAIR_s", "diff"],
+                         "dCHAIR_s_vs_faulted_low": vs_fault.loc["CHAIR_s", "ci_low"],
+                         "dCHAIR_s_vs_faulted_high": vs_fault.loc["CHAIR_s", "ci_high"],
+                         "recovery_CHAIR_s": -vs_fault.loc["CHAIR_s", "diff"] / harm_s if harm_s > 0 else float("nan"),
+                         "recovery_recall": vs_fault.loc["recall", "diff"] / -harm_r if harm_r < 0 else float("nan")})
+        rows += _causal_rows(lm, images, caps, ground_truth, vocabulary, f, base, n_causal_events)
+        return rows
+
+    units = [(f.key, f.key) for f in faults]
+    df = run_sweep(units, unit, store, progress=progress, desc=f"calibration over {len(faults)} faults")
+    tables = {}
+    for name in ("faults", "detection", "iaf", "recovery", "causal"):
+        t = df[df["table"] == name].dropna(axis=1, how="all").drop(columns=["table", "key"], errors="ignore")
+        tables[name] = t.reset_index(drop=True)
+        if len(t):
+            t.to_csv(out / f"{name}.csv", index=False)
+    (out / "summary.json").write_text(json.dumps(calibration_summary(tables), indent=1, default=float))
+    return tables
+
+
+def _causal_rows(lm, images, caps, ground_truth, vocabulary, f: Fault, base: dict, n_events: int) -> list[dict]:
+    """Causal layer maps on hallucination events of the faulted captions, the fault planted on the
+    event's query row: does the map rank the faulted layer first?"""
+    from dleaf_analysis.studies import causal
+
+    adapter = ModelAdapter(lm.model)
+    builder = PromptBuilder(lm.processor)
+    tok = lm.tokenizer
+    vocab = set(vocabulary)
+    rows = []
+    for i, cap in enumerate(caps):
+        if len(rows) >= n_events:
+            break
+        ids = tok(cap, add_special_tokens=False)["input_ids"]
+        words = tok.convert_ids_to_tokens(ids)
+        gt = set(ground_truth[i])
+        hall = [j for j, w in enumerate(words) if w in vocab and w not in gt]
+        pref = sorted(gt - set(words))
+        if not hall or not pref:
+            continue
+        j = hall[0]
+        inputs = dict(builder.inputs([images[i]], [DEFAULT_CAPTION_PROMPT], lm.image_size))
+        if j:
+            extra = torch.tensor([ids[:j]])
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], 1)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)
+        with hooks.attach_editor(lm.model, FaultEditor(f, adapter, inputs, [i], every_call=True)):
+            maps = causal.causal_maps(lm, inputs, ids[j], tok.convert_tokens_to_ids(pref[0]), None, kinds=("ablation",))
+        row = {**base, "table": "causal", "image": i}
+        for name in ("correct_layer", "layer_zero"):
+            row[f"{name}_top1_is_faulted"] = float(int(np.argmin(maps[name])) == f.layer)  # most negative = suppresses most
+        rows.append(row)
+    return rows
+
+
+def calibration_summary(tables: dict[str, pd.DataFrame]) -> dict:
+    """Plain numbers per fault: harm, best detector by AUROC, D-LEAF's and the oracle's recovery."""
+    out = {}
+    det, rec = tables.get("detection", pd.DataFrame()), tables.get("recovery", pd.DataFrame())
+    for _, f in tables.get("faults", pd.DataFrame()).iterrows():
+        d = det[det.fault == f.fault] if len(det) else det
+        r = rec[rec.fault == f.fault].set_index("method") if len(rec) else rec
+        out[f.fault] = {
+            "dCHAIR_s": f.dCHAIR_s, "drecall": f.drecall,
+            "auroc": dict(zip(d.detector, d.auroc)) if len(d) else {},
+            "recovery_CHAIR_s": dict(r["recovery_CHAIR_s"]) if len(r) else {},
+        }
+    return out

@@ -1,0 +1,83 @@
+"""The shipped embedded model is grounded (issue 10): where attention falls inside the image
+decides what it says.  Its card's acceptance checks pass, and a fresh, smaller measurement
+with the package's own functions agrees."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dleaf_analysis.evaluation.grounding import image_token_embeddings, within_image_cosine
+from dleaf_analysis.interventions import ImageAttentionProbe
+from dleaf_analysis.models.card import acceptance
+from dleaf_analysis.paths import EMBEDDED_MODEL_DIR
+from dleaf_analysis.scenes.render import patch_labels
+from dleaf_analysis.scenes.world import Scene, SceneObject
+
+
+def test_card_acceptance_checks_all_pass():
+    card = json.loads((EMBEDDED_MODEL_DIR / "model_card.json").read_text())
+    acc = acceptance(card["metrics"])
+    assert len(acc) == 11
+    assert acc["passes"].all(), acc[~acc["passes"]].to_string()
+
+
+def test_uniform_image_attention_collapses_recall(embedded):
+    from dleaf_analysis.evaluation.grounding import probe_recall
+
+    df = probe_recall(embedded, "dev", limit=40, kinds=("uniform",), progress=False).set_index("probe")
+    assert df.loc["greedy", "recall"] >= 60
+    assert df.loc["uniform", "d_recall"] <= -30, df
+
+
+def test_image_tokens_are_not_copies_of_each_other(embedded, dev_split):
+    emb = image_token_embeddings(embedded, dev_split.images())
+    assert emb.shape[1] == 144
+    assert within_image_cosine(emb, centred=True) <= 0.5
+
+
+def test_probe_editor_keeps_mass_and_text_columns(embedded):
+    """On a random pattern: image mass per text row is kept, text columns and image-token query
+    rows are untouched, and ``single`` puts all of the mass on one image column."""
+    from dleaf_analysis import hooks
+    from dleaf_analysis.models.adapters import ModelAdapter
+
+    tok_id = ModelAdapter(embedded.model).image_token_id
+    ids = torch.tensor([[1, 5, tok_id, tok_id, tok_id, tok_id, 7, 8]])
+    inputs = {"input_ids": ids}
+    pattern = torch.rand(1, 2, 8, 8).softmax(-1)
+    img = (ids == tok_id)[0]
+    for kind in ("uniform", "shuffle", "single"):
+        probe = ImageAttentionProbe(kind=kind)
+        got = {}
+        with probe.attach(embedded, inputs):
+            ed = embedded.model._dleaf_editors[-1]
+            got["p"] = ed(pattern.clone(), 0)
+        hooks.install(embedded.model)
+        out = got["p"]
+        text_rows = ~img
+        torch.testing.assert_close(out[..., text_rows, :][..., img].sum(-1), pattern[..., text_rows, :][..., img].sum(-1))
+        torch.testing.assert_close(out[..., ~img], pattern[..., ~img])
+        torch.testing.assert_close(out[:, :, img], pattern[:, :, img])
+        if kind == "uniform":
+            a = out[0, 0, 7][img]
+            assert torch.allclose(a, a.mean().expand_as(a))
+        if kind == "single":
+            assert int((out[0, 0, 7][img] > 0).sum()) == 1
+
+
+def test_patch_labels_by_hand(world):
+    # one 16-px object at (16, 8): covers patch columns 2-3 and rows 1-2 of the 8-px grid
+    name = world.classes[0]
+    sc = Scene(seed=0, objects=(SceneObject(name, 16, 8, 16),), clutter=(), background=(100, 100, 100), template=0,
+               order=(0,))
+    lab = patch_labels(world, sc, 8).reshape(world.image_size // 8, -1)
+    from dleaf_analysis.scenes.render import glyph_mask
+
+    cover = glyph_mask(world.spec["classes"][name]["shape"], 16).reshape(2, 8, 2, 8).transpose(0, 2, 1, 3).mean((2, 3))
+    expected = np.zeros_like(lab)
+    expected[1:3, 2:4] = np.where(cover >= 0.25, 1, 0)
+    assert (lab == expected).all()
