@@ -228,16 +228,34 @@ class Fig3:
         return fig
 
 
-@register("fig4_suppression_methods", "CHAIR_s, CHAIR_i and recall per method with 95% CIs (test)", paper="Figure 4")
+@register("fig4_suppression_methods", "Change of CHAIR_s, CHAIR_i and recall against greedy per method: paired "
+          "differences on the same test images with paired-bootstrap 95% CIs", paper="Figure 4")
 class Fig4:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
         s = ctx.table("summary.csv")
-        return s[(s.benchmark == "chair") & (s.metric.isin(["CHAIR_s", "CHAIR_i", "recall"]))].reset_index(drop=True)
+        s = s[(s.benchmark == "chair") & (s.metric.isin(["CHAIR_s", "CHAIR_i", "recall"])) & (s.method != "greedy")]
+        return s[["method", "metric", "value", "paired_diff", "paired_ci_low", "paired_ci_high", "paired_p"]].reset_index(
+            drop=True)
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
-        return _metric_bars(df, "method", "Impact of suppression methods on the embedded LLaVA (test split)")
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharey=True)
+        methods = list(dict.fromkeys(df.method))
+        colours = dict(zip(methods, sns.color_palette("deep", len(methods))))
+        for ax, m in zip(axes, ["CHAIR_s", "CHAIR_i", "recall"]):
+            d = df[df.metric == m].set_index("method").reindex(methods)
+            y = np.arange(len(methods))
+            ax.axvline(0, color="grey", lw=0.8)
+            ax.errorbar(d["paired_diff"], y, xerr=[d["paired_diff"] - d.paired_ci_low, d.paired_ci_high - d["paired_diff"]],
+                        fmt="none", ecolor="black", capsize=3)
+            ax.scatter(d["paired_diff"], y, c=[colours[k] for k in methods], zorder=3, s=40)
+            ax.set(title=f"{m}: method - greedy", xlabel="points (same images)")
+            ax.set_yticks(y, methods)
+        axes[0].invert_yaxis()
+        fig.suptitle("Impact of suppression methods on the embedded LLaVA (test split; paired differences, 95% CI)")
+        fig.tight_layout()
+        return fig
 
 
 @register("fig5_liae_by_token_type", "LIAE per layer across object token types (test captions)", paper="Figure 5")
@@ -450,6 +468,39 @@ class AttentionGrid:
             sns.heatmap(d.pivot(index="y", columns="x", values="attention"), ax=ax, cmap="magma", cbar=False,
                         xticklabels=False, yticklabels=False, square=True)
             ax.set_title(f"{p}\n(layer {d.layer.iloc[0]}, head {d['head'].iloc[0]}, token '{d.token.iloc[0]}')", fontsize=8)
+        fig.tight_layout()
+        return fig
+
+
+@register("calibration_detection", "Planted faults: per-step detection AUROC of each layer detector against fault "
+          "strength, and the harm each fault does (calibration study)")
+class Calibration:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        det = ctx.table("studies/calibration/detection.csv")
+        faults = ctx.table("studies/calibration/faults.csv")[["fault", "dCHAIR_s", "drecall"]]
+        return det.merge(faults, on="fault")
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        mid = df.layer.mode().iloc[0]  # the strength sweep is at the middle layer
+        d = df[df.layer == mid]
+        kinds = sorted(d.kind.unique())
+        fig, axes = plt.subplots(1, len(kinds) + 1, figsize=(4.2 * (len(kinds) + 1), 3.6))
+        for ax, k in zip(axes, kinds):
+            sns.lineplot(d[d.kind == k], x="strength", y="auroc", hue="detector", marker="o", ax=ax, palette="deep",
+                         hue_order=sorted(d.detector.unique()), legend=ax is axes[0])
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set(title=f"{k} fault in layer {mid}", ylim=(0, 1.02), ylabel="per-step AUROC (faulted layer)")
+        if axes[0].get_legend() is not None:
+            sns.move_legend(axes[0], "lower left", fontsize=7, title=None)
+        h = d.drop_duplicates("fault")
+        for k, g in h.groupby("kind"):
+            axes[-1].plot(g.strength, g.drecall, marker="o", label=f"{k}: recall")
+            axes[-1].plot(g.strength, g.dCHAIR_s, marker="s", ls="--", label=f"{k}: CHAIR_s")
+        axes[-1].axhline(0, color="grey", lw=0.8)
+        axes[-1].set(title="harm of the fault (paired, vs unfaulted)", xlabel="strength", ylabel="points")
+        axes[-1].legend(fontsize=7)
         fig.tight_layout()
         return fig
 

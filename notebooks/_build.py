@@ -48,7 +48,7 @@ to_pil(test.image(i)).resize((192, 192), 0)""",
 """md:## Trace the generation
 
 `trace_generation` runs greedy decoding under an nnsight trace and records, at every step, each
-layer's and head's attention over the 64 image tokens (plus the attention mass on system, image,
+layer's and head's attention over the 144 image tokens (plus the attention mass on system, image,
 prompt and generated tokens).""",
 """from dleaf_analysis.tracing import trace_generation
 
@@ -180,7 +180,9 @@ hall = events[(events.kind == "hallucinated") & events.preferred.notna() & event
 cfg = DLeaf(**tuned_config("dleaf", lm.weights_hash))
 ev, layers = None, []
 for e in hall.to_dict(orient="records"):
-    layers = dpo.fired_layers(lm, render(split.world, split.scenes[e["image"]]), e["prefix"], cfg)
+    # the layers D-LEAF itself fires at the event's step, read from its own log over the prefix
+    prefix_ids = lm.tokenizer(e["prefix"], add_special_tokens=False)["input_ids"] if e["prefix"] else []
+    layers = dpo.fired_layers(lm, event_inputs(lm, split, {**e, "prefix": ""}), prefix_ids, cfg)
     if layers:
         ev = e
         break

@@ -25,9 +25,17 @@ def test_reproduce_quick_tables(quick_run):
     assert set(summary.method) == {"greedy", "dleaf", "uniform", "pai", "vcd"}
     assert set(summary.benchmark) == {"chair", "pope"}
     g = summary[(summary.method == "greedy")]
-    assert (g.rel_change_vs_greedy.abs() < 1e-9).all()
+    assert (g.rel_change_vs_greedy.abs() < 1e-9).all() and (g.paired_diff == 0).all()
+    # paired differences from greedy: the point difference equals the difference of the point values
+    m = summary[summary.method != "greedy"].merge(g[["benchmark", "variant", "metric", "value"]],
+                                                   on=["benchmark", "variant", "metric"], suffixes=("", "_greedy"))
+    ok = m.paired_diff.notna()
+    assert ok.any()
+    assert ((m.paired_diff - (m.value - m.value_greedy))[ok].abs() < 1e-9).all()
+    assert ((m.paired_ci_low <= m.paired_diff + 1e-9) & (m.paired_diff <= m.paired_ci_high + 1e-9))[ok].all()
     report = (out / "report.md").read_text()
     assert "### CHAIR" in report and "### POPE" in report and "Does LIAE localise" in report and "## Figures" in report
+    assert "### Calibration: planted faults" in report and "liae-z" in report and "layer profile" in report
     for m in ("greedy", "dleaf"):
         p = json.loads((out / f"chair-test-{m}" / "protocol.json").read_text())
         assert p["method"] == m and p["n_items"] == 24

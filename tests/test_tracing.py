@@ -39,12 +39,12 @@ def test_generation_trace_matches_plain_generate(embedded, image, gen_caches):
 def test_cache_layout(embedded, gen_caches):
     c = gen_caches["nnsight"]
     ad = ModelAdapter(embedded.model)
-    assert c.image_attn.shape == (c.n_steps, ad.n_layers, ad.n_heads, 64)
+    assert c.image_attn.shape == (c.n_steps, ad.n_layers, ad.n_heads, 144)
     torch.testing.assert_close(c.mass.sum(-1), torch.ones(c.n_steps, ad.n_layers, ad.n_heads), rtol=0, atol=1e-5)
     torch.testing.assert_close(c.mass[..., 1], c.image_attn.sum(-1), rtol=0, atol=1e-5)
     assert c.mass[0, ..., 3].abs().max() == 0  # nothing generated before step 0
     assert c.mass[1:, ..., 3].min() > 0
-    assert c.image_positions == list(range(3, 67))  # "<s> user :" then 64 image tokens
+    assert c.image_positions == list(range(3, 147))  # "<s> user :" then 144 image tokens
     assert c.query_positions[0] == c.prompt_length - 1
 
 

@@ -304,12 +304,28 @@ def run_calibration(
     df = run_sweep(units, unit, store, progress=progress, desc=f"calibration over {len(faults)} faults")
     tables = {}
     for name in ("faults", "detection", "iaf", "recovery", "causal"):
-        t = df[df["table"] == name].dropna(axis=1, how="all").drop(columns=["table", "key"], errors="ignore")
+        t = df[df["table"] == name] if "table" in df else df.iloc[:0]
+        t = t.reindex(columns=_TABLE_COLUMNS[name])
         tables[name] = t.reset_index(drop=True)
         if len(t):
             t.to_csv(out / f"{name}.csv", index=False)
     (out / "summary.json").write_text(json.dumps(calibration_summary(tables), indent=1, default=float))
     return tables
+
+
+_TABLE_COLUMNS = {
+    "faults": ["fault", "kind", "layer", "heads", "strength", "step_fraction", "dCHAIR_s", "dCHAIR_s_low",
+               "dCHAIR_s_high", "drecall", "drecall_low", "drecall_high"],
+    "detection": ["fault", "kind", "layer", "heads", "strength", "step_fraction", "detector", "auroc", "top1_hit",
+                  "top1_base_rate", "n_faulted_steps"],
+    "iaf": ["fault", "kind", "layer", "heads", "strength", "step_fraction", "best_is_intact", "faulted_selected",
+            "intact_selected", "n_faulted_steps"],
+    "recovery": ["fault", "kind", "layer", "heads", "strength", "step_fraction", "method", "dCHAIR_s_vs_unfaulted",
+                 "drecall_vs_unfaulted", "dCHAIR_s_vs_faulted", "dCHAIR_s_vs_faulted_low", "dCHAIR_s_vs_faulted_high",
+                 "recovery_CHAIR_s", "recovery_recall"],
+    "causal": ["fault", "kind", "layer", "heads", "strength", "step_fraction", "image", "correct_layer_top1_is_faulted",
+               "layer_zero_top1_is_faulted"],
+}
 
 
 def _causal_rows(lm, images, caps, ground_truth, vocabulary, f: Fault, base: dict, n_events: int) -> list[dict]:

@@ -70,8 +70,10 @@ def run_study(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    faults: list | None = None,
 ) -> StudyResult:
-    """Run one study on the hallucination events of the first ``limit`` images of ``split``."""
+    """Run one study on the hallucination events of the first ``limit`` images of ``split``
+    (``calibration``: on those images, with ``faults``, default: the default fault grid)."""
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; choose one of {STUDIES}")
     from dleaf_analysis.evaluation.tuning import tuned_config
@@ -81,7 +83,7 @@ def run_study(
     cfg = DLeaf(**{**tuned_config("dleaf", lm.weights_hash), **(dleaf_config or {})})
     out = Path(out) / study
     if study == "calibration":
-        return _calibration(lm, data, cfg, out, seed, progress, log)
+        return _calibration(lm, data, cfg, out, seed, progress, log, faults)
     manifest = {"study": study, "weights_hash": lm.weights_hash, "model_id": lm.model_id, "split": split,
                 "split_hash": data.annotations_hash, "limit": limit, "seed": seed, "dleaf": cfg.to_dict()}
     store = ResultStore(out, manifest)
@@ -95,7 +97,9 @@ def run_study(
     hall["key"] = [f"{r.image}:{r.step}" for r in hall.itertuples()]
     n_total = int((events.kind == "hallucinated").sum())
     summary = {"n_images": len(data), "n_object_tokens": len(events), "n_hallucinated": n_total,
-               "n_with_preferred": len(hall), "n_with_cue": int(hall.cue.notna().sum())}
+               "n_with_preferred": len(hall), "n_with_cue": int(hall.cue.notna().sum()),
+               "n_cue_was_top_preferred": int(events.get("cue_was_top_preferred", pd.Series(dtype=bool)).fillna(False)
+                                              .astype(bool).sum())}
     if study in ("patching", "dpo"):
         hall = hall[hall.cue.notna()]
     if len(hall) == 0:
@@ -156,7 +160,7 @@ def run_study(
     return StudyResult(study, events, tables, summary)
 
 
-def _calibration(lm: LoadedModel, data, cfg: DLeaf, out: Path, seed: int, progress: bool, log) -> StudyResult:
+def _calibration(lm: LoadedModel, data, cfg: DLeaf, out: Path, seed: int, progress: bool, log, faults) -> StudyResult:
     from dleaf_analysis.evaluation.tuning import tuned_config
     from dleaf_analysis.studies.calibration import run_calibration
 
@@ -165,8 +169,8 @@ def _calibration(lm: LoadedModel, data, cfg: DLeaf, out: Path, seed: int, progre
                 "split_hash": data.annotations_hash, "n_images": len(data)}
     methods = {m: tuned_config(m, lm.weights_hash) for m in ("dleaf", "uniform", "pai")}
     tables = run_calibration(lm, images, [s.name_set for s in data.scenes], data.world.classes, out, manifest,
-                             dleaf_config={k: v for k, v in cfg.to_dict().items() if k != "method"}, methods=methods,
-                             seed=seed, progress=progress, log=log)
+                             faults=faults, dleaf_config={k: v for k, v in cfg.to_dict().items() if k != "method"},
+                             methods=methods, seed=seed, progress=progress, log=log)
     summary = json.loads((out / "summary.json").read_text())
     return StudyResult("calibration", pd.DataFrame(), {f"{k}_summary" if k == "detection" else k: v
                                                        for k, v in tables.items()}, summary)
