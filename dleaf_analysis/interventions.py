@@ -211,9 +211,12 @@ class DLeaf(Method):
         adapter = ModelAdapter(lm.model)
         self.validate(adapter.n_layers, adapter.n_heads)
         state = _DLeafState(self, adapter, inputs)
-        self.log = state.log  # what it did: one dict per (step, layer) decision that fired
-        with hooks.attach_editor(lm.model, state):
-            yield self
+        self.log: list[dict] = []  # what it did: one dict per (step, layer) decision that fired, read at the end
+        try:
+            with hooks.attach_editor(lm.model, state):
+                yield self
+        finally:
+            self.log = state.materialize_log()
 
 
 class _DLeafState:
@@ -225,30 +228,39 @@ class _DLeafState:
         self.inputs = inputs
         self.counter = _StepCounter()
         self.candidates = set(cfg.candidate_layers(adapter.n_layers))
-        B = inputs["input_ids"].shape[0]
-        L = adapter.n_layers
-        self.n = torch.zeros(B, L)  # observations per sequence and layer
-        self.mean = torch.zeros(B, L)
-        self.m2 = torch.zeros(B, L)  # Welford sum of squares
-        self.best = torch.full((B, L), float("inf"))  # BAS: lowest LIAE so far
-        self.log: list[dict] = []
+        self.B = inputs["input_ids"].shape[0]
+        self.L = adapter.n_layers
+        # running statistics [B, L], created on the device of the first pattern they meet
+        self.n = self.mean = self.m2 = self.best = None
+        self.records: list[tuple] = []  # per (step, layer) call: device tensors, read once at the end
         img = adapter.image_mask(inputs["input_ids"])  # [B, P]
         self.img_mask = img
-        self.img_pos = torch.stack([m.nonzero().flatten() for m in img])  # [B, n], fixed for the whole call
+        self.img_pos = torch.stack([m.nonzero().flatten() for m in img])  # [B, n], once per call (not per step)
 
-    def _seed_from_prompt_rows(self, pattern: torch.Tensor, img: torch.Tensor, layer: int) -> None:
+    def _state_on(self, device: torch.device) -> None:
+        if self.n is None or self.n.device != device:
+            z = torch.zeros(self.B, self.L, device=device)
+            self.n, self.mean, self.m2 = z.clone(), z.clone(), z.clone()  # Welford count, mean, sum of squares
+            self.best = torch.full((self.B, self.L), float("inf"), device=device)  # BAS: lowest LIAE so far
+
+    def _seed_from_prompt_rows(self, pattern: torch.Tensor, pos: torch.Tensor, img: torch.Tensor, layer: int) -> None:
         """Seed a layer's statistics with the LIAE of the prompt query rows after the image (the
-        last row excluded: it is step 0's own observation)."""
-        for b in range(pattern.shape[0]):
-            last_img = int(img[b].nonzero().max())
-            rows = pattern[b, :, last_img + 1 : -1, :]  # [H, R, K]
-            if rows.shape[1] == 0:
-                continue
-            v = D.liae(rows[..., img[b]].float().transpose(0, 1), self.cfg.liae_variant)  # [R]
-            self.n[b, layer] = len(v)
-            self.mean[b, layer] = v.mean()
-            self.m2[b, layer] = ((v - v.mean()) ** 2).sum()
-            self.best[b, layer] = v.min()
+        last row excluded: it is step 0's own observation).  Masked tensor operations, no host sync."""
+        B, H, T, K = pattern.shape
+        a = pattern.float().gather(-1, pos[:, None, None, :].expand(B, H, T, pos.shape[-1]))  # [B, H, T, n]
+        v = D.liae(a.transpose(1, 2), self.cfg.liae_variant)  # [B, T]
+        idx = torch.arange(T, device=pattern.device)
+        last_img = (img[:, :T] * idx).amax(-1, keepdim=True)  # [B, 1]
+        rows = (idx[None] > last_img) & (idx[None] < T - 1)  # [B, T]
+        cnt = rows.sum(-1).float()
+        mean = (v * rows).sum(-1) / cnt.clamp_min(1)
+        m2 = (((v - mean[:, None]) ** 2) * rows).sum(-1)
+        vmin = torch.where(rows, v, torch.full_like(v, float("inf"))).amin(-1)
+        has = cnt > 0
+        self.n[:, layer] = torch.where(has, cnt, self.n[:, layer])
+        self.mean[:, layer] = torch.where(has, mean, self.mean[:, layer])
+        self.m2[:, layer] = torch.where(has, m2, self.m2[:, layer])
+        self.best[:, layer] = torch.where(has, vmin, self.best[:, layer])
 
     def __call__(self, pattern: torch.Tensor, layer: int) -> torch.Tensor:
         step = self.counter.tick(layer)
@@ -256,11 +268,11 @@ class _DLeafState:
             return pattern
         cfg = self.cfg
         row = pattern[:, :, -1, :]  # [B, H, K] the current query
-        if step == 0 and cfg.threshold != "static" and cfg.running_seed == "prefill-rows" and pattern.shape[2] > 1:
-            self._seed_from_prompt_rows(pattern, self.img_mask.to(row.device), layer)
+        self._state_on(row.device)
         pos = self.img_pos.to(row.device)
+        if step == 0 and cfg.threshold != "static" and cfg.running_seed == "prefill-rows" and pattern.shape[2] > 1:
+            self._seed_from_prompt_rows(pattern, pos, self.img_mask.to(row.device), layer)
         a_img = row.float().gather(-1, pos.unsqueeze(1).expand(-1, row.shape[1], -1))  # [B, H, n]
-        n_img = a_img.shape[-1]
         liae = D.liae(a_img, cfg.liae_variant)  # [B]
         if cfg.threshold == "static":
             fire = torch.ones_like(liae, dtype=torch.bool)
@@ -282,8 +294,9 @@ class _DLeafState:
             thr = b * (1 + cfg.delta)
             fire = torch.isfinite(b) & (liae > thr)
             self.best[:, layer] = torch.minimum(b, liae)
-        if not bool(fire.any()) or cfg.gamma == 0:
+        if cfg.gamma == 0:
             return pattern
+        # decisions stay on the device: rows that do not fire are written back unchanged
         iaf = D.iaf(a_img, cfg.iaf_variant)  # [B, H]
         sel = self.cfg.select_heads(iaf) & fire.unsqueeze(-1)
         best = iaf.argmax(-1)
@@ -293,11 +306,28 @@ class _DLeafState:
             pattern = pattern.clone()  # keep autograd's saved tensors intact
         pattern[:, :, -1, :] = new_row
         if cfg.record:
-            for b in torch.nonzero(fire).flatten().tolist():
-                self.log.append({"batch": b, "step": step, "layer": layer, "liae": float(liae[b]),
-                                 "threshold": float(thr[b]), "best_head": int(best[b]),
-                                 "heads": torch.nonzero(sel[b]).flatten().tolist(), "n_image": n_img})
+            self.records.append((step, layer, fire.detach(), liae.detach(), thr.detach(), best.detach(), sel.detach(),
+                                 a_img.shape[-1]))
         return pattern
+
+    def materialize_log(self) -> list[dict]:
+        """The firing log, one dict per (sequence, step, layer) that fired; reads the device
+        tensors once (a single host transfer per tensor kind), after decoding."""
+        if not self.records:
+            return []
+        fire = torch.stack([r[2] for r in self.records]).cpu()  # [N, B]
+        liae = torch.stack([r[3] for r in self.records]).cpu()
+        thr = torch.stack([r[4] for r in self.records]).cpu()
+        best = torch.stack([r[5] for r in self.records]).cpu()
+        sel = torch.stack([r[6] for r in self.records]).cpu()  # [N, B, H]
+        out = []
+        for i, (step, layer, *_rest, n_img) in enumerate(self.records):
+            for b in torch.nonzero(fire[i]).flatten().tolist():
+                out.append({"batch": b, "step": step, "layer": layer, "liae": float(liae[i, b]),
+                            "threshold": float(thr[i, b]), "best_head": int(best[i, b]),
+                            "heads": torch.nonzero(sel[i, b]).flatten().tolist(), "n_image": n_img})
+        out.sort(key=lambda r: (r["step"], r["layer"], r["batch"]))
+        return out
 
 
 @dataclass
@@ -395,7 +425,8 @@ class VCD(Method):
         past = [None, None]
         mask = inputs["attention_mask"]
         out_ids = ids
-        done = torch.zeros(B, dtype=torch.bool)
+        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        eos_ids = torch.tensor(sorted(e for e in eos if e is not None), device=ids.device)
         cur = [clean, noisy]
         with torch.no_grad():
             for _ in range(max_new_tokens):
@@ -411,11 +442,11 @@ class VCD(Method):
                 nxt = cd.argmax(-1)
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
                 out_ids = torch.cat([out_ids, nxt[:, None]], 1)
-                done |= torch.tensor([int(t) in eos for t in nxt])
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
+                done |= torch.isin(nxt, eos_ids)
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], 1)
                 step = {"input_ids": nxt[:, None], "attention_mask": mask}
                 cur = [step, step]
-                if bool(done.all()):
+                if bool(done.all()):  # one read per token to stop early, as generate's own stopping criteria
                     break
         return out_ids
 
