@@ -20,6 +20,8 @@ Every method is a dataclass config (``validate``, ``to_dict``, ``from_dict``) wh
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -406,10 +408,19 @@ class VCD(Method):
         return self
 
     def noised(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Diffusion-style noised image ``[B, ...]``.  Each row's noise is drawn from a seed derived
+        from ``seed`` and the row's own pixels, so an image gets the same noise whatever its batch
+        size and position (batch invariance)."""
+        from dleaf_analysis.seeding import derive_seed
+
         betas = torch.linspace(-6, 6, 1000).sigmoid() * (0.5e-2 - 1e-5) + 1e-5
         abar = torch.cumprod(1 - betas, 0)[self.noise_steps]
-        g = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn(pixel_values.shape, generator=g).to(pixel_values)
+        host = pixel_values.detach().float().cpu()  # once per call, not per decoding step
+        noise = torch.stack([
+            torch.randn(row.shape, generator=torch.Generator().manual_seed(
+                derive_seed(self.seed, hashlib.sha256(row.numpy().tobytes()).hexdigest())))
+            for row in host
+        ]).to(pixel_values)
         return abar.sqrt() * pixel_values + (1 - abar).sqrt() * noise
 
     def generate(self, lm, inputs: dict, max_new_tokens: int = 32, pad_token_id: int | None = None, **_) -> torch.Tensor:

@@ -41,3 +41,16 @@ def dev_split(world):
     from dleaf_analysis.scenes import load_split
 
     return load_split("dev", world, limit=16)
+
+
+@pytest.fixture(scope="session")
+def hooked(embedded):
+    """A private copy of the embedded model with the hook point installed (tests may edit it)."""
+    import copy
+
+    from dleaf_analysis import hooks
+    from dleaf_analysis.models.loading import LoadedModel
+
+    model = copy.deepcopy(embedded.model)
+    hooks.install(model)
+    return LoadedModel(model, embedded.processor, embedded.path, embedded.model_id, embedded.weights_hash)

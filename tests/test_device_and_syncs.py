@@ -8,7 +8,6 @@ On CUDA each of these stalls the launch queue once per layer per token."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -16,16 +15,13 @@ import torch
 from dleaf_analysis import hooks
 from dleaf_analysis.interventions import PAI, DLeaf, UniformFusion
 from dleaf_analysis.models.inputs import PromptBuilder
-from dleaf_analysis.models.loading import LoadedModel
 
 SYNCING = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "cpu", "numpy")
 
 
 @pytest.fixture(scope="module")
-def lm(embedded):
-    model = copy.deepcopy(embedded.model)
-    hooks.install(model)
-    return LoadedModel(model, embedded.processor, embedded.path, embedded.model_id, embedded.weights_hash)
+def lm(hooked):
+    return hooked
 
 
 @pytest.fixture(scope="module")

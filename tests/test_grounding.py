@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from dleaf_analysis.evaluation.grounding import image_token_embeddings, within_image_cosine

@@ -1,7 +1,6 @@
 """D-LEAF and baselines: oracle computations, exact no-ops, KV-cache consistency, restoration,
 and clear config errors."""
 
-import copy
 import json
 
 import pytest
@@ -13,14 +12,11 @@ from dleaf_analysis.interventions import (
     PAI, VCD, ConfigError, DLeaf, HeadAblation, UniformFusion, fuse_heads, get_method, load_config, method_from_dict,
 )
 from dleaf_analysis.models.inputs import PromptBuilder
-from dleaf_analysis.models.loading import LoadedModel
 
 
 @pytest.fixture(scope="module")
-def lm(embedded):
-    model = copy.deepcopy(embedded.model)
-    hooks.install(model)
-    return LoadedModel(model, embedded.processor, embedded.path, embedded.model_id, embedded.weights_hash)
+def lm(hooked):
+    return hooked
 
 
 @pytest.fixture(scope="module")
