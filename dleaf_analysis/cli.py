@@ -469,11 +469,17 @@ def reproduce(
     out: Path = typer.Option(Path("results"), help="where results and the report go"),
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json"),
+    update_readme: bool = typer.Option(False, "--update-readme",
+                                       help="also splice the results into README.md and write the figures to figures/ "
+                                            "(used when regenerating the committed results)"),
 ) -> None:
-    """The main job: evaluate on the test split and write a markdown report."""
+    """The main job: evaluate on the test split, run the studies, and write a markdown report and
+    figures into OUT (the repository's README and figures/ change only with --update-readme)."""
+    from dleaf_analysis.paths import FIGURES_DIR
     from dleaf_analysis.report import reproduce as run
 
-    summary = run(out, quick=quick, seed=seed, progress=not as_json, log=console.print)
+    summary = run(out, quick=quick, seed=seed, progress=not as_json, log=console.print, update_readme=update_readme,
+                  figures_dir=FIGURES_DIR if update_readme else out / "figures")
     if as_json:
         sys.stdout.write(summary.to_json(orient="records", indent=1) + "\n")
     else:

@@ -91,13 +91,17 @@ def _metric_bars(df: pd.DataFrame, by: str, title: str) -> plt.Figure:
 
 
 # -- paper figures -----------------------------------------------------------------------------
-@register("fig1_dleaf_workflow", "D-LEAF on one decoding: LIAE per layer and step, dynamic threshold, corrections",
-          paper="Figure 1")
+@register("fig1_dleaf_workflow", "D-LEAF on one decoding: LIAE per layer and step, its running threshold, the "
+          "cells where it fires, and the captions before and after", paper="Figure 1")
 class Fig1:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
-        from dleaf_analysis.interventions import DLeaf
+        """The first test image whose D-LEAF caption has strictly fewer hallucinated objects than its
+        greedy caption (``example`` says whether one was found).  LIAE of the greedy trace, with
+        D-LEAF's running threshold ``mu + k sd`` computed on the same steps (its rule applied to the
+        greedy decoding, identical to D-LEAF's own decisions up to its first correction)."""
         from dleaf_analysis.evaluation.tuning import tuned_config
+        from dleaf_analysis.interventions import DLeaf
         from dleaf_analysis.models import caption
         from dleaf_analysis.scenes import load_split
         from dleaf_analysis.tracing import trace_generation
@@ -108,44 +112,80 @@ class Fig1:
         imgs = [split.image(i) for i in range(len(split))]
         greedy = caption(lm, imgs, progress=False)
         dleaf = caption(lm, imgs, progress=False, decode=cfg.generate)
-        # the first image whose greedy caption hallucinates and changes under D-LEAF
-        pick = next((i for i in range(len(split)) if greedy[i] != dleaf[i]
-                     and any(w in split.world.classes and w not in split.scenes[i].name_set for w in greedy[i].split())), 0)
-        cache = trace_generation(lm, imgs[pick])
-        liae = cache.liae_frame()
-        from dleaf_analysis.models.inputs import PromptBuilder
+        classes = set(split.world.classes)
 
-        inputs = PromptBuilder(lm.processor).inputs([imgs[pick]], ["describe the image ."])
-        cfg.generate(lm, inputs, max_new_tokens=32, do_sample=False, pad_token_id=lm.pad_token_id)
-        fired = pd.DataFrame(cfg.log)
-        df = liae.merge(fired[["step", "layer", "threshold", "heads"]] if len(fired) else
-                        pd.DataFrame(columns=["step", "layer", "threshold", "heads"]), on=["step", "layer"], how="left")
-        df["fired"] = df["threshold"].notna()
-        df["heads"] = df["heads"].apply(lambda h: ",".join(map(str, h)) if isinstance(h, list) else "")
+        def hallucinated(c: str, i: int) -> set:
+            return {w for w in c.split() if w in classes and w not in split.scenes[i].name_set}
+
+        removed = [i for i in range(len(split)) if hallucinated(dleaf[i], i) < hallucinated(greedy[i], i)]
+        pick = removed[0] if removed else 0
+        cache = trace_generation(lm, imgs[pick], backend="hooks")
+        liae = cache.liae(cfg.liae_variant).float()  # [S, L]
+        S, L = liae.shape
+        thr = torch_running_threshold(liae, cfg.k)
+        cand = set(cfg.candidate_layers(L))
+        rows = []
+        for st in range(S):
+            for layer in range(L):
+                t = float(thr[st, layer])
+                rows.append({"step": st, "token": cache.token_strs[st], "layer": layer, "liae": float(liae[st, layer]),
+                             "threshold": t, "fired": bool(layer in cand and st > 0 and liae[st, layer] > t)})
+        df = pd.DataFrame(rows)
         df["image"] = pick
+        df["example"] = "D-LEAF removed a hallucinated object" if removed else \
+            f"no test image among the first {len(split)} where D-LEAF removed a hallucinated object"
         df["greedy_caption"] = greedy[pick]
         df["dleaf_caption"] = dleaf[pick]
         df["present"] = ",".join(sorted(split.scenes[pick].name_set))
+        df["k"] = cfg.k
         return df
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
         piv = df.pivot_table(index="layer", columns="step", values="liae")
-        fig, ax = plt.subplots(figsize=(10, 4.2))
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 7), gridspec_kw={"height_ratios": [1.3, 1]})
         sns.heatmap(piv, cmap="viridis", ax=ax, cbar_kws={"label": "LIAE (mean-map)"})
         toks = df.drop_duplicates("step").sort_values("step")["token"].tolist()
         ax.set_xticks(np.arange(len(toks)) + 0.5, toks, rotation=60, fontsize=8)
         f = df[df.fired]
-        ax.scatter(f["step"] + 0.5, f["layer"] + 0.5, marker="x", color="red", s=60, label="D-LEAF fired (heads corrected)")
+        ax.scatter(f["step"] + 0.5, f["layer"] + 0.5, marker="x", color="red", s=60,
+                   label="LIAE above the running threshold: D-LEAF fires")
         ax.legend(loc="upper right", fontsize=8)
         present = set(df["present"].iloc[0].split(","))
+
         def mark(c):
             return " ".join(f"[{w}]" if w.isalpha() and w not in present and w in _CLASSES() else w for w in c.split())
-        ax.set_title(f"greedy: {mark(df['greedy_caption'].iloc[0])}\nD-LEAF: {mark(df['dleaf_caption'].iloc[0])}"
-                     "  ([x] = hallucinated)", fontsize=9)
-        ax.set_xlabel("generated token (step)")
+        ax.set_title(f"{df['example'].iloc[0]}\ngreedy: {mark(df['greedy_caption'].iloc[0])}\n"
+                     f"D-LEAF: {mark(df['dleaf_caption'].iloc[0])}  ([x] = hallucinated)", fontsize=9)
+        ax.set_xlabel("")
+        counts = f.groupby("layer").size()
+        layer = int(counts.idxmax()) if len(counts) else int(df.layer.max())
+        d = df[df.layer == layer].sort_values("step")
+        ax2.plot(d.step, d.liae, marker="o", label=f"LIAE, layer {layer}")
+        ax2.plot(d.step, d.threshold, ls="--", color="black", label=f"running threshold mu + {df['k'].iloc[0]:g} sd")
+        fd = d[d.fired]
+        ax2.scatter(fd.step, fd.liae, color="red", marker="x", s=70, zorder=3, label="fires")
+        ax2.set_xticks(d.step, d.token, rotation=60, fontsize=8)
+        ax2.set(ylabel="LIAE", xlabel="generated token (step), greedy decoding")
+        ax2.legend(fontsize=8)
         fig.tight_layout()
         return fig
+
+
+def torch_running_threshold(liae, k: float):
+    """``mu + k sd`` of each layer over the steps before each step (``[S, L]``; NaN at step 0): the
+    threshold of D-LEAF's ``running`` rule, so ``liae > threshold`` exactly where ``liae-z > k``."""
+    import torch
+
+    S = liae.shape[0]
+    csum = torch.cumsum(liae, 0)
+    csq = torch.cumsum(liae * liae, 0)
+    n = torch.arange(1, S + 1, dtype=liae.dtype).view(-1, 1)
+    mu = csum / n
+    sd = (csq / n - mu**2).clamp_min(0).sqrt()
+    thr = torch.full_like(liae, float("nan"))
+    thr[1:] = mu[:-1] + k * sd[:-1]
+    return thr
 
 
 def _CLASSES() -> set:
@@ -208,22 +248,57 @@ class Fig2:
         return fig
 
 
-@register("fig3_abnormal_heads_by_layer", "Heads corrected by D-LEAF per layer (test captions)", paper="Figure 3")
+@register("fig3_abnormal_heads_by_layer", "Abnormal (corrected) heads per layer and head: rate at hallucinated vs "
+          "grounded object tokens of D-LEAF's test captions", paper="Figure 3")
 class Fig3:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
+        """Per (token type, layer, head): how often D-LEAF corrected the head at the steps that emitted
+        a hallucinated / grounded object token, divided by the number of such steps."""
         p = ctx.results / "chair-test-dleaf" / "interventions.jsonl"
-        if not p.is_file():
+        d = ctx.results / "chair-test-dleaf" / "details.jsonl"
+        if not p.is_file() or not d.is_file():
             raise FileNotFoundError(f"{p} not found: run `dleaf reproduce` first")
-        log = pd.read_json(p, lines=True)
-        rows = [{"layer": r.layer, "head": h} for r in log.itertuples() for h in r.heads]
-        return pd.DataFrame(rows).value_counts().rename("corrections").reset_index()
+        details = pd.read_json(d, lines=True)
+        log = pd.read_json(p, lines=True) if p.stat().st_size else pd.DataFrame(columns=["item", "step", "layer", "heads"])
+        from dleaf_analysis.evaluation.chair import words
+
+        types: dict[tuple[int, int], str] = {}
+        for r in details.itertuples():
+            gt = set(r.gt_objects)
+            for s, w in enumerate(words(r.caption)):
+                if w in _CLASSES():
+                    types[(int(r.image), s)] = "hallucinated object" if w not in gt else "grounded object"
+        n_steps = pd.Series(list(types.values())).value_counts()
+        rows = [{"token_type": types[(int(r.item), int(r.step))], "layer": int(r.layer), "head": int(h)}
+                for r in log.itertuples() if (int(r.item), int(r.step)) in types for h in r.heads]
+        counts = pd.DataFrame(rows, columns=["token_type", "layer", "head"]).value_counts().rename("corrections")
+        layers = sorted(set(log["layer"])) if len(log) else []
+        heads = sorted({h for hs in log["heads"] for h in hs}) if len(log) else []
+        grid = pd.MultiIndex.from_product([["hallucinated object", "grounded object"], layers, heads],
+                                          names=["token_type", "layer", "head"])
+        out = counts.reindex(grid, fill_value=0).reset_index()
+        out["n_steps"] = out["token_type"].map(n_steps).fillna(0).astype(int)
+        out["rate"] = out["corrections"] / out["n_steps"].clip(lower=1)
+        return out
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        sns.barplot(df, x="layer", y="corrections", hue="head", ax=ax, palette="deep")
-        ax.set(title="Abnormal (low-IAF) heads corrected by D-LEAF, per layer", ylabel="corrections over test captions")
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        vmax = float(df["rate"].max()) or 1.0
+        piv = {}
+        for ax, t in zip(axes, ["hallucinated object", "grounded object"]):
+            d = df[df.token_type == t]
+            piv[t] = d.pivot(index="layer", columns="head", values="rate")
+            n = int(d["n_steps"].iloc[0]) if len(d) else 0
+            sns.heatmap(piv[t], ax=ax, cmap="rocket_r", vmin=0, vmax=vmax, annot=True, fmt=".2f", annot_kws={"size": 7})
+            ax.set_title(f"{t} tokens (n = {n} steps)", fontsize=9)
+        diff = piv["hallucinated object"] - piv["grounded object"]
+        lim = float(np.abs(diff.values).max()) if diff.size else 1.0
+        sns.heatmap(diff, ax=axes[2], cmap="RdBu_r", center=0, vmin=-(lim or 1), vmax=lim or 1, annot=True, fmt="+.2f",
+                    annot_kws={"size": 7})
+        axes[2].set_title("difference (hallucinated - grounded)", fontsize=9)
+        fig.suptitle("Rate at which D-LEAF corrects each head (abnormal, low IAF) per emitted object token")
         fig.tight_layout()
         return fig
 
@@ -324,16 +399,22 @@ class CausalHeatmaps:
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
         names = list(dict.fromkeys(df["map"]))
-        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3))
-        for ax, n in zip(np.atleast_1d(axes), names):
+        ncol = 4
+        nrow = int(np.ceil(len(names) / ncol))
+        fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.9 * nrow), squeeze=False)
+        causal = df[~df["map"].str.startswith("IAF")]
+        lim = float(np.abs(causal["effect"]).max()) or 1.0  # one centred scale for every causal map
+        for ax, n in zip(axes.flat, names):
             piv = df[df["map"] == n].pivot(index="layer", columns="head", values="effect")
             if n.startswith("IAF"):
-                sns.heatmap(piv, ax=ax, cmap="rocket", cbar=True)
+                sns.heatmap(-piv, ax=ax, cmap="rocket", cbar=True, cbar_kws={"label": "image mass"})
             else:
-                lim = np.abs(piv.values).max() or 1
                 sns.heatmap(piv, ax=ax, cmap="RdBu_r", center=0, vmin=-lim, vmax=lim, cbar=True)
             ax.set_title(n, fontsize=9)
-        fig.suptitle("Mean effect on log p(hallucinated) - log p(preferred) (negative = suppresses)")
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
+        fig.suptitle("Mean effect on log p(hallucinated) - log p(preferred), one shared colour scale "
+                     "(blue = the component carries the hallucination)")
         fig.tight_layout()
         return fig
 

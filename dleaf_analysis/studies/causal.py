@@ -188,18 +188,28 @@ def _patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head) ->
     return out
 
 
-def attribution_patching(lm, inputs: dict, tok: int, pref: int, clean_z, cf_z) -> np.ndarray:
+GRADIENTS = ("full", "direct")
+
+
+def attribution_patching(lm, inputs: dict, tok: int, pref: int, clean_z, cf_z, gradient: str = "full") -> np.ndarray:
     """``[L, H]``: ``sum_pos (z_cf - z_clean) . dm/dz`` from one forward and one backward pass.
 
-    ``dm/dz`` is the full gradient: a zero-valued leaf is *added* to every layer's ``o_proj``
-    input, so the gradient at layer ``l`` includes every path through the later layers (a
-    detached copy would cut them and leave only the direct path).
+    ``gradient="full"`` (default): a zero-valued leaf is *added* to every layer's ``o_proj``
+    input, so the gradient at layer ``l`` includes every path through the later layers: the
+    first-order approximation of ``patch_head``.  ``"direct"``: every layer's input is a
+    detached copy, which cuts the paths through later layers' attention (kept only to show what
+    that costs; it is not an approximation of patching).
     """
+    if gradient not in GRADIENTS:
+        raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
     adapter = ModelAdapter(lm.model)
     L, H, d = adapter.n_layers, adapter.n_heads, adapter.head_dim
     leaves: dict[int, torch.Tensor] = {}
 
     def capture(x, l):
+        if gradient == "direct":
+            leaves[l] = x.detach().requires_grad_(True)
+            return leaves[l]
         leaves[l] = torch.zeros_like(x, requires_grad=True)
         return x + leaves[l]
 
