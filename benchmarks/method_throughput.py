@@ -49,7 +49,7 @@ def _setup(which: str):
 
 def _method(name: str, lm):
     """The method at its tuned settings for this model (generic defaults for other models)."""
-    from dleaf_analysis.evaluation.tuning import tuned_config
+    from dleaf_analysis.settings import tuned_config
     from dleaf_analysis.interventions import get_method
 
     return get_method(name, tuned_config(name, lm.weights_hash))

@@ -230,7 +230,8 @@ def tune(
     """Tuning study on the dev split (same budget per method), sensitivity curves for D-LEAF."""
     import shutil
 
-    from dleaf_analysis.evaluation.tuning import TUNED_FILE, tune as run
+    from dleaf_analysis.evaluation.tuning import tune as run
+    from dleaf_analysis.settings import TUNED_FILE
 
     res = run(out, limit=limit, max_recall_drop=max_recall_drop, seed=seed, log=console.print)
     _print_table(res["grid"].drop(columns=["key"]).round(2), "tuning grid (dev)")
@@ -275,7 +276,7 @@ def chair_score(
 
 
 def _method_arg(method: str, config: Optional[Path], lm):
-    from dleaf_analysis.evaluation.tuning import tuned_config
+    from dleaf_analysis.settings import tuned_config
     from dleaf_analysis.interventions import ConfigError, get_method, load_config
 
     try:
@@ -408,7 +409,7 @@ def train_model(
     as_json: bool = typer.Option(False, "--json", help="print the card metrics as JSON"),
 ) -> None:
     """Train the embedded model from the world spec and a seed; write weights and model card."""
-    from dleaf_analysis.models.card import finalize_card
+    from dleaf_analysis.model_card import finalize_card
     from dleaf_analysis.models.training import TrainConfig, save_embedded, train_embedded
     from dleaf_analysis.paths import EMBEDDED_MODEL_DIR
 

@@ -100,7 +100,7 @@ class Fig1:
         greedy caption (``example`` says whether one was found).  LIAE of the greedy trace, with
         D-LEAF's running threshold ``mu + k sd`` computed on the same steps (its rule applied to the
         greedy decoding, identical to D-LEAF's own decisions up to its first correction)."""
-        from dleaf_analysis.evaluation.tuning import tuned_config
+        from dleaf_analysis.settings import tuned_config
         from dleaf_analysis.interventions import DLeaf
         from dleaf_analysis.models import caption
         from dleaf_analysis.scenes import load_split
@@ -199,7 +199,7 @@ def _CLASSES() -> set:
 class Fig2:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
-        from dleaf_analysis.evaluation.tuning import tuned_config
+        from dleaf_analysis.settings import tuned_config
         from dleaf_analysis.interventions import get_method
         from dleaf_analysis.models import caption
         from dleaf_analysis.scenes import load_split

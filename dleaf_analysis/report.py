@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from dleaf_analysis.evaluation.runner import evaluate
-from dleaf_analysis.models.card import _md_table
+from dleaf_analysis.tables import md_table
 from dleaf_analysis.models.loading import load_model
 from dleaf_analysis.paths import REPO_ROOT
 
@@ -117,9 +117,9 @@ def reproduce(
     t0 = time.time()
     limit = 24 if quick else None
     lm = load_model()
-    from dleaf_analysis.evaluation.tuning import tuned_config
+    from dleaf_analysis.settings import tuned_config
 
-    methods = {m: tuned_config(m) for m in METHOD_ORDER}
+    methods = {m: tuned_config(m, lm.weights_hash) for m in METHOD_ORDER}
     tables = {}
     for bench in ("chair", "pope"):
         log(f"evaluating {len(methods)} methods with {bench} on the test split" + (" (quick)" if quick else ""))
@@ -137,11 +137,11 @@ def reproduce(
         "",
         "### CHAIR (captioning)",
         "",
-        _md_table(_wide(tables["chair"])),
+        md_table(_wide(tables["chair"])),
         "",
         "### POPE",
         "",
-        _md_table(_wide(tables["pope"])),
+        md_table(_wide(tables["pope"])),
         "",
         f"Protocol (greedy CHAIR; the others differ only in `method`): {protocol['model_id']} weights "
         f"`{protocol['weights_hash']}`, data `{protocol['split_hash']}`, {protocol['n_items']} images, prompt "
@@ -167,7 +167,7 @@ def component_configs(lm, seed: int = 0) -> dict[str, dict]:
     - ``static layers``: the two candidate layers with the highest mean LIAE on dev captions,
       every step, every head but the best.
     """
-    from dleaf_analysis.evaluation.tuning import tuned_config
+    from dleaf_analysis.settings import tuned_config
     from dleaf_analysis.interventions import DLeaf
     from dleaf_analysis.scenes import load_split
     from dleaf_analysis.tracing import trace_generation
@@ -202,7 +202,7 @@ def _components_section(out: Path, lm, limit, seed, progress, log, chair: pd.Dat
     static = df[df.component == "static layers"]["layers"].iloc[0]
     return ["", "### D-LEAF component ablation (CHAIR, test)", "",
             f"LIAE picks layers, IAF picks heads; `static layers` = {static} (highest mean LIAE on dev captions).", "",
-            _md_table(w[["component", "CHAIR_s", "CHAIR_i", "recall", "length"]]), ""]
+            md_table(w[["component", "CHAIR_s", "CHAIR_i", "recall", "length"]]), ""]
 
 
 def _studies_section(out: Path, quick: bool, seed: int, progress: bool, log, lm) -> list[str]:
@@ -237,13 +237,13 @@ def _studies_section(out: Path, quick: bool, seed: int, progress: bool, log, lm)
     lay["value"] = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(lay["mean"], lay.ci_low, lay.ci_high)]
     w = lay.pivot_table(index=["causal_map", "detector"], columns="metric", values="value", aggfunc="first").reset_index()
     w.columns.name = None
-    lines += [_md_table(w), ""]
+    lines += [md_table(w), ""]
     hd = t[(t.level == "head") & (t.metric == "spearman")].copy()
     hd["spearman"] = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(hd["mean"], hd.ci_low, hd.ci_high)]
     w = hd.pivot_table(index="detector", columns="causal_map", values="spearman", aggfunc="first").reset_index()
     w.columns.name = None
     lines += ["Head-level (within each layer; detector score = low focus, i.e. heads that warrant correction), "
-              "Spearman:", "", _md_table(w), "",
+              "Spearman:", "", md_table(w), "",
               f"Attribution patching vs exact head patching: Spearman {s['attribution_vs_exact_spearman']:.3f} over all "
               "(event, layer, head) cells (target at least 0.8).", ""]
     lines += [f"Events where the cue would have been the model's top preferred object (the next present object "
@@ -259,7 +259,7 @@ def _studies_section(out: Path, quick: bool, seed: int, progress: bool, log, lm)
         d2["one-sided Wilcoxon p"] = [f"{p:.3g} ({a})" for p, a in zip(d2.wilcoxon_p, d2.alternative)]
         lines += [f"{dp.summary.get('n_events_fired', 0)} events with at least one firing layer "
                   f"({dp.summary.get('n_events_not_fired', 0)} without); one row per (event, corrected layer):", "",
-                  _md_table(d2[["statistic", "D-LEAF", "random-head null", "n", "one-sided Wilcoxon p"]]), ""]
+                  md_table(d2[["statistic", "D-LEAF", "random-head null", "n", "one-sided Wilcoxon p"]]), ""]
     lines += _calibration_section(out, quick, seed, progress, log, lm)
     return lines
 
@@ -295,8 +295,8 @@ def _calibration_section(out: Path, quick: bool, seed: int, progress: bool, log,
     d["cell"] = [f"{a:.2f} / {h:.2f} ({b:.2f})" for a, h, b in zip(d.auroc, d.top1_hit, d.top1_base_rate)]
     w = d.pivot_table(index="fault", columns="detector", values="cell", aggfunc="first", sort=False).reset_index()
     w.columns.name = None
-    lines += [_md_table(f[["fault", "dCHAIR_s", "drecall"]]), "",
-              "Detection, `AUROC / top-1 hit (base rate)` per detector:", "", _md_table(w), ""]
+    lines += [md_table(f[["fault", "dCHAIR_s", "drecall"]]), "",
+              "Detection, `AUROC / top-1 hit (base rate)` per detector:", "", md_table(w), ""]
     rec = t["recovery"].copy()
     if len(rec):
         rec["fault"] = [f"{k} L{l} s={s:g} p={p:g}" for k, l, s, p in zip(rec.kind, rec.layer, rec.strength,
@@ -307,7 +307,7 @@ def _calibration_section(out: Path, quick: bool, seed: int, progress: bool, log,
         rw.columns.name = None
         lines += ["Recovery: change of CHAIR_s when each method decodes with the fault in place, against the faulted "
                   "greedy run (paired, points; negative = fewer hallucinations; `oracle` = D-LEAF's fusion exactly at "
-                  "the faulted steps and heads):", "", _md_table(rw), ""]
+                  "the faulted steps and heads):", "", md_table(rw), ""]
     iaf = t["iaf"]
     if len(iaf):
         lines += [f"IAF at faulted steps: the best head is an intact head in {100 * iaf.best_is_intact.mean():.0f}% of "

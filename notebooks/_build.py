@@ -124,7 +124,7 @@ SETUP,
 """from dleaf_analysis.models import load_model, caption
 from dleaf_analysis.scenes import load_split
 from dleaf_analysis.interventions import get_method
-from dleaf_analysis.evaluation.tuning import tuned_config
+from dleaf_analysis.settings import tuned_config
 
 lm = load_model()
 split = load_split("test-partner-absent", limit=6)
@@ -171,7 +171,7 @@ from dleaf_analysis.scenes import load_split, render
 from dleaf_analysis.studies.events import find_events, event_inputs
 from dleaf_analysis.studies import dpo
 from dleaf_analysis.interventions import DLeaf
-from dleaf_analysis.evaluation.tuning import tuned_config
+from dleaf_analysis.settings import tuned_config
 
 lm = load_model()
 split = load_split("dev", limit=30)

@@ -11,7 +11,7 @@ import torch
 
 from dleaf_analysis.evaluation.grounding import image_token_embeddings, within_image_cosine
 from dleaf_analysis.interventions import ImageAttentionProbe
-from dleaf_analysis.models.card import acceptance
+from dleaf_analysis.model_card import acceptance
 from dleaf_analysis.paths import EMBEDDED_MODEL_DIR
 from dleaf_analysis.scenes.render import patch_labels
 from dleaf_analysis.scenes.world import Scene, SceneObject

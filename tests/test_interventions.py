@@ -190,7 +190,7 @@ def test_config_file_errors(tmp_path):
 
 
 def test_defaults_are_the_tuned_settings():
-    from dleaf_analysis.evaluation.tuning import TUNED_FILE
+    from dleaf_analysis.settings import TUNED_FILE
     from dleaf_analysis.interventions import METHODS
 
     tuned = json.loads(TUNED_FILE.read_text())["chosen"]

@@ -15,6 +15,7 @@ from dleaf_analysis.evaluation.protocol import Protocol
 from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT, answer, caption
 from dleaf_analysis.models.loading import LoadedModel, load_model
 from dleaf_analysis.scenes import POPE_VARIANTS, ObjectStats, load_split, pope_questions
+from dleaf_analysis.settings import tuned_config
 
 BENCHMARKS = ("chair", "pope")
 
@@ -77,7 +78,6 @@ def evaluate(
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
-    from dleaf_analysis.evaluation.tuning import tuned_config
     from dleaf_analysis.interventions import get_method
 
     lm = lm or load_model()

@@ -16,10 +16,8 @@ import pandas as pd
 
 from dleaf_analysis.evaluation.runner import evaluate
 from dleaf_analysis.models.loading import LoadedModel, load_model
-from dleaf_analysis.paths import DATA_DIR
 from dleaf_analysis.sweeps import ResultStore, run_sweep
 
-TUNED_FILE = DATA_DIR / "tuned_methods.json"
 
 # the same number of configurations (12) per method.  Settings a grid does not vary are written
 # into every one of its configurations, so that every default of a tuned method is in its grid
@@ -119,16 +117,3 @@ def tune(
     (out / "chosen.json").write_text(json.dumps(result, indent=1))
     log(f"chosen settings: {json.dumps(chosen)}")
     return {"chosen": chosen, "grid": grid, "sensitivity": sens, "summary": result}
-
-
-def tuned_config(method: str, weights_hash: str | None = None) -> dict:
-    """The shipped tuned settings of a method (``data/tuned_methods.json``), or {} if none.
-
-    With ``weights_hash``: only if the settings were tuned for that model (they are
-    model-specific; other models get the configs' generic defaults)."""
-    if not TUNED_FILE.is_file():
-        return {}
-    d = json.loads(TUNED_FILE.read_text())
-    if weights_hash is not None and d.get("weights_hash") != weights_hash:
-        return {}
-    return d["chosen"].get(method, {})

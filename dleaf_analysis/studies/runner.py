@@ -76,7 +76,7 @@ def run_study(
     (``calibration``: on those images, with ``faults``, default: the default fault grid)."""
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; choose one of {STUDIES}")
-    from dleaf_analysis.evaluation.tuning import tuned_config
+    from dleaf_analysis.settings import tuned_config
 
     lm = lm or load_model()
     data = load_split(split, limit=limit)
@@ -161,7 +161,7 @@ def run_study(
 
 
 def _calibration(lm: LoadedModel, data, cfg: DLeaf, out: Path, seed: int, progress: bool, log, faults) -> StudyResult:
-    from dleaf_analysis.evaluation.tuning import tuned_config
+    from dleaf_analysis.settings import tuned_config
     from dleaf_analysis.studies.calibration import run_calibration
 
     images = [data.image(i) for i in range(len(data))]

@@ -1,6 +1,8 @@
-"""The embedded model's card: targets measured on the frozen splits, and the diagnostic-signal
-table (how well per-layer image-attention mass and LIAE separate hallucinated from grounded
-object tokens, as AUROC).  Reported as measured; no model is selected by it."""
+"""The embedded model's card: targets measured on the frozen splits, the grounding probes and
+acceptance checks, and the diagnostic-signal table (how well per-layer image-attention mass and
+LIAE separate hallucinated from grounded object tokens, as AUROC).  Reported as measured; no
+model is selected by it.  A top-level module: it evaluates the model it describes, so it sits
+above ``evaluation`` (``models`` does not import ``evaluation``)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from scipy.stats import mannwhitneyu
 
 from dleaf_analysis import diagnostics as D
+from dleaf_analysis.tables import md_table
 from dleaf_analysis.evaluation.runner import evaluate
 from dleaf_analysis.models.adapters import ModelAdapter
 from dleaf_analysis.models.inputs import PromptBuilder
@@ -150,19 +153,11 @@ def acceptance(metrics: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["check", "value", "target", "passes"])
 
 
-def _md_table(df: pd.DataFrame, floatfmt: str = ".2f") -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    for r in df.itertuples(index=False):  # keeps each column's type (ints stay ints)
-        lines.append("| " + " | ".join(format(v, floatfmt) if isinstance(v, float) else str(v) for v in r) + " |")
-    return "\n".join(lines)
-
-
 def _ci_table(records: list[dict]) -> str:
     df = pd.DataFrame(records)
     df["95% CI"] = [f"[{lo:.1f}, {hi:.1f}]" for lo, hi in zip(df["ci_low"], df["ci_high"])]
     keep = [c for c in ("variant", "metric", "value", "95% CI", "n") if c in df.columns]
-    return _md_table(df[keep])
+    return md_table(df[keep])
 
 
 def write_card_markdown(model_dir) -> str:
@@ -224,7 +219,7 @@ def write_card_markdown(model_dir) -> str:
             "AUROC of each layer's image-attention mass and LIAE (mean-map) for telling hallucinated from "
             "grounded object tokens in the greedy captions of both test splits (0.5 = no signal; below 0.5 = "
             "lower on hallucinated tokens). Reported as measured; the model was not selected by it.", "",
-            _md_table(pd.DataFrame(m["signal_table"]), ".3f"), "",
+            md_table(pd.DataFrame(m["signal_table"]), ".3f"), "",
             "## Example captions (test)", "",
         ]
         for ex in m["example_captions"]:
@@ -268,9 +263,9 @@ def _acceptance_section(m: dict, prev: dict | None) -> list[str]:
              "The linear probe reads each patch's object class from its own token (fitted on train images, "
              "scored on dev). `previous model`: the 64-token model this one replaces, measured by the same "
              "functions (`data/embedded-llava/previous_model.json`).", "",
-             _md_table(acc), ""]
+             md_table(acc), ""]
     probes = pd.DataFrame(g["probe_recall"])
-    lines += ["Probe captions on dev (this model):", "", _md_table(probes.round(2)), "",
+    lines += ["Probe captions on dev (this model):", "", md_table(probes.round(2)), "",
               f"Token cosines (this model): within-image raw {g['cosine_within_raw']:.3f}, centred "
               f"{g['cosine_within_centred']:.3f}; between-image raw {g['cosine_between_raw']:.3f}, centred "
               f"{g['cosine_between_centred']:.3f}; within-image share of variance "

@@ -1,0 +1,51 @@
+"""The package's layering: no import cycle (lazy imports inside functions included), and the lower
+layers never import the ones above them."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "dleaf_analysis"
+
+
+def _graph() -> dict[str, set[str]]:
+    mods: dict[str, set[str]] = {}
+    for f in ROOT.rglob("*.py"):
+        name = ".".join(("dleaf_analysis",) + f.relative_to(ROOT).with_suffix("").parts).replace(".__init__", "")
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dleaf_analysis"):
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("dleaf_analysis")}
+        mods[name] = deps
+    return {m: {d for d in deps if d in mods and d != m} for m, deps in mods.items()}
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    state: dict[str, int] = {}
+
+    def visit(n: str, path: list[str]) -> None:
+        state[n] = 1
+        for d in graph[n]:
+            assert state.get(d) != 1, "import cycle: " + " -> ".join(path + [d])
+            if d not in state:
+                visit(d, path + [d])
+        state[n] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+
+
+def test_lower_layers_do_not_import_upper_ones():
+    graph = _graph()
+    upper = ("dleaf_analysis.evaluation", "dleaf_analysis.studies", "dleaf_analysis.report", "dleaf_analysis.figures",
+             "dleaf_analysis.cli", "dleaf_analysis.model_card")
+    for m, deps in graph.items():
+        if m.startswith(("dleaf_analysis.scenes", "dleaf_analysis.models", "dleaf_analysis.hooks",
+                         "dleaf_analysis.diagnostics", "dleaf_analysis.tracing", "dleaf_analysis.interventions")):
+            bad = sorted(d for d in deps if d.startswith(upper))
+            assert not bad, f"{m} imports {bad}"
