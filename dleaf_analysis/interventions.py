@@ -339,8 +339,10 @@ class UniformFusion(DLeaf):
 
     name: ClassVar[str] = "uniform"
     threshold: str = "static"
-    gamma: float = 0.25  # tuned (data/tuned_methods.json)
-    head_selection: str = "below-mean"
+    # tuned (data/tuned_methods.json)
+    gamma: float = 0.25
+    head_selection: str = "below-rho"
+    fusion: str = "image"
 
     def validate(self, n_layers=None, n_heads=None) -> "UniformFusion":
         if self.threshold != "static":
@@ -358,7 +360,7 @@ class PAI(Method):
     """
 
     name: ClassVar[str] = "pai"
-    alpha: float = 2.0  # tuned; the tuned layer range ([4, 5] of 6) is model-specific
+    alpha: float = 0.25  # tuned; the tuned layer range ([4, 5] of 6) is model-specific
     layers: list[int] | None = None  # None: all but the first two
 
     def validate(self, n_layers=None, n_heads=None) -> "PAI":
@@ -395,7 +397,7 @@ class VCD(Method):
     probability is at least ``beta`` times the maximum (adaptive plausibility)."""
 
     name: ClassVar[str] = "vcd"
-    alpha: float = 1.0
+    alpha: float = 0.5  # tuned (data/tuned_methods.json)
     beta: float = 0.1
     noise_steps: int = 500
     seed: int = 0
