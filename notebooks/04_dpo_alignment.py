@@ -42,7 +42,7 @@ from dleaf_analysis.interventions import DLeaf
 from dleaf_analysis.settings import tuned_config
 
 lm = load_model()
-split = load_split("dev", limit=30)
+split = load_split("dev", limit=60)  # about one hallucination in six images fires a correction at its step
 events = find_events(lm, split, progress=False)
 hall = events[(events.kind == "hallucinated") & events.preferred.notna() & events.cue.notna()]
 cfg = DLeaf(**tuned_config("dleaf", lm.weights_hash))
@@ -54,6 +54,7 @@ for e in hall.to_dict(orient="records"):
     if layers:
         ev = e
         break
+assert ev is not None, "no hallucination event at which D-LEAF fires: raise the split limit"
 print(ev["prefix"], "->", ev["token"], "(preferred:", ev["preferred"], ") corrected layers:", layers)
 
 # %%

@@ -98,7 +98,7 @@ def test_small_studies_run_and_resume(tmp_path, embedded, study):
         assert {"liae", "image-mass", "row-entropy", "all-layers", "random"} <= set(s.detector)
         allx = s[(s.detector == "all-layers") & (s.metric == "spearman")]
         assert (allx["mean"] == 0).all()  # cannot rank: no information
-        assert all("LIAE" in v for v in r.summary["verdict"])
+        assert all("`liae`" in v and "`liae-z`" in v and "layer profile" in v for v in r.summary["verdict"])
     if study == "dpo":
         if len(r.tables["dpo"]):
             assert set(r.tables["dpo_summary"].statistic) == {"cos_update_grad", "cos_update_to_preferred",

@@ -2,7 +2,7 @@
 
 - the preferred alternative is never the cue object (the counterfactual removes the cue);
 - reverse patching is signed like forward patching;
-- attribution patching uses the full gradient (Spearman with exact patching >= 0.95);
+- attribution patching uses the full gradient (it is the derivative of exact head patching);
 - the DPO study reads its fired layers from D-LEAF's own decoding log (one firing rule);
 - study randomness is derived with hashlib (two processes, different hash salts, same output);
 - ``running_z`` is D-LEAF's statistic; the layer-profile baseline ranks a constant ordering;
@@ -69,21 +69,57 @@ def test_reverse_patching_is_signed_like_forward_patching(patch_maps):
     assert np.mean(rhos) > 0.3, rhos  # mirror-signed maps gave about -0.9
 
 
+def _exact_scaled_patch(embedded, inputs, tok, pref, clean_z, cf_z, eps: float) -> np.ndarray:
+    """``[L, H]``: exact change of the metric when head h of layer l moves a fraction ``eps`` of the
+    way to its counterfactual output (every position), divided by ``eps``."""
+    from dleaf_analysis.models.adapters import ModelAdapter
+    from dleaf_analysis.studies.events import logit_diff
+
+    ad = ModelAdapter(embedded.model)
+    L, H, d = ad.n_layers, ad.n_heads, ad.head_dim
+    with torch.no_grad():
+        base = float(logit_diff(embedded.model(**inputs).logits, tok, pref)[0])
+    out, rep = np.zeros((L, H)), {k: v.repeat(H, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
+    for l in range(L):
+        def step(x, l=l):
+            x = x.clone()
+            for h in range(H):
+                sl = slice(h * d, (h + 1) * d)
+                x[h, :, sl] = x[h, :, sl] + eps * (cf_z[l][:, sl] - clean_z[l][:, sl])
+            return x
+        hook = ad.layers[l].self_attn.o_proj.register_forward_pre_hook(lambda m, a, f=step: (f(a[0]),))
+        try:
+            with torch.no_grad():
+                out[l] = (logit_diff(embedded.model(**rep).logits, tok, pref) - base).numpy() / eps
+        finally:
+            hook.remove()
+    return out
+
+
 def test_attribution_patching_uses_the_full_gradient(embedded, split, patchable, patch_maps):
-    """The shipped maps use the full gradient: they agree with exact patching better than the
-    detached ("direct") gradient the first version used, and track it closely."""
+    """Attribution patching is the first-order term of head patching: against the exact effect of a
+    small step (1%) toward the counterfactual, computed independently with plain hooks, the full
+    gradient agrees to within 2% of the largest effect (Spearman >= 0.99); the detached ("direct")
+    gradient of the first version does not.  At a full patch the gap to exact patching is the
+    model's nonlinearity; the patching study reports that agreement (``attribution_vs_exact_spearman``)."""
     tok = embedded.tokenizer.convert_tokens_to_ids
-    direct = []
-    for ev in patchable:
+    full, direct, exact = [], [], []
+    for ev in patchable[:3]:
         inputs, cf = event_inputs(embedded, split, ev), event_inputs(embedded, split, ev, counterfactual=True)
-        direct.append(causal.attribution_patching(embedded, inputs, tok(ev["token"]), tok(ev["preferred"]),
-                                                  causal.head_outputs(embedded, inputs), causal.head_outputs(embedded, cf),
-                                                  gradient="direct").ravel())
-    full = np.concatenate([m["attribution_head"].ravel() for m in patch_maps])
-    exact = np.concatenate([m["patch_head"].ravel() for m in patch_maps])
-    rho_full, rho_direct = spearmanr(full, exact).statistic, spearmanr(np.concatenate(direct), exact).statistic
-    assert rho_full > rho_direct + 0.03, (rho_full, rho_direct)
-    assert np.corrcoef(full, exact)[0, 1] >= 0.95
+        t, p = tok(ev["token"]), tok(ev["preferred"])
+        cz, fz = causal.head_outputs(embedded, inputs), causal.head_outputs(embedded, cf)
+        full.append(causal.attribution_patching(embedded, inputs, t, p, cz, fz).ravel())
+        direct.append(causal.attribution_patching(embedded, inputs, t, p, cz, fz, gradient="direct").ravel())
+        exact.append(_exact_scaled_patch(embedded, inputs, t, p, cz, fz, eps=1e-2).ravel())
+    full, direct, exact = map(np.concatenate, (full, direct, exact))
+    scale = np.abs(exact).max()
+    assert scale > 0
+    assert spearmanr(full, exact).statistic >= 0.99
+    assert np.abs(full - exact).max() <= 0.02 * scale
+    assert np.abs(direct - exact).max() > 0.2 * scale  # the cut gradient is not the derivative
+    # the shipped patching maps carry the full gradient
+    shipped = np.concatenate([m["attribution_head"].ravel() for m in patch_maps[:3]])
+    np.testing.assert_allclose(shipped, full, rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_dpo_fired_layers_are_dleafs_own_firings(embedded, split):

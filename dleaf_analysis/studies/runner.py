@@ -172,8 +172,7 @@ def _calibration(lm: LoadedModel, data, cfg: DLeaf, out: Path, seed: int, progre
                              faults=faults, dleaf_config={k: v for k, v in cfg.to_dict().items() if k != "method"},
                              methods=methods, seed=seed, progress=progress, log=log)
     summary = json.loads((out / "summary.json").read_text())
-    return StudyResult("calibration", pd.DataFrame(), {f"{k}_summary" if k == "detection" else k: v
-                                                       for k, v in tables.items()}, summary)
+    return StudyResult("calibration", pd.DataFrame(), tables, summary)
 
 
 def _detector_rows(lm, image, prefix: str, key: str, seed: int) -> list[dict]:
