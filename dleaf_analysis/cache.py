@@ -25,12 +25,13 @@ import pandas as pd
 import torch
 
 from dleaf_analysis import diagnostics as D
+from dleaf_analysis.errors import DleafError
 
 KEY_GROUPS = ("system", "image", "prompt", "generated")
 FORMAT_VERSION = 1
 
 
-class CacheFileError(RuntimeError):
+class CacheFileError(DleafError, RuntimeError):
     """A cache on disk that is incomplete, corrupted, or from another model."""
 
 

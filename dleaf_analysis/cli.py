@@ -1,4 +1,11 @@
-"""``dleaf``: thin typer commands over the package (no analysis logic of its own)."""
+"""``dleaf``: thin typer commands over the package (no analysis logic of its own).
+
+One vocabulary on every command where it applies: ``--model DIR`` (default: the embedded model),
+``--device cpu|cuda|cuda:N|mps|auto``, ``--dtype fp32|bf16|fp16`` (the model's), ``--seed``,
+``--limit N`` (N >= 1), ``--batch-size N`` (N >= 1), ``--out DIR``, ``--json``, ``--config FILE``
+(a method config), ``--answer-parser``.  Options are checked before a model is loaded.  Expected
+failures print one line and exit with code 2; ``dleaf --debug CMD`` shows the traceback.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +20,136 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(stderr=True)
+from dleaf_analysis import __version__
+from dleaf_analysis.errors import DleafError
+
+console = Console(stderr=True, soft_wrap=True)
+EXPECTED_ERRORS = (DleafError, OSError, ValueError)
+_STATE = {"debug": os.environ.get("DLEAF_DEBUG", "") not in ("", "0")}
+
+
+class _ErrorBoundary(TyperGroup):
+    """Runs a command; an expected failure becomes ``error: <message>`` and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EXPECTED_ERRORS as e:
+            if _STATE["debug"]:
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            console.print(f"[bold red]error:[/] {escape(msg)}  [dim](dleaf --debug ... for the traceback)[/]")
+            raise typer.Exit(2)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, cls=_ErrorBoundary,
+                  pretty_exceptions_enable=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dleaf-analysis {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks of expected failures"),
+) -> None:
+    if debug:
+        _STATE["debug"] = True
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    console.print(f"[bold red]error:[/] {escape(msg)}")
     raise typer.Exit(2)
+
+
+# -- the shared vocabulary: each option has one meaning and is validated before any model loads ----
+
+DTYPES = ("fp32", "bf16", "fp16")
+PARSERS = ("official", "negation", "substring", "first-token")
+
+
+def _check_device(value: str) -> str:
+    import torch
+
+    v = value.strip().lower()
+    if v in ("cpu", "auto"):
+        return v
+    if v == "cuda" or v.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise typer.BadParameter(f"{value!r}: no CUDA device is visible here; use --device cpu")
+        if ":" in v:
+            i = v.split(":", 1)[1]
+            if not i.isdigit() or int(i) >= torch.cuda.device_count():
+                raise typer.BadParameter(f"{value!r}: {torch.cuda.device_count()} CUDA device(s) visible")
+        return v
+    if v == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise typer.BadParameter("'mps': no Apple GPU is visible here; use --device cpu")
+        return v
+    raise typer.BadParameter(f"{value!r}; choose cpu, cuda, cuda:N, mps or auto")
+
+
+def _check_dtype(value: Optional[str]) -> Optional[str]:
+    if value is not None and value not in DTYPES:
+        raise typer.BadParameter(f"{value!r}; choose one of {', '.join(DTYPES)}")
+    return value
+
+
+def _check_parser(value: str) -> str:
+    if value not in PARSERS:
+        raise typer.BadParameter(f"{value!r}; choose one of {', '.join(PARSERS)}")
+    return value
+
+
+def _check_file(value: Optional[Path]) -> Optional[Path]:
+    if value is not None and not value.is_file():
+        raise typer.BadParameter(f"{value}: no such file")
+    return value
+
+
+def ModelOpt():  # noqa: N802
+    return typer.Option(None, "--model", help="model directory (default: the embedded model)")
+
+
+def DeviceOpt():  # noqa: N802
+    return typer.Option("cpu", "--device", callback=_check_device, help="cpu | cuda | cuda:N | mps | auto")
+
+
+def DtypeOpt():  # noqa: N802
+    return typer.Option(None, "--dtype", callback=_check_dtype, help="the model's dtype: fp32 | bf16 | fp16")
+
+
+def LimitOpt(default: Optional[int] = None, help: str = "the first N images only"):  # noqa: N802
+    return typer.Option(default, "--limit", min=1, help=help)
+
+
+def BatchOpt(default: int):  # noqa: N802
+    return typer.Option(default, "--batch-size", min=1, help="items per forward pass")
+
+
+def SeedOpt():  # noqa: N802
+    return typer.Option(0, "--seed", help="seed of every random choice of the run")
+
+
+def JsonOpt():  # noqa: N802
+    return typer.Option(False, "--json", help="print the result as JSON on stdout")
+
+
+def ConfigOpt():  # noqa: N802
+    return typer.Option(None, "--config", callback=_check_file,
+                        help="JSON file of method settings, e.g. {\"method\": \"dleaf\", \"gamma\": 0.5}")
+
+
+def ParserOpt():  # noqa: N802
+    return typer.Option("official", "--answer-parser", callback=_check_parser, help="POPE answer parser: " + " | ".join(PARSERS))
 
 
 def _print_table(df, title: str) -> None:
@@ -34,14 +162,11 @@ def _print_table(df, title: str) -> None:
 
 
 def _load(model: Optional[Path], device: str = "cpu", dtype: Optional[str] = None):
-    from dleaf_analysis.models.loading import ModelLoadError, load_model
+    from dleaf_analysis.models.loading import load_model
 
-    try:
-        if device == "auto":  # larger than one device: accelerate places the layers
-            return load_model(model, dtype=dtype, device_map="auto")
-        return load_model(model, device=device, dtype=dtype)
-    except ModelLoadError as e:
-        _fail(str(e))
+    if device == "auto":  # larger than one device: accelerate places the layers
+        return load_model(model, dtype=dtype, device_map="auto")
+    return load_model(model, device=device, dtype=dtype)
 
 
 @app.command()
@@ -49,43 +174,37 @@ def evaluate(
     benchmark: str = typer.Option("chair", help="chair | pope"),
     split: str = typer.Option("test", help="dev | test | test-partner-absent"),
     method: str = typer.Option("greedy", help="greedy | dleaf | uniform | pai | vcd | ablate"),
-    config: Optional[Path] = typer.Option(None, help="JSON file of method settings, e.g. {\"gamma\": 0.5}"),
-    limit: Optional[int] = typer.Option(None, help="evaluate the first N images only"),
-    model: Optional[Path] = typer.Option(None, help="model directory (default: the embedded model)"),
-    device: str = typer.Option("cpu"),
-    dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16"),
-    batch_size: int = typer.Option(32),
-    seed: int = typer.Option(0),
-    answer_parser: str = typer.Option("official", help="POPE answer parser"),
+    config: Optional[Path] = ConfigOpt(),
+    limit: Optional[int] = LimitOpt(help="evaluate the first N images only"),
+    model: Optional[Path] = ModelOpt(),
+    device: str = DeviceOpt(),
+    dtype: Optional[str] = DtypeOpt(),
+    batch_size: int = BatchOpt(32),
+    seed: int = SeedOpt(),
+    answer_parser: str = ParserOpt(),
     out: Optional[Path] = typer.Option(None, help="write protocol.json, summary.csv, details.jsonl here"),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on stdout"),
+    as_json: bool = JsonOpt(),
 ) -> None:
     """Evaluate a method with CHAIR or POPE on a scene split (bootstrap 95% CIs)."""
     from dleaf_analysis.evaluation.runner import BENCHMARKS, evaluate as run
-    from dleaf_analysis.interventions import ConfigError, get_method, load_config
+    from dleaf_analysis.interventions import get_method, load_config
     from dleaf_analysis.scenes import SPLITS
 
     method_config = None
-    try:
-        if config is not None:
-            method_config = load_config(config)
-            file_method = method_config.pop("method", method)
-            if file_method != method and method != "greedy":
-                _fail(f"--method {method} but the config file is for {file_method!r}")
-            method = file_method
-        get_method(method, method_config)
-    except ConfigError as e:
-        _fail(str(e))
+    if config is not None:
+        method_config = load_config(config)
+        file_method = method_config.pop("method", method)
+        if file_method != method and method != "greedy":
+            _fail(f"--method {method} but the config file is for {file_method!r}")
+        method = file_method
+    get_method(method, method_config)
     if benchmark not in BENCHMARKS:
         _fail(f"unknown benchmark {benchmark!r}; choose one of {list(BENCHMARKS)}")
     if split not in SPLITS:
         _fail(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
     lm = _load(model, device, dtype)
-    try:
-        res = run(benchmark, split, lm, method=method, method_config=method_config, limit=limit, seed=seed, batch_size=batch_size,
-                  answer_parser=answer_parser, out_dir=out, progress=not as_json)
-    except ValueError as e:
-        _fail(str(e))
+    res = run(benchmark, split, lm, method=method, method_config=method_config, limit=limit, seed=seed, batch_size=batch_size,
+              answer_parser=answer_parser, out_dir=out, progress=not as_json)
     if as_json:
         sys.stdout.write(res.to_json() + "\n")
     else:
@@ -97,42 +216,42 @@ def evaluate(
 
 def _image_arg(image: Optional[str], split: str, index: int):
     """An image from a user's file (``--image``) or from a split (``--split``, ``--index``)."""
-    from dleaf_analysis.models.inputs import InputError, as_pil
-    from dleaf_analysis.scenes import UnknownSplitError, load_split
+    from dleaf_analysis.models.inputs import as_pil
+    from dleaf_analysis.scenes import load_split
 
-    try:
-        if image:
-            return as_pil(image), None
-        sp = load_split(split, limit=index + 1)
-        if index >= len(sp):
-            _fail(f"split {split!r} has {len(sp)} images; --index {index} is out of range")
-        return sp.image(index), sp.scenes[index]
-    except (InputError, UnknownSplitError) as e:
-        _fail(str(e))
+    if image:
+        return as_pil(image), None
+    sp = load_split(split, limit=index + 1)
+    if index >= len(sp):
+        _fail(f"split {split!r} has {len(sp)} images; --index {index} is out of range")
+    return sp.image(index), sp.scenes[index]
 
 
 @app.command()
 def trace(
     image: Optional[str] = typer.Option(None, help="an image file (PNG/JPEG); default: an image of --split"),
     split: str = typer.Option("dev"),
-    index: int = typer.Option(0, help="image index in the split"),
+    index: int = typer.Option(0, min=0, help="image index in the split"),
     prompt: str = typer.Option("describe the image ."),
-    max_new_tokens: int = typer.Option(32),
+    max_new_tokens: int = typer.Option(32, min=1),
     backend: str = typer.Option("nnsight", help="nnsight | hooks"),
-    model: Optional[Path] = typer.Option(None),
+    model: Optional[Path] = ModelOpt(),
+    device: str = DeviceOpt(),
+    dtype: Optional[str] = DtypeOpt(),
     out: Path = typer.Option(Path("runs/trace"), help="cache directory to write"),
-    dtype: str = typer.Option("fp32", help="fp32 | fp16 storage"),
+    cache_dtype: str = typer.Option("fp32", "--cache-dtype", help="storage of the cache: fp32 | fp16"),
 ) -> None:
     """Trace greedy generation on one image; write the attention cache."""
-    from dleaf_analysis.models.inputs import InputError
     from dleaf_analysis.tracing import trace_generation
 
-    lm = _load(model)
+    if backend not in ("nnsight", "hooks"):
+        _fail(f"unknown backend {backend!r}; choose nnsight or hooks")
+    if cache_dtype not in ("fp32", "fp16"):
+        _fail(f"unknown --cache-dtype {cache_dtype!r}; choose fp32 or fp16")
     img, _ = _image_arg(image, split, index)
-    try:
-        cache = trace_generation(lm, img, prompt, max_new_tokens=max_new_tokens, backend=backend, stream_to=out, dtype=dtype)
-    except (InputError, ValueError) as e:
-        _fail(str(e))
+    lm = _load(model, device, dtype)
+    cache = trace_generation(lm, img, prompt, max_new_tokens=max_new_tokens, backend=backend, stream_to=out,
+                             dtype=cache_dtype)
     console.print(f"{cache}\ngenerated: {cache.text()}\ncache written to {out}")
 
 
@@ -143,25 +262,23 @@ def diagnose(
     index: int = typer.Option(0),
     prompt: str = typer.Option("describe the image ."),
     cache: Optional[Path] = typer.Option(None, help="diagnose a saved cache instead of tracing"),
-    model: Optional[Path] = typer.Option(None),
+    model: Optional[Path] = ModelOpt(),
+    device: str = DeviceOpt(),
+    dtype: Optional[str] = DtypeOpt(),
     out: Optional[Path] = typer.Option(None, help="write diagnostics.csv (layer detectors) and heads.csv here"),
-    seed: int = typer.Option(0),
-    as_json: bool = typer.Option(False, "--json"),
+    seed: int = SeedOpt(),
+    as_json: bool = JsonOpt(),
 ) -> None:
     """LIAE per layer per step, IAF per head and the uniform detectors for one image."""
     from dleaf_analysis import diagnostics as D
-    from dleaf_analysis.cache import AttentionCache, CacheFileError
+    from dleaf_analysis.cache import AttentionCache
     from dleaf_analysis.tracing import trace_generation
 
     if cache is not None:
-        try:
-            c = AttentionCache.load(cache)
-        except CacheFileError as e:
-            _fail(str(e))
+        c = AttentionCache.load(cache)
     else:
-        lm = _load(model)
         img, _ = _image_arg(image, split, index)
-        c = trace_generation(lm, img, prompt)
+        c = trace_generation(_load(model, device, dtype), img, prompt)
     table = D.diagnose(c, seed=seed)
     heads = c.to_frame()
     if out:
@@ -180,34 +297,31 @@ def diagnose(
 def study(
     name: str = typer.Argument(..., help="ablation | patching | localization | dpo | calibration"),
     split: str = typer.Option("dev"),
-    limit: Optional[int] = typer.Option(100, help="first N images of the split"),
+    limit: Optional[int] = LimitOpt(100, help="first N images of the split"),
     out: Path = typer.Option(Path("runs/studies"), help="results go to OUT/<study>/ (resumable)"),
-    model: Optional[Path] = typer.Option(None, help="model directory (default: the embedded model)"),
-    seed: int = typer.Option(0),
-    as_json: bool = typer.Option(False, "--json"),
+    model: Optional[Path] = ModelOpt(),
+    device: str = DeviceOpt(),
+    dtype: Optional[str] = DtypeOpt(),
+    seed: int = SeedOpt(),
+    as_json: bool = JsonOpt(),
 ) -> None:
     """Causal studies over hallucination events, and the planted-fault calibration study
     (resumable; re-run to continue after a crash)."""
     from dleaf_analysis.scenes import SPLITS
     from dleaf_analysis.studies.runner import STUDIES, NoEventsError, run_study
-    from dleaf_analysis.sweeps import SweepMismatchError
 
     if name not in STUDIES:
         _fail(f"unknown study {name!r}; choose one of {list(STUDIES)}")
     if split not in SPLITS:
         _fail(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
+    lm = _load(model, device, dtype) if (model is not None or device != "cpu" or dtype) else None
     try:
-        from dleaf_analysis.models import load_model
-
-        lm = load_model(model) if model is not None else None
         res = run_study(name, split, limit=limit, out=out, lm=lm, seed=seed, progress=not as_json, log=console.print)
     except NoEventsError as e:
-        console.print(f"[yellow]{e}[/]")
+        console.print(f"[yellow]{escape(str(e))}[/]")
         if as_json:
             sys.stdout.write(json.dumps({"study": name, "n_events": 0, "message": str(e)}) + "\n")
         raise typer.Exit(0)
-    except SweepMismatchError as e:
-        _fail(str(e))
     if as_json:
         sys.stdout.write(res.to_json() + "\n")
         return
@@ -222,10 +336,10 @@ def study(
 @app.command()
 def tune(
     out: Path = typer.Option(Path("runs/tuning"), help="sweep directory (resumable)"),
-    limit: Optional[int] = typer.Option(None, help="first N dev images"),
-    max_recall_drop: float = typer.Option(3.0, help="selection rule: recall may fall at most this much"),
+    limit: Optional[int] = LimitOpt(help="first N dev images"),
+    max_recall_drop: float = typer.Option(3.0, min=0.0, help="selection rule: recall may fall at most this much"),
     ship: bool = typer.Option(False, help="also write the chosen settings to data/tuned_methods.json and data/tuning/"),
-    seed: int = typer.Option(0),
+    seed: int = SeedOpt(),
 ) -> None:
     """Tuning study on the dev split (same budget per method), sensitivity curves for D-LEAF."""
     import shutil
@@ -252,18 +366,14 @@ def chair_score(
     image_id_key: str = typer.Option("image_id"),
     caption_key: str = typer.Option("caption"),
     out: Optional[Path] = typer.Option(None, help="write per-caption details (jsonl) here"),
-    seed: int = typer.Option(0),
-    as_json: bool = typer.Option(False, "--json"),
+    seed: int = SeedOpt(),
+    as_json: bool = JsonOpt(),
 ) -> None:
     """CHAIR of a COCO captions file (faithful to the script used by OPERA / PAI), with bootstrap CIs."""
-    from dleaf_analysis.evaluation.coco_chair import CocoChair, CocoDataError, NLPResourceError, chair_score as score
-    from dleaf_analysis.evaluation.coco_chair import read_captions
+    from dleaf_analysis.evaluation.coco_chair import CocoChair, chair_score as score, read_captions
 
-    try:
-        scorer = CocoChair.load(gt, tagger=tagger)
-        summary, details = score(read_captions(captions, image_id_key, caption_key), scorer, seed=seed)
-    except (CocoDataError, NLPResourceError, ValueError) as e:
-        _fail(str(e))
+    scorer = CocoChair.load(gt, tagger=tagger)
+    summary, details = score(read_captions(captions, image_id_key, caption_key), scorer, seed=seed)
     if out:
         details.to_json(out, orient="records", lines=True)
     skipped = {k: v for k, v in summary.attrs.items() if k.startswith("skipped")}
@@ -277,54 +387,48 @@ def chair_score(
 
 def _method_arg(method: str, config: Optional[Path], lm):
     from dleaf_analysis.settings import tuned_config
-    from dleaf_analysis.interventions import ConfigError, get_method, load_config
+    from dleaf_analysis.interventions import get_method, load_config
 
-    try:
-        cfg = load_config(config) if config else {}
-        cfg.pop("method", None)
-        return None if method == "greedy" and not cfg else get_method(method, {**tuned_config(method, lm.weights_hash), **cfg})
-    except ConfigError as e:
-        _fail(str(e))
+    cfg = load_config(config) if config else {}
+    cfg.pop("method", None)
+    return None if method == "greedy" and not cfg else get_method(method, {**tuned_config(method, lm.weights_hash), **cfg})
 
 
 @app.command("pope-coco")
 def pope_coco(
     coco_images: Path = typer.Option(..., help="folder with COCO val2014 images (COCO_val2014_*.jpg)"),
-    model: Optional[Path] = typer.Option(None, help="model directory (e.g. llava-hf/llava-1.5-7b-hf downloaded)"),
+    model: Optional[Path] = ModelOpt(),
     variant: str = typer.Option("adversarial", help="random | popular | adversarial"),
-    version: str = typer.Option("current", help="current (RUCAIBox/POPE) | opera (the snapshot OPERA used)"),
+    pope_version: str = typer.Option("current", "--pope-version",
+                                     help="current (RUCAIBox/POPE) | opera (the snapshot OPERA used)"),
     questions: Optional[Path] = typer.Option(None, help="a POPE question file instead of the shipped ones"),
     method: str = typer.Option("greedy"),
-    config: Optional[Path] = typer.Option(None),
-    parser: str = typer.Option("official", help="official | negation | substring | first-token"),
-    limit: Optional[int] = typer.Option(None),
+    config: Optional[Path] = ConfigOpt(),
+    answer_parser: str = ParserOpt(),
+    limit: Optional[int] = LimitOpt(help="the first N questions only"),
     shard: Optional[str] = typer.Option(None, help="i/N: this process takes every N-th question from i"),
     out: Path = typer.Option(Path("runs/pope-coco"), help="resumable results directory"),
-    device: str = typer.Option("cpu"),
-    dtype: Optional[str] = typer.Option(None),
-    batch_size: int = typer.Option(8),
-    as_json: bool = typer.Option(False, "--json"),
+    device: str = DeviceOpt(),
+    dtype: Optional[str] = DtypeOpt(),
+    batch_size: int = BatchOpt(8),
+    as_json: bool = JsonOpt(),
 ) -> None:
     """POPE on COCO with any supported model (resumable, shardable)."""
-    from dleaf_analysis.evaluation.coco_chair import CocoDataError
     from dleaf_analysis.evaluation.coco_runs import load_pope_questions, parse_shard, run_pope, score_pope
 
-    try:
-        qs = load_pope_questions(variant, version, questions)
-        sh = parse_shard(shard)
-    except (CocoDataError, ValueError) as e:
-        _fail(str(e))
+    qs = load_pope_questions(variant, pope_version, questions)
+    sh = parse_shard(shard)
     if not coco_images.is_dir():
         _fail(f"COCO image folder not found: {coco_images}")
     qs = qs.head(limit) if limit else qs
     lm = _load(model, device, dtype)
-    rows = run_pope(lm, qs, coco_images, out, parser=parser, method=_method_arg(method, config, lm), shard=sh,
+    rows = run_pope(lm, qs, coco_images, out, parser=answer_parser, method=_method_arg(method, config, lm), shard=sh,
                     batch_size=batch_size, progress=not as_json)
     s = score_pope(rows)
     if as_json:
         sys.stdout.write(json.dumps({"summary": s.to_dict(orient="records"), **s.attrs}) + "\n")
         return
-    _print_table(s, f"POPE {variant} ({version}) · shard {sh[0]}/{sh[1]}")
+    _print_table(s, f"POPE {variant} ({pope_version}) · shard {sh[0]}/{sh[1]}")
     console.print(f"skipped (missing images): {s.attrs['skipped_missing_images']}; results in {out}")
 
 
@@ -332,31 +436,33 @@ def pope_coco(
 def caption_coco(
     coco_images: Path = typer.Option(..., help="folder with COCO val2014 images"),
     image_ids: Path = typer.Option(..., help="a captions file (its image ids are used) or a text file of ids"),
-    model: Optional[Path] = typer.Option(None),
+    model: Optional[Path] = ModelOpt(),
     prompt: str = typer.Option("Please describe this image in detail."),
-    max_new_tokens: int = typer.Option(512),
+    max_new_tokens: int = typer.Option(512, min=1),
     method: str = typer.Option("greedy"),
-    config: Optional[Path] = typer.Option(None),
-    limit: Optional[int] = typer.Option(None),
+    config: Optional[Path] = ConfigOpt(),
+    limit: Optional[int] = LimitOpt(help="the first N images only"),
     shard: Optional[str] = typer.Option(None, help="i/N"),
-    out: Path = typer.Option(Path("runs/captions-coco")),
-    device: str = typer.Option("cpu"),
-    dtype: Optional[str] = typer.Option(None),
-    batch_size: int = typer.Option(4),
-    as_json: bool = typer.Option(False, "--json"),
+    out: Path = typer.Option(Path("runs/captions-coco"), help="resumable results directory"),
+    device: str = DeviceOpt(),
+    dtype: Optional[str] = DtypeOpt(),
+    batch_size: int = BatchOpt(4),
+    as_json: bool = JsonOpt(),
 ) -> None:
     """Caption COCO images with any supported model, then score CHAIR (resumable, shardable)."""
-    from dleaf_analysis.evaluation.coco_chair import CocoDataError, read_captions
+    from dleaf_analysis.evaluation.coco_chair import read_captions
     from dleaf_analysis.evaluation.coco_runs import parse_shard, run_captions, score_captions
 
-    try:
-        if image_ids.suffix in (".jsonl", ".json"):
-            ids = read_captions(image_ids)["image_id"].tolist()
-        else:
+    if not coco_images.is_dir():
+        _fail(f"COCO image folder not found: {coco_images}")
+    if image_ids.suffix in (".jsonl", ".json"):
+        ids = read_captions(image_ids)["image_id"].tolist()
+    else:
+        try:
             ids = [int(x) for x in image_ids.read_text().split()]
-        sh = parse_shard(shard)
-    except (CocoDataError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        except ValueError:
+            _fail(f"{image_ids}: expected whitespace-separated integer image ids (or a .jsonl captions file)")
+    sh = parse_shard(shard)
     ids = ids[:limit] if limit else ids
     lm = _load(model, device, dtype)
     rows = run_captions(lm, ids, coco_images, out, prompt=prompt, method=_method_arg(method, config, lm), shard=sh,
@@ -373,15 +479,12 @@ def caption_coco(
 @app.command("merge-shards")
 def merge_shards(
     dirs: list[Path] = typer.Argument(..., help="the shard directories of one run"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JsonOpt(),
 ) -> None:
     """Merge the shard directories of one POPE or captions run into one table and score it."""
     from dleaf_analysis.evaluation.coco_runs import merge_runs, score_captions, score_pope
 
-    try:
-        rows = merge_runs(dirs)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+    rows = merge_runs(dirs)
     task = json.loads((dirs[0] / "manifest.json").read_text())["task"]
     s = score_pope(rows) if task == "pope" else score_captions(rows)[0]
     if as_json:
@@ -402,11 +505,11 @@ def make_splits() -> None:
 @app.command("train-model")
 def train_model(
     out: Path = typer.Option(None, help="output directory (default: data/embedded-llava)"),
-    seed: int = typer.Option(0),
+    seed: int = SeedOpt(),
     vision_steps: Optional[int] = typer.Option(None),
     full_steps: Optional[int] = typer.Option(None),
-    card_limit: Optional[int] = typer.Option(None, help="evaluate the card on the first N images of each split"),
-    as_json: bool = typer.Option(False, "--json", help="print the card metrics as JSON"),
+    card_limit: Optional[int] = typer.Option(None, min=1, help="evaluate the card on the first N images of each split"),
+    as_json: bool = JsonOpt(),
 ) -> None:
     """Train the embedded model from the world spec and a seed; write weights and model card."""
     from dleaf_analysis.model_card import finalize_card
@@ -428,14 +531,15 @@ def train_model(
 
 
 @app.command()
-def info(model: Optional[Path] = typer.Option(None)) -> None:
+def info(model: Optional[Path] = ModelOpt(), device: str = DeviceOpt(), dtype: Optional[str] = DtypeOpt()) -> None:
     """Show the model, its provenance and the frozen splits."""
     from dleaf_analysis.models.adapters import ModelAdapter
     from dleaf_analysis.scenes import SPLITS
 
-    lm = _load(model)
+    lm = _load(model, device, dtype)
     ad = ModelAdapter(lm.model)
-    console.print(f"model {lm.model_id} at {lm.path} (weights {lm.weights_hash}); {type(lm.model).__name__}, "
+    console.print(f"dleaf-analysis {__version__}; model {lm.model_id} at {lm.path} (weights {lm.weights_hash}); "
+                  f"{type(lm.model).__name__}, "
                   f"{ad.n_layers} layers x {ad.n_heads} heads")
     for name, d in SPLITS.items():
         console.print(f"split {name}: seed {d.seed}, {d.size} scenes ({d.kind})")
@@ -446,8 +550,8 @@ def figures(
     only: Optional[list[str]] = typer.Option(None, help="render only these figures (repeatable)"),
     results: Path = typer.Option(Path("results"), help="the results directory of `dleaf reproduce`"),
     out: Optional[Path] = typer.Option(None, help="output directory (default: figures/)"),
-    n_images: int = typer.Option(100, help="images traced by figures that trace the model"),
-    seed: int = typer.Option(0),
+    n_images: int = typer.Option(100, min=1, help="images traced by figures that trace the model"),
+    seed: int = SeedOpt(),
 ) -> None:
     """Regenerate the figures (PNG, PDF, the CSV behind each, manifest.json)."""
     from dleaf_analysis.figures import FIGURES, FigureContext, render_all
@@ -456,11 +560,8 @@ def figures(
     unknown = [n for n in (only or []) if n not in FIGURES]
     if unknown:
         _fail(f"unknown figure(s) {unknown}; choose from {sorted(FIGURES)}")
-    try:
-        entries = render_all(FigureContext(results=results, n_images=n_images, seed=seed), out or FIGURES_DIR,
-                             only=only, log=console.print)
-    except FileNotFoundError as e:
-        _fail(str(e))
+    entries = render_all(FigureContext(results=results, n_images=n_images, seed=seed), out or FIGURES_DIR,
+                         only=only, log=console.print)
     console.print(f"{len(entries)} figures written to {out or FIGURES_DIR}")
 
 
@@ -468,8 +569,8 @@ def figures(
 def reproduce(
     quick: bool = typer.Option(False, "--quick", help="smoke-size run (used in CI)"),
     out: Path = typer.Option(Path("results"), help="where results and the report go"),
-    seed: int = typer.Option(0),
-    as_json: bool = typer.Option(False, "--json"),
+    seed: int = SeedOpt(),
+    as_json: bool = JsonOpt(),
     update_readme: bool = typer.Option(False, "--update-readme",
                                        help="also splice the results into README.md and write the figures to figures/ "
                                             "(used when regenerating the committed results)"),

@@ -33,9 +33,10 @@ import torch
 from dleaf_analysis import diagnostics as D
 from dleaf_analysis import hooks
 from dleaf_analysis.models.adapters import ModelAdapter
+from dleaf_analysis.errors import DleafError
 
 
-class ConfigError(ValueError):
+class ConfigError(DleafError, ValueError):
     """An invalid intervention config; the message names the valid choices."""
 
 

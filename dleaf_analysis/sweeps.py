@@ -16,8 +16,10 @@ from typing import Callable, Iterable
 import pandas as pd
 from tqdm.auto import tqdm
 
+from dleaf_analysis.errors import DleafError
 
-class SweepMismatchError(RuntimeError):
+
+class SweepMismatchError(DleafError, RuntimeError):
     """The output directory belongs to a different model, data or protocol."""
 
 

@@ -44,17 +44,80 @@ def test_evaluate_with_method_config_file(tmp_path):
     assert p["method"] == "dleaf" and p["method_config"]["gamma"] == 0.25
 
 
-@pytest.mark.parametrize("args,match", [
-    (["evaluate", "--split", "validation"], "unknown split"),
-    (["evaluate", "--benchmark", "mmhal"], "unknown benchmark"),
-    (["evaluate", "--method", "opera"], "unknown method"),
-    (["evaluate", "--model", "/nonexistent/llava"], "model directory not found"),
-    (["trace", "--split", "dev", "--index", "999"], "out of range"),
-])
-def test_bad_input_errors(args, match):
+# Every bad input gets exit code 2 and a message that says what is wrong.  Rows marked
+# ``before_load`` must fail before a model is loaded (the loader is replaced by a tripwire).
+BAD_INPUTS = [
+    # (args, message fragment, fails before loading a model)
+    (["evaluate", "--split", "validation"], "unknown split", True),
+    (["evaluate", "--benchmark", "mmhal"], "unknown benchmark", True),
+    (["evaluate", "--method", "opera"], "unknown method", True),
+    (["evaluate", "--limit", "0"], "--limit", True),
+    (["evaluate", "--batch-size", "0"], "--batch-size", True),
+    (["evaluate", "--dtype", "fp64"], "choose one of fp32, bf16, fp16", True),
+    (["evaluate", "--device", "cuda"], "no CUDA device is visible", True),
+    (["evaluate", "--device", "tpu"], "choose cpu, cuda", True),
+    (["evaluate", "--benchmark", "pope", "--answer-parser", "yesno"], "choose one of official", True),
+    (["evaluate", "--config", "/nonexistent/cfg.json"], "no such file", True),
+    (["evaluate", "--model", "/nonexistent/llava"], "model directory not found", False),
+    (["study", "bogus"], "unknown study", True),
+    (["study", "ablation", "--limit", "0"], "--limit", True),
+    (["study", "ablation", "--split", "nope"], "unknown split", True),
+    (["study", "ablation", "--device", "cuda:3"], "no CUDA device", True),
+    (["tune", "--limit", "-2"], "--limit", True),
+    (["trace", "--split", "dev", "--index", "999"], "out of range", True),
+    (["trace", "--backend", "torchlens"], "unknown backend", True),
+    (["trace", "--cache-dtype", "fp64"], "--cache-dtype", True),
+    (["trace", "--image", "/nonexistent.png"], "/nonexistent.png", True),
+    (["diagnose", "--cache", "/nonexistent/cache"], "/nonexistent/cache", True),
+    (["pope-coco", "--coco-images", "/nonexistent"], "COCO image folder not found", True),
+    (["pope-coco", "--coco-images", ".", "--pope-version", "2019"], "unknown POPE version", True),
+    (["pope-coco", "--coco-images", ".", "--variant", "hard"], "POPE question file not found", True),
+    (["pope-coco", "--coco-images", ".", "--shard", "4/4"], "need 0 <= i < N", True),
+    (["caption-coco", "--coco-images", ".", "--image-ids", "/nonexistent.txt"], "/nonexistent.txt", True),
+    (["chair-score", "--captions", "/nonexistent.jsonl"], "/nonexistent.jsonl", True),
+    (["merge-shards", "/nonexistent/a", "/nonexistent/b"], "/nonexistent/a", True),
+    (["figures", "--only", "fig9"], "unknown figure", True),
+]
+
+
+@pytest.mark.parametrize("args,match,before_load", BAD_INPUTS, ids=[" ".join(a) for a, _, _ in BAD_INPUTS])
+def test_bad_input_errors(monkeypatch, args, match, before_load):
+    import dleaf_analysis.models.loading as loading
+
+    if before_load:
+        def tripwire(*a, **k):
+            raise AssertionError("a model was loaded before the options were checked")
+        monkeypatch.setattr(loading, "load_model", tripwire)
     r = run(*args)
-    assert r.exit_code == 2
-    assert match in r.output
+    assert r.exit_code == 2, r.output
+    assert match in r.output, r.output
+    assert "Traceback" not in r.output
+
+
+def test_expected_failure_is_one_line_and_debug_shows_the_traceback():
+    r = run("diagnose", "--cache", "/nonexistent/cache")
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1, r.output
+    with pytest.raises(Exception, match="/nonexistent/cache"):
+        run("--debug", "diagnose", "--cache", "/nonexistent/cache")
+    from dleaf_analysis import cli
+
+    cli._STATE["debug"] = False
+
+
+def test_version():
+    import dleaf_analysis
+
+    r = run("--version")
+    assert r.exit_code == 0 and r.output.strip() == f"dleaf-analysis {dleaf_analysis.__version__}"
+
+
+def test_every_command_renders_its_help():
+    from typer.main import get_command
+
+    for name in get_command(app).commands:
+        r = run(name, "--help")
+        assert r.exit_code == 0 and "Usage" in r.output, (name, r.output)
 
 
 def test_bad_config_file(tmp_path):

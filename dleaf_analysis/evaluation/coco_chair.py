@@ -30,6 +30,7 @@ import pandas as pd
 
 from dleaf_analysis.evaluation.chair import chair_summary
 from dleaf_analysis.paths import DATA_DIR
+from dleaf_analysis.errors import DleafError
 
 COCO_DIR = DATA_DIR / "coco"
 WORDNET_SOURCES = (Path("/usr/share/wordnet"),)
@@ -44,11 +45,11 @@ _LEXNAMES = (
 ).split()
 
 
-class CocoDataError(ValueError):
+class CocoDataError(DleafError, ValueError):
     """A captions, annotation or question file that cannot be used; the message says why."""
 
 
-class NLPResourceError(RuntimeError):
+class NLPResourceError(DleafError, RuntimeError):
     """WordNet or the tagger weights are missing; the message says how to install them."""
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dleaf_analysis.errors import DleafError
+
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
@@ -16,7 +18,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 }
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(DleafError, TypeError):
     pass
 
 

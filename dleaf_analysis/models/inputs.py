@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dleaf_analysis.errors import DleafError
 
-class InputError(ValueError):
+
+class InputError(DleafError, ValueError):
     """Bad user input (image, prompt): the message says what to do."""
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from dleaf_analysis.paths import EMBEDDED_MODEL_DIR
+from dleaf_analysis.errors import DleafError
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(DleafError, RuntimeError):
     """A model directory that cannot be used; the message says what to do."""
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 from dleaf_analysis.paths import DATA_DIR
 from dleaf_analysis.scenes.render import render
 from dleaf_analysis.scenes.world import Scene, World
+from dleaf_analysis.errors import DleafError
 
 SPLITS_DIR = DATA_DIR / "splits"
 POPE_VARIANTS = ("random", "popular", "adversarial")
@@ -45,7 +46,7 @@ def _scene_seed(split_seed: int, i: int) -> int:
     return int(np.random.SeedSequence([split_seed, i]).generate_state(1)[0])
 
 
-class UnknownSplitError(ValueError):
+class UnknownSplitError(DleafError, ValueError):
     pass
 
 

@@ -26,11 +26,12 @@ from dleaf_analysis.seeding import derive_seed
 from dleaf_analysis.studies import causal, dpo, localization
 from dleaf_analysis.studies.events import event_inputs, find_events
 from dleaf_analysis.sweeps import ResultStore, run_sweep
+from dleaf_analysis.errors import DleafError
 
 STUDIES = ("ablation", "patching", "localization", "dpo", "calibration")
 
 
-class NoEventsError(RuntimeError):
+class NoEventsError(DleafError, RuntimeError):
     """The model did not hallucinate on the chosen images (nothing to study)."""
 
 
