@@ -23,9 +23,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from dleaf_analysis.models.adapters import ModelAdapter
+from dleaf_analysis.models.adapters import ModelAdapter, UnsupportedModelError
 
 IMPLEMENTATION = "dleaf"
+_UNSUPPORTED_KWARGS = ("s_aux", "sinks")  # attention sinks (gpt-oss style)
 PatternEditor = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -59,11 +60,25 @@ def dleaf_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ):
-    """Eager attention whose softmax output passes through ``module.pattern``."""
+    """Eager attention whose softmax output passes through ``module.pattern``.
+
+    Honours what the eager attention of the supported text models does: ``scaling``, grouped
+    key/value heads (GQA), logit soft-capping (``softcap``, Gemma 2), sliding windows (through the
+    mask, built by transformers' eager mask function) and dropout in training only.  Options it
+    cannot reproduce (attention sinks) are refused with a message rather than silently ignored.
+    """
+    unsupported = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+    if unsupported:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} calls attention with {unsupported}, which the dleaf hook point does not "
+            "implement; this text model is not supported")
     n_rep = getattr(module, "num_key_value_groups", 1)
     key_states = repeat_kv(key, n_rep)
     value_states = repeat_kv(value, n_rep)
     scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + attention_mask
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)

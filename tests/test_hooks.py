@@ -103,3 +103,65 @@ def test_sdpa_is_refused_with_a_message(model_and_inputs):
         hooks.patterns(m)
     hooks.install(m)  # switching to the hook point is the fix
     hooks.check_attention_readable(m)
+
+
+# -- the hook point is exact for the text models a LLaVA checkpoint may carry ----------------------
+
+def _llava_with_text(text_cfg, seed: int = 0):
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14)
+    img = text_cfg.vocab_size - 1
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_id=img,
+                                                      vision_feature_layer=-1)).eval()
+    ids = torch.tensor([[1, 5, 6] + [img] * 4 + list(range(7, 20))])  # 20 tokens: longer than the windows
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 28, 28)}
+
+
+def _text_configs() -> dict:
+    from transformers import Gemma2Config, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)  # GQA: 2 key/value heads for 4 query heads
+    return {
+        "gemma2-softcap-sliding": (Gemma2Config(**common, head_dim=8, attn_logit_softcapping=0.02, sliding_window=4,
+                                                query_pre_attn_scalar=8),
+                                   {"attn_logit_softcapping": None, "sliding_window": 1000}),
+        "mistral-sliding": (MistralConfig(**common, sliding_window=4), {"sliding_window": 1000}),
+        "qwen2-sliding": (Qwen2Config(**common, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+                          {"sliding_window": 1000}),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_text_configs()))
+def test_hook_point_is_exact_for_softcapping_sliding_windows_and_gqa(name):
+    import copy
+
+    text, features = _text_configs()[name]
+    model, inputs = _llava_with_text(text)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    hooks.install(model)
+    with torch.no_grad():
+        got = model(**inputs).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    # each feature changes the logits on these inputs, so the parity above could have failed
+    for attr, off in features.items():
+        t2 = copy.deepcopy(text)
+        setattr(t2, attr, off)
+        other, _ = _llava_with_text(t2)
+        other.load_state_dict(model.state_dict())
+        other.set_attn_implementation("eager")
+        with torch.no_grad():
+            assert (other(**inputs).logits - ref).abs().max() > 1e-3, f"{attr} has no effect on this test's inputs"
+
+
+def test_attention_options_it_cannot_honour_are_refused():
+    from dleaf_analysis.models.adapters import UnsupportedModelError
+
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(UnsupportedModelError, match="not supported"):
+        hooks.dleaf_attention_forward(torch.nn.Module(), q, q, q, None, 0.5, s_aux=torch.zeros(2))
