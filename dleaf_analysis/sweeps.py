@@ -29,6 +29,8 @@ class ResultStore:
     def __init__(self, directory: str | Path, manifest: dict) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.dir, os.W_OK):  # checked before any compute
+            raise SweepMismatchError(f"{self.dir} is not writable; choose another --out directory")
         self.path = self.dir / "results.jsonl"
         mpath = self.dir / "manifest.json"
         manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))
@@ -36,8 +38,10 @@ class ResultStore:
             old = json.loads(mpath.read_text())
             if old != manifest:
                 diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+                what = "; ".join(f"{k}: this run has {_short(manifest.get(k))}, the directory has {_short(old.get(k))}"
+                                 for k in diff)
                 raise SweepMismatchError(
-                    f"{self.dir} holds results of a different run (differs in {diff}); "
+                    f"{self.dir} holds results of a different run ({what}); "
                     "use another --out directory or delete this one")
         else:
             tmp = mpath.with_suffix(".tmp")
@@ -81,6 +85,11 @@ class ResultStore:
     def frame(self) -> pd.DataFrame:
         rows = [dict(r, key=rec["key"]) for rec in self._records for r in rec["rows"]]
         return pd.DataFrame(rows)
+
+
+def _short(v, n: int = 80) -> str:
+    t = json.dumps(v, sort_keys=True, default=str)
+    return t if len(t) <= n else t[: n - 3] + "..."
 
 
 def _json_default(o):

@@ -56,8 +56,18 @@ def test_kill_dash_nine_and_resume(tmp_path):
 
 def test_other_manifest_is_refused(tmp_path):
     ResultStore(tmp_path, {"model": "a"})
-    with pytest.raises(SweepMismatchError, match="differs in \\['model'\\]"):
+    with pytest.raises(SweepMismatchError, match='model: this run has "b", the directory has "a"'):
         ResultStore(tmp_path, {"model": "b"})
+
+
+def test_unwritable_directory_is_refused_before_compute(tmp_path, monkeypatch):
+    import dleaf_analysis.sweeps as sweeps
+
+    # CI runs as root, where permission bits are not enforced: simulate a read-only directory
+    monkeypatch.setattr(sweeps.os, "access", lambda path, mode: False)
+    with pytest.raises(SweepMismatchError, match="not writable"):
+        ResultStore(tmp_path / "out", {"x": 1})
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_run_sweep_skips_done(tmp_path):
