@@ -545,6 +545,33 @@ def info(model: Optional[Path] = ModelOpt(), device: str = DeviceOpt(), dtype: O
         console.print(f"split {name}: seed {d.seed}, {d.size} scenes ({d.kind})")
 
 
+@app.command("check-device")
+def check_device(
+    model: Optional[Path] = ModelOpt(),
+    device: str = typer.Option("cuda", "--device", callback=_check_device, help="the device to check: cuda | cuda:N | mps | auto | cpu"),
+    dtype: Optional[str] = DtypeOpt(),
+    n_tokens: int = typer.Option(8, "--tokens", min=1, help="tokens to decode"),
+    seed: int = SeedOpt(),
+    as_json: bool = JsonOpt(),
+) -> None:
+    """First run on a new machine: greedy and D-LEAF on DEVICE against a float32 CPU run of the same
+    model and inputs (logits, tokens, D-LEAF's firings) with per-token times.  Exit code 1 if they disagree."""
+    from dleaf_analysis.device_check import check_device as run
+
+    rep = run(model, device=device, dtype=dtype, n_tokens=n_tokens, seed=seed)
+    if as_json:
+        sys.stdout.write(json.dumps(rep.to_dict()) + "\n")
+    else:
+        import pandas as pd
+
+        _print_table(pd.DataFrame([{k: v for k, v in rep.to_dict().items() if k != "problems"}]).T.reset_index()
+                     .rename(columns={"index": "check", 0: "value"}), f"check-device: {rep.device} {rep.dtype}")
+        for p in rep.problems:
+            console.print(f"[bold red]problem:[/] {escape(p)}")
+        console.print("[green]all checks passed[/]" if rep.ok else "[red]the device run disagrees with the CPU run[/]")
+    raise typer.Exit(0 if rep.ok else 1)
+
+
 @app.command()
 def figures(
     only: Optional[list[str]] = typer.Option(None, help="render only these figures (repeatable)"),
