@@ -24,8 +24,19 @@ def _check_variant(name: str, variants: tuple[str, ...], what: str) -> None:
         raise ValueError(f"unknown {what} variant {name!r}; choose one of {variants}")
 
 
-def normalized_entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Entropy of distributions along ``dim`` divided by ``log(size)``; ``0 log 0 = 0``."""
+def normalized_entropy(p: torch.Tensor, dim: int = -1, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy of distributions along ``dim`` divided by ``log(size)``; ``0 log 0 = 0``.
+
+    ``valid`` (bool, broadcastable to ``p``, last dim only): which entries exist, for rows padded
+    to a common length (batches with different image-token counts); the size is then per row.
+    """
+    if valid is not None:
+        if dim != -1:
+            raise ValueError("valid= needs dim=-1")
+        n = valid.sum(-1).to(p.dtype)
+        plogp = torch.where((p > 0) & valid, p * torch.log(p.clamp_min(_EPS)), torch.zeros_like(p))
+        logn = torch.log(n.clamp_min(2.0))
+        return torch.where(n >= 2, -plogp.sum(-1) / logn, torch.zeros_like(logn))
     n = p.shape[dim]
     if n < 2:
         return torch.zeros(p.shape[:dim] + p.shape[dim + 1 :] if dim != -1 else p.shape[:-1], dtype=p.dtype)
@@ -38,10 +49,15 @@ def image_attention(a: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
     return a[..., image_mask]
 
 
-def renormalize(x: torch.Tensor) -> torch.Tensor:
-    """Divide by the sum over the last dim; rows with zero mass become uniform."""
+def renormalize(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Divide by the sum over the last dim; rows with zero mass become uniform (over the
+    ``valid`` entries, when given)."""
     s = x.sum(-1, keepdim=True)
-    uniform = torch.full_like(x, 1.0 / x.shape[-1])
+    if valid is None:
+        uniform = torch.full_like(x, 1.0 / x.shape[-1])
+    else:
+        v = valid.to(x.dtype).expand_as(x)
+        uniform = v / v.sum(-1, keepdim=True).clamp_min(1.0)
     return torch.where(s > _EPS, x / s.clamp_min(_EPS), uniform)
 
 
@@ -50,33 +66,39 @@ def image_mass(a_img: torch.Tensor) -> torch.Tensor:
     return a_img.sum(-1)
 
 
-def head_entropy(a_img: torch.Tensor) -> torch.Tensor:
-    """``H(p[..., h])`` per head: ``[..., H, n] -> [..., H]``."""
-    return normalized_entropy(renormalize(a_img))
+def head_entropy(a_img: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``H(p[..., h])`` per head: ``[..., H, n] -> [..., H]``; ``valid [..., n]`` marks the image
+    columns that exist (padded batches)."""
+    if valid is not None:
+        valid = valid.unsqueeze(-2)
+    return normalized_entropy(renormalize(a_img, valid), valid=valid)
 
 
-def liae(a_img: torch.Tensor, variant: str = "mean-map") -> torch.Tensor:
+def liae(a_img: torch.Tensor, variant: str = "mean-map", valid: torch.Tensor | None = None) -> torch.Tensor:
     """Layer Image Attention Entropy: ``[..., H, n] -> [...]`` (e.g. ``[steps, layers]``).
 
     ``mean-map``: entropy of the head-averaged image attention, renormalised over I.
     ``mean-entropy``: mean over heads of the per-head entropy.
+    ``valid [..., n]``: for sequences padded to a common image-token count, the columns that
+    exist (padded columns must hold zeros); the entropy is normalised by each row's own count.
     """
     _check_variant(variant, LIAE_VARIANTS, "LIAE")
     if variant == "mean-map":
-        return normalized_entropy(renormalize(a_img.mean(-2)))
-    return head_entropy(a_img).mean(-1)
+        return normalized_entropy(renormalize(a_img.mean(-2), valid), valid=valid)
+    return head_entropy(a_img, valid).mean(-1)
 
 
-def iaf(a_img: torch.Tensor, variant: str = "mass") -> torch.Tensor:
+def iaf(a_img: torch.Tensor, variant: str = "mass", valid: torch.Tensor | None = None) -> torch.Tensor:
     """Image Attention Focus per head: ``[..., H, n] -> [..., H]``.
 
-    ``mass``: image attention mass; ``focused-mass``: mass times ``1 - H(p)``.
+    ``mass``: image attention mass; ``focused-mass``: mass times ``1 - H(p)``.  ``valid`` as in
+    :func:`liae`.
     """
     _check_variant(variant, IAF_VARIANTS, "IAF")
     m = image_mass(a_img)
     if variant == "mass":
         return m
-    return m * (1 - head_entropy(a_img))
+    return m * (1 - head_entropy(a_img, valid))
 
 
 # -- uniform detectors (the ones the paper argues against) -----------------------------------

@@ -113,10 +113,23 @@ def _image_key_mask(inputs: dict, adapter: ModelAdapter, K: int) -> torch.Tensor
     return m[:, :K]
 
 
-def image_columns(row: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-    """``row [B, H, K]``, ``img [B, K]`` (same count per row) -> image columns ``[B, H, n]``."""
-    pos = torch.stack([m.nonzero().flatten() for m in img])  # [B, n]
-    return row.gather(-1, pos.unsqueeze(1).expand(-1, row.shape[1], -1))
+def image_positions(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``img [B, K]`` bool -> key positions of each sequence's image tokens, in order, padded to the
+    largest count ``n``: ``pos [B, n]`` (padding points at key 0) and ``valid [B, n]``.  Sequences
+    may hold different numbers of image tokens (LLaVA-NeXT anyres, mixed image sizes)."""
+    counts = img.sum(-1)
+    n = int(counts.max()) if img.shape[0] else 0  # one host read per call, never per step
+    order = torch.argsort((~img).to(torch.int8), dim=-1, stable=True)[:, :n]  # image positions first, in order
+    valid = torch.arange(n, device=img.device)[None] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def image_columns(row: torch.Tensor, img: torch.Tensor, with_valid: bool = False):
+    """``row [B, H, K]``, ``img [B, K]`` -> image columns ``[B, H, n]`` (zeros where a sequence has
+    fewer image tokens than the largest count); with ``with_valid`` also ``valid [B, n]``."""
+    pos, valid = image_positions(img)
+    cols = row.gather(-1, pos.unsqueeze(1).expand(-1, row.shape[1], -1)) * valid.unsqueeze(1).to(row.dtype)
+    return (cols, valid) if with_valid else cols
 
 
 FUSIONS = ("row", "image")
@@ -238,7 +251,8 @@ class _DLeafState:
         self.records: list[tuple] = []  # per (step, layer) call: device tensors, read once at the end
         img = adapter.image_mask(inputs["input_ids"])  # [B, P]
         self.img_mask = img
-        self.img_pos = torch.stack([m.nonzero().flatten() for m in img])  # [B, n], once per call (not per step)
+        self.img_pos, self.img_valid = image_positions(img)  # [B, n] each, once per call (not per step)
+        self.ragged = not bool(self.img_valid.all())  # different image-token counts per sequence
 
     def _state_on(self, device: torch.device) -> None:
         if self.n is None or self.n.device != device:
@@ -251,7 +265,12 @@ class _DLeafState:
         last row excluded: it is step 0's own observation).  Masked tensor operations, no host sync."""
         B, H, T, K = pattern.shape
         a = pattern.float().gather(-1, pos[:, None, None, :].expand(B, H, T, pos.shape[-1]))  # [B, H, T, n]
-        v = D.liae(a.transpose(1, 2), self.cfg.liae_variant)  # [B, T]
+        valid = None
+        if self.ragged:
+            valid = self.img_valid.to(pattern.device)
+            a = a * valid[:, None, None, :]
+            valid = valid[:, None, :]
+        v = D.liae(a.transpose(1, 2), self.cfg.liae_variant, valid)  # [B, T]
         idx = torch.arange(T, device=pattern.device)
         last_img = (img[:, :T] * idx).amax(-1, keepdim=True)  # [B, 1]
         rows = (idx[None] > last_img) & (idx[None] < T - 1)  # [B, T]
@@ -273,10 +292,13 @@ class _DLeafState:
         row = pattern[:, :, -1, :]  # [B, H, K] the current query
         self._state_on(row.device)
         pos = self.img_pos.to(row.device)
+        valid = self.img_valid.to(row.device) if self.ragged else None  # None: every sequence has n image tokens
         if step == 0 and cfg.threshold != "static" and cfg.running_seed == "prefill-rows" and pattern.shape[2] > 1:
             self._seed_from_prompt_rows(pattern, pos, self.img_mask.to(row.device), layer)
         a_img = row.float().gather(-1, pos.unsqueeze(1).expand(-1, row.shape[1], -1))  # [B, H, n]
-        liae = D.liae(a_img, cfg.liae_variant)  # [B]
+        if valid is not None:
+            a_img = a_img * valid[:, None, :]
+        liae = D.liae(a_img, cfg.liae_variant, valid)  # [B]
         if cfg.threshold == "static":
             fire = torch.ones_like(liae, dtype=torch.bool)
             thr = torch.full_like(liae, float("nan"))
@@ -300,7 +322,7 @@ class _DLeafState:
         if cfg.gamma == 0:
             return pattern
         # decisions stay on the device: rows that do not fire are written back unchanged
-        iaf = D.iaf(a_img, cfg.iaf_variant)  # [B, H]
+        iaf = D.iaf(a_img, cfg.iaf_variant, valid)  # [B, H]
         sel = self.cfg.select_heads(iaf) & fire.unsqueeze(-1)
         best = iaf.argmax(-1)
         key_img = _image_key_mask(self.inputs, self.adapter, row.shape[-1]) if cfg.fusion == "image" else None
@@ -309,8 +331,7 @@ class _DLeafState:
             pattern = pattern.clone()  # keep autograd's saved tensors intact
         pattern[:, :, -1, :] = new_row
         if cfg.record:
-            self.records.append((step, layer, fire.detach(), liae.detach(), thr.detach(), best.detach(), sel.detach(),
-                                 a_img.shape[-1]))
+            self.records.append((step, layer, fire.detach(), liae.detach(), thr.detach(), best.detach(), sel.detach()))
         return pattern
 
     def materialize_log(self) -> list[dict]:
@@ -323,12 +344,13 @@ class _DLeafState:
         thr = torch.stack([r[4] for r in self.records]).cpu()
         best = torch.stack([r[5] for r in self.records]).cpu()
         sel = torch.stack([r[6] for r in self.records]).cpu()  # [N, B, H]
+        counts = self.img_valid.sum(-1).cpu()  # image tokens of each sequence
         out = []
-        for i, (step, layer, *_rest, n_img) in enumerate(self.records):
+        for i, (step, layer, *_rest) in enumerate(self.records):
             for b in torch.nonzero(fire[i]).flatten().tolist():
                 out.append({"batch": b, "step": step, "layer": layer, "liae": float(liae[i, b]),
                             "threshold": float(thr[i, b]), "best_head": int(best[i, b]),
-                            "heads": torch.nonzero(sel[i, b]).flatten().tolist(), "n_image": n_img})
+                            "heads": torch.nonzero(sel[i, b]).flatten().tolist(), "n_image": int(counts[b])})
         out.sort(key=lambda r: (r["step"], r["layer"], r["batch"]))
         return out
 

@@ -60,6 +60,41 @@ def tiny_llava_next(seed: int = 0):
                    "image_sizes": image_sizes}
 
 
+def tiny_llava_next_mixed(seed: int = 0, sizes: tuple[tuple[int, int], ...] = ((28, 28), (56, 56))):
+    """``LlavaNextForConditionalGeneration`` (anyres) with images of different sizes, hence different
+    image-token counts per sequence.  Returns ``(model, singles, batch)``: each image's own inputs,
+    and the same sequences left-padded into one batch (tiles padded, as the processor does)."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=_text_cfg(80), image_token_id=79,
+                          image_grid_pinpoints=[[28, 28], [28, 56], [56, 56]], vision_feature_layer=-1)
+    cfg.architectures = ["LlavaNextForConditionalGeneration"]
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    singles = []
+    for h, w in sizes:
+        pv = torch.randn(1, 1 + (h // 28) * (w // 28), 3, 28, 28)  # base image + tiles
+        isz = torch.tensor([[h, w]])
+        with torch.no_grad():
+            n = model.model.get_image_features(pv, isz).pooler_output[0].shape[0]
+        ids = torch.tensor([[1, 5, 6] + [79] * n + [7, 8, 9]])
+        singles.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pv, "image_sizes": isz})
+    T = max(x["input_ids"].shape[1] for x in singles)
+    P = max(x["pixel_values"].shape[1] for x in singles)
+    B = len(singles)
+    ids, am = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    pv = torch.zeros(B, P, 3, 28, 28)
+    for i, x in enumerate(singles):
+        t = x["input_ids"].shape[1]
+        ids[i, T - t:], am[i, T - t:] = x["input_ids"][0], 1
+        pv[i, : x["pixel_values"].shape[1]] = x["pixel_values"][0]
+    batch = {"input_ids": ids, "attention_mask": am, "pixel_values": pv,
+             "image_sizes": torch.cat([x["image_sizes"] for x in singles])}
+    return model, singles, batch
+
+
 def tiny_qwen2_vl(seed: int = 0):
     """``Qwen2VLForConditionalGeneration`` with a 4x4-patch image (4 merged image tokens)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
