@@ -393,6 +393,7 @@ class CausalHeatmaps:
         heads = maps[maps["head"] >= 0].groupby(["map", "layer", "head"], as_index=False)["effect"].mean()
         det = ctx.table("studies/localization/detectors.parquet")
         iaf = det[det.detector == "iaf"].groupby(["layer", "head"], as_index=False)["score"].mean()
+        # the study stores heads' suspect scores (-IAF: low focus warrants correction); plot IAF itself
         iaf = iaf.assign(map="IAF (image mass) at the event step", effect=-iaf["score"]).drop(columns="score")
         return pd.concat([iaf, heads], ignore_index=True)
 
@@ -407,7 +408,7 @@ class CausalHeatmaps:
         for ax, n in zip(axes.flat, names):
             piv = df[df["map"] == n].pivot(index="layer", columns="head", values="effect")
             if n.startswith("IAF"):
-                sns.heatmap(-piv, ax=ax, cmap="rocket", cbar=True, cbar_kws={"label": "image mass"})
+                sns.heatmap(piv, ax=ax, cmap="rocket", vmin=0, cbar=True, cbar_kws={"label": "image mass"})
             else:
                 sns.heatmap(piv, ax=ax, cmap="RdBu_r", center=0, vmin=-lim, vmax=lim, cbar=True)
             ax.set_title(n, fontsize=9)
@@ -502,8 +503,11 @@ class Dpo:
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
-        g = sns.displot(df, x="value", hue="condition", col="statistic", kind="kde", common_norm=False,
+        # cut=0: no density beyond the observed values (cosines lie in [-1, 1], distance ratios are >= 0)
+        g = sns.displot(df, x="value", hue="condition", col="statistic", kind="kde", common_norm=False, cut=0,
                         facet_kws={"sharex": False, "sharey": False}, height=3, aspect=1.2)
+        for ax in g.axes.flat:
+            ax.axvline(0, color="grey", lw=0.6)
         g.figure.suptitle("Theorem 1, measured: alignment of the corrected embedding", y=1.03)
         return g.figure
 
@@ -564,15 +568,18 @@ class Calibration:
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
-        mid = df.layer.mode().iloc[0]  # the strength sweep is at the middle layer
-        d = df[df.layer == mid]
+        # the strength sweep: the (layer, heads, step fraction) setting that has several strengths
+        setting = df.assign(heads=df["heads"].astype(str)).groupby(["layer", "heads", "step_fraction"])["strength"]
+        (mid, heads, frac) = setting.nunique().idxmax()
+        d = df[(df.layer == mid) & (df["heads"].astype(str) == heads) & (df.step_fraction == frac)]
         kinds = sorted(d.kind.unique())
         fig, axes = plt.subplots(1, len(kinds) + 1, figsize=(4.2 * (len(kinds) + 1), 3.6))
         for ax, k in zip(axes, kinds):
             sns.lineplot(d[d.kind == k], x="strength", y="auroc", hue="detector", marker="o", ax=ax, palette="deep",
                          hue_order=sorted(d.detector.unique()), legend=ax is axes[0])
             ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-            ax.set(title=f"{k} fault in layer {mid}", ylim=(0, 1.02), ylabel="per-step AUROC (faulted layer)")
+            ax.set(title=f"{k} fault: layer {mid}, heads {heads}, {frac:.0%} of steps", ylim=(0, 1.02),
+                   ylabel="per-step AUROC (faulted layer)")
         if axes[0].get_legend() is not None:
             sns.move_legend(axes[0], "lower left", fontsize=7, title=None)
         h = d.drop_duplicates("fault")

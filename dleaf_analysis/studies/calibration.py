@@ -195,13 +195,17 @@ def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def default_faults(n_layers: int, n_heads: int, seed: int = 0) -> list[Fault]:
-    """The default grid: both kinds, three strengths, one middle layer, half of the heads, half of
-    the steps; plus full-strength faults at an early and a late candidate layer."""
+    """The default grid.  Strong faults (every head but one, every step) so that harm is visible:
+    both kinds at three strengths in the middle layer, and at full strength in an early and a late
+    candidate layer; plus subtle faults (half of the heads, half of the steps, full strength) in
+    the middle layer, where IAF has intact heads to prefer."""
     mid = n_layers // 2
-    heads = tuple(range(max(1, n_heads // 2)))
-    grid = [Fault(k, mid, heads, s, 0.5, seed) for k, s in itertools.product(FAULT_KINDS, (0.25, 0.5, 1.0))]
+    most = tuple(range(max(1, n_heads - 1)))
+    half = tuple(range(max(1, n_heads // 2)))
+    grid = [Fault(k, mid, most, s, 1.0, seed) for k, s in itertools.product(FAULT_KINDS, (0.25, 0.5, 1.0))]
     for layer in sorted({min(2, n_layers - 1), n_layers - 1} - {mid}):
-        grid += [Fault(k, layer, heads, 1.0, 0.5, seed) for k in FAULT_KINDS]
+        grid += [Fault(k, layer, most, 1.0, 1.0, seed) for k in FAULT_KINDS]
+    grid += [Fault(k, mid, half, 1.0, 0.5, seed) for k in FAULT_KINDS]
     return grid
 
 
