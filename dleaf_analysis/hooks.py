@@ -40,6 +40,10 @@ class AttentionPattern(nn.Identity):
         super().__init__()
         self.layer = layer
         self._editors = editors  # a plain list shared by all layers (not a submodule)
+        # which prompt query rows get explicit probabilities in a multi-row (prefill) call:
+        # "all" (every row: the pattern is [B, H, Q, K]) or "last" (the other rows use the fast
+        # sdpa kernel and the pattern is the last row only, [B, H, 1, K]); see ``prompt_rows``
+        self.prompt_rows = "all"
 
     def forward(self, pattern: torch.Tensor) -> torch.Tensor:
         for edit in self._editors:
@@ -75,6 +79,10 @@ def dleaf_attention_forward(
     n_rep = getattr(module, "num_key_value_groups", 1)
     key_states = repeat_kv(key, n_rep)
     value_states = repeat_kv(value, n_rep)
+    pattern = getattr(module, "pattern", None)
+    if (pattern is not None and pattern.prompt_rows == "last" and query.shape[2] > 1 and attention_mask is not None
+            and kwargs.get("softcap") is None and not module.training):
+        return _last_row_explicit(pattern, query, key_states, value_states, attention_mask, scaling)
     scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
     softcap = kwargs.get("softcap")
     if softcap is not None:
@@ -83,11 +91,43 @@ def dleaf_attention_forward(
         scores = scores + attention_mask
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    pattern = getattr(module, "pattern", None)
     if pattern is not None:
         probs = pattern(probs)
     out = torch.matmul(probs, value_states).transpose(1, 2).contiguous()
     return out, probs
+
+
+def _last_row_explicit(pattern: "AttentionPattern", query, key_states, value_states, attention_mask, scaling: float):
+    """A prefill in ``prompt_rows="last"`` mode: rows ``0..Q-2`` through sdpa (no probabilities
+    materialised), the last row eager, its probabilities ``[B, H, 1, K]`` through the hook point.
+    Query ``[B, H, Q, d]``, keys/values ``[B, H, K, d]``, additive mask ``[B, 1, Q, K]``."""
+    mask = attention_mask[..., : key_states.shape[-2]]
+    head = nn.functional.scaled_dot_product_attention(query[:, :, :-1], key_states, value_states,
+                                                      attn_mask=mask[:, :, :-1].to(query.dtype), scale=scaling)
+    scores = torch.matmul(query[:, :, -1:], key_states.transpose(2, 3)) * scaling + mask[:, :, -1:]
+    probs = pattern(nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype))
+    last = torch.matmul(probs, value_states)
+    return torch.cat([head, last], dim=2).transpose(1, 2).contiguous(), probs
+
+
+@contextmanager
+def prompt_rows(model: nn.Module, rows: str = "last") -> Iterator[None]:
+    """Within the block, a multi-row (prefill) forward gives explicit attention probabilities only
+    for the last query row (``rows="last"``; the other rows use the fast sdpa kernel and editors
+    and hooks see ``[B, H, 1, K]``), or for every row (``"all"``, the default outside the block).
+    Decoding steps (one row) are unaffected.  Methods that read only the current query row use
+    ``"last"``; anything that reads or edits earlier prompt rows needs ``"all"``."""
+    if rows not in ("all", "last"):
+        raise ValueError(f"rows must be 'all' or 'last', got {rows!r}")
+    pats = install(model)
+    before = [p.prompt_rows for p in pats]
+    for p in pats:
+        p.prompt_rows = rows
+    try:
+        yield
+    finally:
+        for p, b in zip(pats, before):
+            p.prompt_rows = b
 
 
 AttentionInterface.register(IMPLEMENTATION, dleaf_attention_forward)

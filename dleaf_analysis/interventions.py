@@ -50,6 +50,12 @@ class Method:
     def validate(self, n_layers: int | None = None, n_heads: int | None = None) -> "Method":
         return self
 
+    @property
+    def prompt_rows(self) -> str:
+        """Which prefill query rows need explicit attention probabilities: ``"last"`` (the
+        current query only; the others keep the fast sdpa kernel) or ``"all"``."""
+        return "last"
+
     def to_dict(self) -> dict:
         return {"method": self.name, **asdict(self)}
 
@@ -71,7 +77,7 @@ class Method:
     def generate(self, lm, inputs: dict, **generate_kwargs) -> torch.Tensor:
         """Decode ``inputs`` with this method attached; returns ``generate``'s ids ``[B, T]``."""
         self.validate(ModelAdapter(lm.model).n_layers, ModelAdapter(lm.model).n_heads)
-        with torch.no_grad(), self.attach(lm, inputs):
+        with torch.no_grad(), hooks.prompt_rows(lm.model, self.prompt_rows), self.attach(lm, inputs):
             return lm.model.generate(**inputs, **generate_kwargs)
 
 
@@ -205,6 +211,10 @@ class DLeaf(Method):
             raise ConfigError(f"bottom_k must be in [1, {n_heads - 1}] for {n_heads} heads, got {self.bottom_k}")
         _check_layers("layers", self.layers, n_layers)
         return self
+
+    @property
+    def prompt_rows(self) -> str:
+        return "all" if self.threshold != "static" and self.running_seed == "prefill-rows" else "last"
 
     def candidate_layers(self, n_layers: int) -> list[int]:
         return list(self.layers) if self.layers is not None else list(range(min(2, n_layers - 1), n_layers))
@@ -464,7 +474,7 @@ class VCD(Method):
         done = torch.zeros(B, dtype=torch.bool, device=ids.device)
         eos_ids = torch.tensor(sorted(e for e in eos if e is not None), device=ids.device)
         cur = [clean, noisy]
-        with torch.no_grad():
+        with torch.no_grad(), hooks.prompt_rows(model, self.prompt_rows):
             for _ in range(max_new_tokens):
                 logits = []
                 for j in range(2):
@@ -562,6 +572,10 @@ class ImageAttentionProbe(Method):
         if self.kind not in PROBE_KINDS:
             raise ConfigError(f"unknown probe kind {self.kind!r}; choose one of {PROBE_KINDS}")
         return self
+
+    @property
+    def prompt_rows(self) -> str:
+        return "all"  # edits every text query row of the prompt
 
     @contextmanager
     def attach(self, lm, inputs: dict) -> Iterator["ImageAttentionProbe"]:

@@ -172,7 +172,8 @@ def trace_generation(
         for l, pat in enumerate(hooks.patterns(lm.model)):
             handles.append(pat.register_forward_hook(make(l)))
         try:
-            with torch.no_grad(), friendly_errors():
+            # only each step's last query row is read: the prefill's other rows keep the sdpa kernel
+            with torch.no_grad(), hooks.prompt_rows(lm.model, "last"), friendly_errors():
                 ids = lm.model.generate(**inputs, **gen_kwargs)
         finally:
             for h in handles:
@@ -184,7 +185,7 @@ def trace_generation(
 
         wrapped = _nnsight(lm)
         layers = _envoy_layers(wrapped, adapter)
-        with torch.no_grad(), warnings.catch_warnings(), friendly_errors():
+        with torch.no_grad(), hooks.prompt_rows(lm.model, "last"), warnings.catch_warnings(), friendly_errors():
             # the bounded loop ends early when generation stops at EOS: expected, values are kept
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with wrapped.trace(**inputs, fn=lm.model.generate, **gen_kwargs) as tracer:

@@ -31,18 +31,23 @@ def inputs(lm, dev_split):
 
 @pytest.fixture
 def sync_counter(monkeypatch):
+    """Host reads made while any pattern editor runs.  Editors are wrapped where they are attached
+    (``hooks.attach_editor``), so the count does not depend on how the hook point's ``forward`` is
+    dispatched (nnsight, for one, re-binds module forwards of models it has wrapped)."""
     calls: list[str] = []
     inside = [0]
-    orig_forward = hooks.AttentionPattern.forward
+    orig_attach = hooks.attach_editor
 
-    def forward(self, pattern):
-        inside[0] += 1
-        try:
-            return orig_forward(self, pattern)
-        finally:
-            inside[0] -= 1
+    def attach_editor(model, editor):
+        def counted(pattern, layer):
+            inside[0] += 1
+            try:
+                return editor(pattern, layer)
+            finally:
+                inside[0] -= 1
+        return orig_attach(model, counted)
 
-    monkeypatch.setattr(hooks.AttentionPattern, "forward", forward)
+    monkeypatch.setattr(hooks, "attach_editor", attach_editor)
     for name in SYNCING:
         orig = getattr(torch.Tensor, name)
 

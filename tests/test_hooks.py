@@ -165,3 +165,58 @@ def test_attention_options_it_cannot_honour_are_refused():
     q = torch.randn(1, 2, 3, 4)
     with pytest.raises(UnsupportedModelError, match="not supported"):
         hooks.dleaf_attention_forward(torch.nn.Module(), q, q, q, None, 0.5, s_aux=torch.zeros(2))
+
+
+# -- the prefill keeps the fast kernel where only the last query row is read -----------------------
+
+def test_prompt_rows_last_gives_the_last_row_and_the_same_outputs(embedded, dev_split):
+    builder = PromptBuilder(embedded.processor)
+    inputs = dict(builder.inputs([dev_split.image(i) for i in range(4)], ["describe the image ."] * 4,
+                                 embedded.image_size))
+    seen = []
+    pat0 = hooks.install(embedded.model)[0]
+    h = pat0.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    try:
+        with torch.no_grad():
+            ref = embedded.model(**inputs).logits
+            with hooks.prompt_rows(embedded.model, "last"):
+                got = embedded.model(**inputs).logits
+            after = embedded.model(**inputs).logits
+    finally:
+        h.remove()
+    T = inputs["input_ids"].shape[1]
+    assert seen == [(4, 4, T, T), (4, 4, 1, T), (4, 4, T, T)]  # the mode ends with the block
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(after, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["greedy", "dleaf", "uniform", "pai"])
+def test_methods_with_sdpa_prefill_decode_like_the_eager_prefill(embedded, dev_split, method, monkeypatch):
+    """Tokens and D-LEAF's firings are those of the all-rows-eager path; logits agree to 1e-4 at the
+    first step.  (The reference forces ``prompt_rows = "all"``, the first version's path.)"""
+    from dleaf_analysis.interventions import Method, get_method
+    from dleaf_analysis.settings import tuned_config
+
+    builder = PromptBuilder(embedded.processor)
+    inputs = dict(builder.inputs([dev_split.image(i) for i in range(8)], ["describe the image ."] * 8,
+                                 embedded.image_size))
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=embedded.pad_token_id, output_scores=True,
+              return_dict_in_generate=True)
+    m = get_method(method, tuned_config(method, embedded.weights_hash))
+    assert m.prompt_rows == "last"
+    fast = m.generate(embedded, inputs, **kw)
+    fast_log = [(r["batch"], r["step"], r["layer"], tuple(r["heads"])) for r in getattr(m, "log", [])]
+    monkeypatch.setattr(type(m), "prompt_rows", property(lambda self: "all"))
+    ref = m.generate(embedded, inputs, **kw)
+    ref_log = [(r["batch"], r["step"], r["layer"], tuple(r["heads"])) for r in getattr(m, "log", [])]
+    assert torch.equal(fast.sequences, ref.sequences)
+    assert fast_log == ref_log
+    torch.testing.assert_close(fast.scores[0], ref.scores[0], rtol=0, atol=1e-4)
+
+
+def test_methods_that_read_prompt_rows_keep_them():
+    from dleaf_analysis.interventions import DLeaf, ImageAttentionProbe
+
+    assert DLeaf(running_seed="prefill-rows").prompt_rows == "all"
+    assert ImageAttentionProbe().prompt_rows == "all"
+    assert DLeaf(running_seed="prefill-rows", threshold="static").prompt_rows == "last"
