@@ -1,10 +1,22 @@
-"""Throughput of decoding methods as a ratio to greedy, measured side by side in one run.
+"""Decoding cost of each method, measured side by side in one run.
 
-Time per generated token (median of interleaved repeats, fixed length via min_new_tokens) for
-greedy, D-LEAF, PAI, uniform fusion and VCD, on the embedded model and on a LLaVA-1.5-shaped
-random model (576 image tokens); peak resident memory of one run of each, in a fresh process.
+For each model and dtype, every run decodes the same prebuilt inputs (batch 1) for a fixed number
+of tokens; runs are interleaved and repeated, and the best repeat is kept.  Reported per run:
 
-    python benchmarks/method_throughput.py [--repeats 7] [--readme]
+- ``ms_per_token``: **decode-only** time per token (the prefill excluded), from timestamps taken
+  by a logits processor at every generated token (VCD, which has its own loop: the difference
+  between an N-token and a 1-token run);
+- ``ratio_to_sdpa_greedy`` / ``ratio_to_eager_greedy``: against greedy with the model's fast
+  attention (sdpa) and with eager attention, measured in the same repeats;
+- ``syncs_per_token``: host synchronisations (``bool``/``item``/``tolist``/``cpu``/...) made
+  inside the method's pattern editors, per token (the hot path the method adds);
+- ``peak_mib``: peak RSS growth during one decode, in a fresh process, after a warm-up.
+
+Runs: greedy (sdpa), greedy (eager), D-LEAF, uniform fusion, PAI, VCD, and generation capture with
+the hook backend and with nnsight.  Models: the embedded model, and a LLaVA-1.5-7B-width random
+model (hidden 4096, 32 heads, MLP 11008, 576 image tokens, ``--layers`` layers) in fp32 and bf16.
+
+    python benchmarks/method_throughput.py [--repeats 3] [--tokens 16] [--json] [--readme]
 """
 
 from __future__ import annotations
@@ -15,51 +27,145 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
+import pandas as pd
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
-METHODS = ("greedy", "dleaf", "pai", "uniform", "vcd")
-N_TOKENS = 20
+RUNS = ("greedy-sdpa", "greedy-eager", "dleaf", "uniform", "pai", "vcd", "capture-hooks", "capture-nnsight")
+SYNCING = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "cpu", "numpy")
+MODELS = {"embedded": "embedded (6 layers x 4 heads, 144 image tokens)",
+          "7b-width": "LLaVA-1.5-7B width ({layers} layers x 32 heads, hidden 4096, 576 image tokens)"}
 
 
-def _setup(which: str):
+def setup(which: str, dtype: str = "fp32", layers: int = 2):
+    """``(lm, inputs)``: the model (hook point installed) and one prebuilt prompt."""
     from dleaf_analysis import hooks
     from dleaf_analysis.models import load_model
+    from dleaf_analysis.models.embedded import EmbeddedModelConfig, build_model, build_processor
     from dleaf_analysis.models.inputs import PromptBuilder
     from dleaf_analysis.models.loading import LoadedModel
-    from dleaf_analysis.models.tiny import tiny_llava15
-    from dleaf_analysis.scenes import load_split
+    from dleaf_analysis.scenes import World, load_split
 
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     if which == "embedded":
-        lm = load_model()
+        lm = load_model(dtype=dtype)
         img = load_split("dev", limit=1).image(0)
     else:
-        model, proc = tiny_llava15(layers=4, hidden=256, heads=8)
-        lm = LoadedModel.wrap(model, proc, "llava-1.5-shaped random")
+        cfg = EmbeddedModelConfig(image_size=336, patch_size=14, vision_hidden=32, vision_layers=1, vision_heads=2,
+                                  text_hidden=4096, text_layers=layers, text_heads=32, text_intermediate=11008,
+                                  max_positions=1024)
+        proc = build_processor(World.load(), cfg)
+        lm = LoadedModel.wrap(build_model(proc.tokenizer, cfg, seed=0).to(dt).eval(), proc, "7b-width random")
         img = (np.random.default_rng(0).random((336, 336, 3)) * 255).astype(np.uint8)
     hooks.install(lm.model)
-    inputs = PromptBuilder(lm.processor).inputs([img], ["describe the image ."], lm.image_size)
+    inputs = dict(PromptBuilder(lm.processor).inputs([img], ["describe the image ."], lm.image_size))
+    inputs["pixel_values"] = inputs["pixel_values"].to(dt)
     return lm, inputs
 
 
+class _Stamp(LogitsProcessor):
+    """Records the time at every generated token."""
+
+    def __init__(self) -> None:
+        self.t: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.t.append(time.perf_counter())
+        return scores
+
+
+@contextmanager
+def _attention(model, impl: str):
+    """The language model's attention implementation for the block (the hook point after)."""
+    from dleaf_analysis import hooks
+
+    model.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        hooks.install(model)
+
+
 def _method(name: str, lm):
-    """The method at its tuned settings for this model (generic defaults for other models)."""
-    from dleaf_analysis.settings import tuned_config
     from dleaf_analysis.interventions import get_method
+    from dleaf_analysis.settings import tuned_config
 
     return get_method(name, tuned_config(name, lm.weights_hash))
 
 
-def _run(lm, inputs, m):
-    kw = dict(max_new_tokens=N_TOKENS, do_sample=False, pad_token_id=lm.pad_token_id)
-    if m.name != "vcd":
-        kw["min_new_tokens"] = N_TOKENS
-    return m.generate(lm, inputs, **kw)
+def decode(lm, inputs, run: str, n: int) -> float:
+    """Seconds per decoded token (prefill excluded) of one run."""
+    from dleaf_analysis.tracing import trace_generation
+
+    stamp = _Stamp()
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=lm.pad_token_id,
+              logits_processor=LogitsProcessorList([stamp]))
+    with torch.no_grad():
+        if run in ("greedy-sdpa", "greedy-eager"):
+            with _attention(lm.model, run.split("-")[1]):
+                lm.model.generate(**inputs, **kw)
+        elif run.startswith("capture-"):
+            trace_generation(lm, None, inputs=inputs, max_new_tokens=n, backend=run.split("-")[1],
+                             generate_kwargs={"min_new_tokens": n, "logits_processor": LogitsProcessorList([stamp])})
+        elif run == "vcd":
+            m = _method("vcd", lm)
+            t0 = time.perf_counter()
+            m.generate(lm, inputs, max_new_tokens=1)
+            t1 = time.perf_counter()
+            m.generate(lm, inputs, max_new_tokens=n)
+            t2 = time.perf_counter()
+            return max((t2 - t1) - (t1 - t0), 0.0) / (n - 1)
+        else:
+            _method(run, lm).generate(lm, inputs, **kw)
+    return (stamp.t[-1] - stamp.t[0]) / (len(stamp.t) - 1)
+
+
+def syncs_per_token(lm, inputs, run: str, n: int) -> float:
+    """Host reads inside the method's pattern editors during one decode, per token."""
+    if run not in ("dleaf", "uniform", "pai"):
+        return 0.0  # no pattern editors (greedy, VCD's contrast is outside the attention, captures)
+    from dleaf_analysis import hooks
+
+    calls, inside = [0], [0]
+    orig_attach = hooks.attach_editor
+
+    def attach_editor(model, editor):
+        def counted(p, layer):
+            inside[0] += 1
+            try:
+                return editor(p, layer)
+            finally:
+                inside[0] -= 1
+        return orig_attach(model, counted)
+
+    saved = {name: getattr(torch.Tensor, name) for name in SYNCING}
+
+    def wrap(orig):
+        def f(self, *a, **k):
+            if inside[0]:
+                calls[0] += 1
+            return orig(self, *a, **k)
+        return f
+
+    hooks.attach_editor = attach_editor
+    for name, orig in saved.items():
+        setattr(torch.Tensor, name, wrap(orig))
+    try:
+        with torch.no_grad():
+            _method(run, lm).generate(lm, inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      pad_token_id=lm.pad_token_id)
+    finally:
+        hooks.attach_editor = orig_attach
+        for name, orig in saved.items():
+            setattr(torch.Tensor, name, orig)
+    return calls[0] / n
 
 
 def _sampled_peak(fn) -> float:
@@ -88,60 +194,72 @@ def _sampled_peak(fn) -> float:
     return (peak[0] - base) / 2**20
 
 
-def peak_memory(which: str, method: str) -> float:
-    """Peak RSS growth (MiB) during one decode with ``method``, in a fresh process (after a warm-up decode)."""
-    code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); "
-            f"from benchmarks.method_throughput import _setup, _method, _run, _sampled_peak; "
-            f"lm, inp = _setup({which!r}); m = _method({method!r}, lm); _run(lm, inp, m); "
-            f"print(_sampled_peak(lambda: _run(lm, inp, m)))")
+def peak_memory(which: str, dtype: str, layers: int, run: str, n: int) -> float:
+    """Peak RSS growth (MiB) of one decode in a fresh process (after a warm-up decode)."""
+    here = str(Path(__file__).resolve().parent.parent)
+    code = (f"import sys; sys.path.insert(0, {here!r}); "
+            f"from benchmarks.method_throughput import setup, decode, _sampled_peak; "
+            f"lm, inp = setup({which!r}, {dtype!r}, {layers}); decode(lm, inp, {run!r}, 2); "
+            f"print(_sampled_peak(lambda: decode(lm, inp, {run!r}, {n})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def bench(which: str, repeats: int) -> list[tuple]:
-    lm, inputs = _setup(which)
-    methods = {n: _method(n, lm) for n in METHODS}
-    times: dict[str, list[float]] = {n: [] for n in METHODS}
-    lengths = {}
-    with torch.no_grad():
-        for n, m in methods.items():
-            lengths[n] = _run(lm, inputs, m).shape[1] - inputs["input_ids"].shape[1]
-        for _ in range(repeats):
-            for n, m in methods.items():
-                t = time.perf_counter()
-                _run(lm, inputs, m)
-                times[n].append((time.perf_counter() - t) / lengths[n])
-    base = min(times["greedy"])
+def bench(which: str, dtype: str, layers: int, repeats: int, n: int, memory: bool, log) -> list[dict]:
+    lm, inputs = setup(which, dtype, layers)
+    times: dict[str, list[float]] = {r: [] for r in RUNS}
+    for r in RUNS:  # warm-up
+        decode(lm, inputs, r, 2)
+    for i in range(repeats):
+        for r in RUNS:
+            times[r].append(decode(lm, inputs, r, n))
+        log(f"{which} {dtype}: repeat {i + 1}/{repeats} done")
+    best = {r: min(v) for r, v in times.items()}
     rows = []
-    for n in METHODS:
-        med = min(times[n])
-        rows.append((which, n, lengths[n], med * 1e3, med / base, peak_memory(which, n)))
+    for r in RUNS:
+        rows.append({"model": MODELS[which].format(layers=layers), "dtype": dtype, "method": r, "tokens": n,
+                     "ms_per_token": 1e3 * best[r], "ratio_to_sdpa_greedy": best[r] / best["greedy-sdpa"],
+                     "ratio_to_eager_greedy": best[r] / best["greedy-eager"],
+                     "syncs_per_token": syncs_per_token(lm, inputs, r, n),
+                     "peak_mib": peak_memory(which, dtype, layers, r, n) if memory else float("nan")})
     return rows
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=15)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=2, help="layers of the 7B-width model")
+    ap.add_argument("--configs", default="embedded:fp32,7b-width:fp32,7b-width:bf16")
+    ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     ap.add_argument("--readme", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
-    rows = bench("embedded", args.repeats) + bench("llava-1.5-shaped", args.repeats)
-    names = {"embedded": "embedded (6 layers, 64 image tokens)",
-             "llava-1.5-shaped": "LLaVA-1.5-shaped random (4 x 8 heads, 576 image tokens)"}
-    lines = [f"torch threads: {torch.get_num_threads()}; best of {args.repeats} interleaved repeats, batch 1, "
-             f"{N_TOKENS} tokens; methods at their tuned settings (`data/tuned_methods.json`; generic defaults on the "
-             "random model); peak RSS growth during one decode (after a warm-up) in a fresh process, sampled every ms.",
-             "",
-             "| model | method | ms / token | ratio to greedy | peak RSS growth (MiB) |", "|---|---|---|---|---|"]
-    lines += [f"| {names[w]} | {n} | {ms:.2f} | {r:.3f}x | {mem:.1f} |" for w, n, _, ms, r, mem in rows]
-    text = "\n".join(lines)
-    print(text)
-    import pandas as pd
-
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    rows = []
+    for c in args.configs.split(","):
+        which, dtype = c.split(":")
+        rows += bench(which, dtype, args.layers, args.repeats, args.tokens, not args.no_memory, log)
+    df = pd.DataFrame(rows)
     res = Path(__file__).parent / "results"
     res.mkdir(exist_ok=True)
-    pd.DataFrame(rows, columns=["model", "method", "tokens", "ms_per_token", "ratio_to_greedy", "peak_rss_growth_mib"]).replace(
-        names).to_csv(res / "method_throughput.csv", index=False)
+    df.to_csv(res / "method_throughput.csv", index=False)
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+    fmt = lambda v, f: "n/a" if v != v else format(v, f)  # noqa: E731
+    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 1, {args.tokens} decoded tokens, "
+             f"best of {args.repeats} interleaved repeats; decode-only time per token (prefill excluded); methods at "
+             "their tuned settings (generic defaults on the random model); syncs = host reads inside the method's "
+             "pattern editors per token; peak RSS growth of one decode in a fresh process.", "",
+             "| model | dtype | run | ms / token | vs sdpa greedy | vs eager greedy | syncs / token | peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['dtype']} | {r['method']} | {r['ms_per_token']:.2f} | {r['ratio_to_sdpa_greedy']:.3f}x "
+              f"| {r['ratio_to_eager_greedy']:.3f}x | {r['syncs_per_token']:.1f} | {fmt(r['peak_mib'], '.0f')} |"
+              for r in rows]
+    text = "\n".join(lines)
+    if not args.json:
+        print(text)
     if args.readme:
         from dleaf_analysis.report import splice_readme
 
