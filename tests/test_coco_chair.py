@@ -1,6 +1,6 @@
 """COCO CHAIR against released caption logs: the published OPERA number, the reference scorer's
 values for every LLaVA-1.5 file (tagged and untagged), and the original script's per-caption
-object lists (tests/data/reference_captions, copied from shared/data with its README)."""
+object lists (tests/data/reference_captions: released LLaVA-1.5 caption logs; provenance in its README)."""
 
 import gzip
 import json
