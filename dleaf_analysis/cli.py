@@ -183,6 +183,7 @@ def evaluate(
     seed: int = SeedOpt(),
     answer_parser: str = ParserOpt(),
     out: Optional[Path] = typer.Option(None, help="write protocol.json, summary.csv, details.jsonl here"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the results of another run in --out"),
     as_json: bool = JsonOpt(),
 ) -> None:
     """Evaluate a method with CHAIR or POPE on a scene split (bootstrap 95% CIs)."""
@@ -204,7 +205,7 @@ def evaluate(
         _fail(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
     lm = _load(model, device, dtype)
     res = run(benchmark, split, lm, method=method, method_config=method_config, limit=limit, seed=seed, batch_size=batch_size,
-              answer_parser=answer_parser, out_dir=out, progress=not as_json)
+              answer_parser=answer_parser, out_dir=out, progress=not as_json, overwrite=overwrite)
     if as_json:
         sys.stdout.write(res.to_json() + "\n")
     else:

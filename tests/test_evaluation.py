@@ -119,3 +119,34 @@ def test_protocol_roundtrip(tmp_path):
     assert q == p and q.hash == p.hash
     assert json.loads((tmp_path / "protocol.json").read_text())["protocol_hash"] == p.hash
     assert "gamma" in p.describe()
+
+
+def test_results_are_written_atomically_and_other_runs_are_refused(tmp_path, embedded, monkeypatch):
+    from dleaf_analysis.evaluation import runner
+    from dleaf_analysis.evaluation.runner import ProtocolMismatchError, evaluate
+
+    out = tmp_path / "run"
+    r = evaluate("chair", "dev", embedded, limit=2, out_dir=out, progress=False, n_resamples=50)
+    assert {p.name for p in out.iterdir()} == {"details.jsonl", "protocol.json", "summary.csv"}
+    assert not list(out.glob(".*.tmp"))
+    # the same run again is fine; another method is refused before any compute, naming the field
+    evaluate("chair", "dev", embedded, limit=2, out_dir=out, progress=False, n_resamples=50)
+    calls = []
+    monkeypatch.setattr(runner, "caption", lambda *a, **k: calls.append(1))
+    with pytest.raises(ProtocolMismatchError, match='method: this run has "pai", the directory has "greedy"'):
+        evaluate("chair", "dev", embedded, method="pai", limit=2, out_dir=out, progress=False, n_resamples=50)
+    assert not calls  # refused before captioning anything
+    monkeypatch.undo()
+    evaluate("chair", "dev", embedded, method="pai", limit=2, out_dir=out, progress=False, n_resamples=50,
+             overwrite=True)
+    assert json.loads((out / "protocol.json").read_text())["method"] == "pai"
+    # a crash while writing leaves the previous complete result in place, every file of it
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def boom(self, f, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(pd.DataFrame, "to_json", boom)
+    with pytest.raises(OSError):
+        r.save(out, overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -11,6 +12,7 @@ import pandas as pd
 
 from dleaf_analysis.evaluation.chair import chair_details, chair_summary
 from dleaf_analysis.evaluation.pope import get_parser, pope_summary
+from dleaf_analysis.errors import DleafError
 from dleaf_analysis.evaluation.protocol import Protocol
 from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT, answer, caption
 from dleaf_analysis.models.loading import LoadedModel, load_model
@@ -18,6 +20,10 @@ from dleaf_analysis.scenes import POPE_VARIANTS, ObjectStats, load_split, pope_q
 from dleaf_analysis.settings import tuned_config
 
 BENCHMARKS = ("chair", "pope")
+
+
+class ProtocolMismatchError(DleafError, RuntimeError):
+    """The output directory cannot take this run's results (another run's, or not writable)."""
 
 
 @lru_cache(maxsize=2)
@@ -35,14 +41,27 @@ class EvalResult:
     details: pd.DataFrame
     interventions: pd.DataFrame | None = None  # what the method did (D-LEAF: layers fired, heads corrected)
 
-    def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.protocol.save(out / "protocol.json")
-        self.summary.to_csv(out / "summary.csv", index=False)
-        self.details.to_json(out / "details.jsonl", orient="records", lines=True)
+    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write ``protocol.json``, ``summary.csv``, ``details.jsonl`` (and ``interventions.jsonl``)
+        atomically (each to a temporary name, then renamed).  A directory holding another run's
+        results is refused unless ``overwrite``."""
+        out = check_output_dir(out_dir, self.protocol.to_dict(), overwrite)
+        writes = [("summary.csv", lambda f: self.summary.to_csv(f, index=False)),
+                  ("details.jsonl", lambda f: self.details.to_json(f, orient="records", lines=True))]
         if self.interventions is not None and len(self.interventions):
-            self.interventions.to_json(out / "interventions.jsonl", orient="records", lines=True)
+            writes.append(("interventions.jsonl",
+                           lambda f: self.interventions.to_json(f, orient="records", lines=True)))
+        writes.append(("protocol.json", self.protocol.save))  # renamed last
+        tmps = [(out / f".{name}.tmp", out / name) for name, _ in writes]
+        try:  # every file is written in full before any is renamed into place
+            for (_, write), (tmp, _) in zip(writes, tmps):
+                write(tmp)
+        except BaseException:
+            for tmp, _ in tmps:
+                tmp.unlink(missing_ok=True)
+            raise
+        for tmp, final in tmps:
+            os.replace(tmp, final)
         return out
 
     def to_json(self) -> str:
@@ -53,6 +72,30 @@ class EvalResult:
         if variant is not None:
             s = s[s["variant"] == variant]
         return float(s.loc[s["metric"] == name, "value"].iloc[0])
+
+
+def check_output_dir(out_dir: str | Path, protocol: dict, overwrite: bool = False) -> Path:
+    """Create ``out_dir`` and check it before any compute: writable, and not holding the results
+    of a run with another protocol (unless ``overwrite``).  ``protocol`` may be partial: only the
+    fields it has are compared."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ProtocolMismatchError(f"cannot create the output directory {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise ProtocolMismatchError(f"{out} is not writable; choose another --out directory")
+    old_file = out / "protocol.json"
+    if old_file.is_file() and not overwrite:
+        old = json.loads(old_file.read_text())
+        new = json.loads(json.dumps(protocol, default=str))
+        diff = [k for k in new if k in old and old[k] != new[k]]
+        if diff:
+            what = "; ".join(f"{k}: this run has {json.dumps(new[k])[:60]}, the directory has {json.dumps(old[k])[:60]}"
+                             for k in diff)
+            raise ProtocolMismatchError(f"{out} holds the results of another run ({what}); use another --out "
+                                        "directory or --overwrite")
+    return out
 
 
 def evaluate(
@@ -70,6 +113,7 @@ def evaluate(
     n_resamples: int = 1000,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> EvalResult:
     """Evaluate ``method`` on ``benchmark`` ("chair" or "pope") over a scene split.
 
@@ -101,6 +145,8 @@ def evaluate(
         method=method, method_config={k: v for k, v in m.to_dict().items() if k != "method"},
         n_resamples=n_resamples, seed=seed,
     )
+    if out_dir is not None:  # before any compute
+        check_output_dir(out_dir, {"benchmark": benchmark, **common}, overwrite)
     if benchmark == "chair":
         mnt = max_new_tokens or 32
         caps = caption(lm, images, DEFAULT_CAPTION_PROMPT, max_new_tokens=mnt, batch_size=batch_size, seed=seed,
@@ -134,5 +180,5 @@ def evaluate(
     summary.insert(0, "benchmark", benchmark)
     result = EvalResult(protocol, summary, details, pd.DataFrame(log))
     if out_dir is not None:
-        result.save(out_dir)
+        result.save(out_dir, overwrite=overwrite)
     return result
