@@ -35,6 +35,8 @@ _EXPORTS = {
     "evaluate": "dleaf_analysis.evaluation.runner",
     "run_study": "dleaf_analysis.studies.runner",
     "load_split": "dleaf_analysis.scenes",
+    "run_with_cache": "dleaf_analysis.lens",
+    "hook": "dleaf_analysis.lens",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -45,7 +45,7 @@ def test_lower_layers_do_not_import_upper_ones():
     upper = ("dleaf_analysis.evaluation", "dleaf_analysis.studies", "dleaf_analysis.report", "dleaf_analysis.figures",
              "dleaf_analysis.cli", "dleaf_analysis.model_card")
     for m, deps in graph.items():
-        if m.startswith(("dleaf_analysis.scenes", "dleaf_analysis.models", "dleaf_analysis.hooks",
+        if m.startswith(("dleaf_analysis.scenes", "dleaf_analysis.models", "dleaf_analysis.hooks", "dleaf_analysis.lens",
                          "dleaf_analysis.diagnostics", "dleaf_analysis.tracing", "dleaf_analysis.interventions")):
             bad = sorted(d for d in deps if d.startswith(upper))
             assert not bad, f"{m} imports {bad}"
