@@ -68,7 +68,7 @@ def main() -> None:
     lm = load_model()
     img = load_split("dev", limit=1).image(0)
     for name, (ms, ratio, n) in bench(lm, img, None, args.repeats).items():
-        rows.append(("embedded (6 layers, 64 image tokens)", name, n, ms, ratio))
+        rows.append(("embedded (6 layers x 4 heads, 144 image tokens)", name, n, ms, ratio))
     model, proc = tiny_llava15(layers=4, hidden=256, heads=8)
     big = LoadedModel.wrap(model, proc, "llava-1.5-shaped random")
     img336 = (np.random.default_rng(0).random((336, 336, 3)) * 255).astype(np.uint8)

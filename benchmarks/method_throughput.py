@@ -114,14 +114,15 @@ def decode(lm, inputs, run: str, n: int) -> float:
         elif run.startswith("capture-"):
             trace_generation(lm, None, inputs=inputs, max_new_tokens=n, backend=run.split("-")[1],
                              generate_kwargs={"min_new_tokens": n, "logits_processor": LogitsProcessorList([stamp])})
-        elif run == "vcd":
+        elif run == "vcd":  # its own loop (no logits processor, stops at EOS): difference of two runs
             m = _method("vcd", lm)
             t0 = time.perf_counter()
             m.generate(lm, inputs, max_new_tokens=1)
             t1 = time.perf_counter()
-            m.generate(lm, inputs, max_new_tokens=n)
+            ids = m.generate(lm, inputs, max_new_tokens=n)
             t2 = time.perf_counter()
-            return max((t2 - t1) - (t1 - t0), 0.0) / (n - 1)
+            k = ids.shape[1] - inputs["input_ids"].shape[1]  # tokens actually decoded
+            return max((t2 - t1) - (t1 - t0), 0.0) / (k - 1) if k > 1 else float("nan")
         else:
             _method(run, lm).generate(lm, inputs, **kw)
     return (stamp.t[-1] - stamp.t[0]) / (len(stamp.t) - 1)
@@ -214,7 +215,7 @@ def bench(which: str, dtype: str, layers: int, repeats: int, n: int, memory: boo
         for r in RUNS:
             times[r].append(decode(lm, inputs, r, n))
         log(f"{which} {dtype}: repeat {i + 1}/{repeats} done")
-    best = {r: min(v) for r, v in times.items()}
+    best = {r: float(np.nanmin(v)) if not np.isnan(v).all() else float("nan") for r, v in times.items()}
     rows = []
     for r in RUNS:
         rows.append({"model": MODELS[which].format(layers=layers), "dtype": dtype, "method": r, "tokens": n,

@@ -585,8 +585,9 @@ class Calibration:
             sns.lineplot(d[d.kind == k], x="strength", y="auroc", hue="detector", marker="o", ax=ax, palette="deep",
                          hue_order=sorted(d.detector.unique()), legend=ax is axes[0])
             ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-            ax.set(title=f"{k} fault: layer {mid}, heads {heads}, {frac:.0%} of steps", ylim=(0, 1.02),
+            ax.set(title=f"{k}: layer {mid}, heads {heads}, {frac:.0%} of steps", ylim=(0, 1.02),
                    ylabel="per-step AUROC (faulted layer)")
+            ax.title.set_fontsize(9)
         if axes[0].get_legend() is not None:
             sns.move_legend(axes[0], "lower left", fontsize=7, title=None)
         h = d.drop_duplicates("fault")

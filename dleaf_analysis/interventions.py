@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 
 import json
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar, Iterator
@@ -31,7 +31,7 @@ from typing import ClassVar, Iterator
 import torch
 
 from dleaf_analysis import diagnostics as D
-from dleaf_analysis import hooks
+from dleaf_analysis import hooks, lens
 from dleaf_analysis.models.adapters import ModelAdapter
 from dleaf_analysis.errors import DleafError
 
@@ -521,32 +521,28 @@ class HeadAblation(Method):
     def attach(self, lm, inputs: dict) -> Iterator["HeadAblation"]:
         adapter = ModelAdapter(lm.model)
         self.validate(adapter.n_layers, adapter.n_heads)
-        d = adapter.head_dim
         by_layer: dict[int, list[int]] = {}
         for l, h in self.heads:
             by_layer.setdefault(int(l), []).append(int(h))
         means: dict[int, torch.Tensor] = {}
 
         def make(l: int, hs: list[int]):
-            def pre(_m, args):
-                x = args[0].clone()
+            def edit(z):  # [B, T, H, d]
+                z = z.clone()
                 for h in hs:
-                    sl = slice(h * d, (h + 1) * d)
                     if self.mode == "zero":
-                        x[..., sl] = 0
+                        z[..., h, :] = 0
                     else:
-                        if l not in means or x.shape[1] > 1:  # the prefill defines the mean
-                            means[l] = x.mean(1, keepdim=True)
-                        x[..., sl] = means[l][..., sl]
-                return (x,) + tuple(args[1:])
-            return pre
+                        if l not in means or z.shape[1] > 1:  # the prefill defines the mean
+                            means[l] = z.mean(1, keepdim=True)
+                        z[..., h, :] = means[l][..., h, :]
+                return z
+            return edit
 
-        handles = [adapter.layers[l].self_attn.o_proj.register_forward_pre_hook(make(l, hs)) for l, hs in by_layer.items()]
-        try:
+        with ExitStack() as st:
+            for l, hs in by_layer.items():
+                st.enter_context(lens.hook(lm.model, f"blocks.{l}.attn.hook_z", make(l, hs)))
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
 
 # -- grounding probes --------------------------------------------------------------------------

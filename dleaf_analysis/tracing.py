@@ -6,7 +6,7 @@ an :class:`~dleaf_analysis.cache.AttentionCache`.  Backends, which must agree (t
 
 - ``"nnsight"`` (default): the model under an nnsight trace, reading
   ``layers[l].self_attn.pattern.output`` at every step (``tracer.iter``);
-- ``"hooks"``: plain ``register_forward_hook`` on the same hook point;
+- ``"hooks"``: plain torch hooks on the same hook point (``lens.hook(model, "blocks.{l}.attn.hook_pattern", fn)``);
 - ``"transformer-lens"`` (forward only): ``TransformerBridge`` ``blocks.{l}.attn.hook_pattern``
   on a copy of the model.
 """
@@ -14,13 +14,13 @@ an :class:`~dleaf_analysis.cache.AttentionCache`.  Backends, which must agree (t
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dleaf_analysis import hooks
+from dleaf_analysis import hooks, lens
 from dleaf_analysis.cache import KEY_GROUPS, AttentionCache, CacheWriter
 from dleaf_analysis.models.adapters import ModelAdapter
 from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT
@@ -159,25 +159,22 @@ def trace_generation(
     steps: list[list[torch.Tensor]] = []  # per step: L rows [H, K] of the current query
 
     if backend == "hooks":
-        handles = []
         current: dict[int, torch.Tensor] = {}
 
         def make(l):
-            def fn(_m, _i, out):
+            def fn(out):
                 current[l] = out[0, :, -1:, :].detach()
                 if l == L - 1:
                     steps.append([current[j] for j in range(L)])
             return fn
 
-        for l, pat in enumerate(hooks.patterns(lm.model)):
-            handles.append(pat.register_forward_hook(make(l)))
-        try:
+        hooks.patterns(lm.model)  # raises if the hook point is missing
+        with ExitStack() as st:
+            for l in range(L):
+                st.enter_context(lens.hook(lm.model, f"blocks.{l}.attn.hook_pattern", make(l)))
             # only each step's last query row is read: the prefill's other rows keep the sdpa kernel
             with torch.no_grad(), hooks.prompt_rows(lm.model, "last"), friendly_errors():
                 ids = lm.model.generate(**inputs, **gen_kwargs)
-        finally:
-            for h in handles:
-                h.remove()
     else:
         import warnings
 
@@ -239,16 +236,10 @@ def _forward_patterns(lm: LoadedModel, adapter: ModelAdapter, inputs: dict, back
     """Attention patterns ``[H, T, T]`` of every layer and the last position's logits ``[V]``
     for one forward pass."""
     if backend == "hooks":
-        got: dict[int, torch.Tensor] = {}
-        handles = [p.register_forward_hook(lambda _m, _i, out, l=l: got.__setitem__(l, out[0].detach()))
-                   for l, p in enumerate(hooks.patterns(lm.model))]
-        try:
-            with torch.no_grad(), friendly_errors():
-                logits = lm.model(**inputs).logits[0, -1]
-        finally:
-            for h in handles:
-                h.remove()
-        return [got[l] for l in range(adapter.n_layers)], logits
+        hooks.patterns(lm.model)  # raises if the hook point is missing
+        with friendly_errors():
+            logits, cache = lens.run_with_cache(lm, inputs, names=lambda n: n.endswith("attn.hook_pattern"))
+        return [cache[f"blocks.{l}.attn.hook_pattern"][0] for l in range(adapter.n_layers)], logits[0, -1]
     if backend == "nnsight":
         import nnsight
 

@@ -23,13 +23,13 @@ Maps (``[L, H]`` for heads, ``[L]`` for layers):
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 
 import numpy as np
 import torch
 
 from dleaf_analysis import diagnostics as D
-from dleaf_analysis import hooks
+from dleaf_analysis import hooks, lens
 from dleaf_analysis.interventions import DLeaf, fuse_heads, image_columns
 from dleaf_analysis.models.adapters import ModelAdapter
 from dleaf_analysis.studies.events import logit_diff
@@ -42,34 +42,16 @@ def _rep(inputs: dict, n: int) -> dict:
     return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
 
 
-@contextmanager
-def _o_proj_pre(adapter: ModelAdapter, layer: int, fn):
-    h = adapter.layers[layer].self_attn.o_proj.register_forward_pre_hook(lambda m, args: (fn(args[0]),) + tuple(args[1:]))
-    try:
-        yield
-    finally:
-        h.remove()
-
-
-@contextmanager
-def _o_proj_post(adapter: ModelAdapter, layer: int, fn):
-    h = adapter.layers[layer].self_attn.o_proj.register_forward_hook(lambda m, i, o: fn(o))
-    try:
-        yield
-    finally:
-        h.remove()
+def _z_flat(model, layer: int, fn):
+    """``lens.hook`` on head outputs, with ``fn`` seeing them concatenated: ``[B, T, H * d]``
+    (``o_proj``'s input)."""
+    return lens.hook(model, f"blocks.{layer}.attn.hook_z", lambda z: fn(z.flatten(-2)).view(z.shape))
 
 
 def head_outputs(lm, inputs: dict) -> list[torch.Tensor]:
     """Per layer, ``o_proj``'s input (the concatenated head outputs) ``[T, H * d]`` of one run."""
-    adapter = ModelAdapter(lm.model)
-    got: dict[int, torch.Tensor] = {}
-    with ExitStack() as st:
-        for l in range(adapter.n_layers):
-            st.enter_context(_o_proj_pre(adapter, l, lambda x, l=l: (got.__setitem__(l, x[0].detach().clone()), x)[1]))
-        with torch.no_grad():
-            lm.model(**inputs)
-    return [got[l] for l in range(adapter.n_layers)]
+    _, cache = lens.run_with_cache(lm, inputs, names=lambda n: n.endswith("attn.hook_z"))
+    return [cache[f"blocks.{l}.attn.hook_z"][0].flatten(-2) for l in range(cache.n_layers)]
 
 
 def _metric(lm, inputs: dict, tok: int, pref: int) -> torch.Tensor:
@@ -102,7 +84,7 @@ def causal_maps(lm, inputs: dict, token_id: int, preferred_id: int, cf_inputs: d
                     sl = slice(h * d, (h + 1) * d)
                     x[h, :, sl] = edit_fn(x[h, :, sl], l, h)
                 return x
-            with _o_proj_pre(adapter, l, fn):
+            with _z_flat(lm.model, l, fn):
                 res[l] = (_metric(lm, rep, tok, pref) - ref).cpu().numpy()
         return res
 
@@ -128,7 +110,7 @@ def _ablation_maps(lm, inputs, tok, pref, base, per_head) -> dict:
                 o = o.clone()
                 o[l] = 0
                 return o
-            st.enter_context(_o_proj_post(adapter, l, zero))
+            st.enter_context(lens.hook(lm.model, f"blocks.{l}.attn.hook_result", zero))
         out["layer_zero"] = (_metric(lm, repL, tok, pref) - base).cpu().numpy()
 
     # correction alone: fusion in one layer (copy l), gamma = 1, last query row
@@ -182,7 +164,7 @@ def _patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head) ->
                 x = x.clone()
                 x[l] = cf_z[l]
                 return x
-            st.enter_context(_o_proj_pre(adapter, l, patch))
+            st.enter_context(_z_flat(lm.model, l, patch))
         out["patch_layer"] = (_metric(lm, _rep(inputs, L), tok, pref) - base).cpu().numpy()
     out["attribution_head"] = attribution_patching(lm, inputs, tok, pref, clean_z, cf_z)
     return out
@@ -215,7 +197,7 @@ def attribution_patching(lm, inputs: dict, tok: int, pref: int, clean_z, cf_z, g
 
     with ExitStack() as st:
         for l in range(L):
-            st.enter_context(_o_proj_pre(adapter, l, lambda x, l=l: capture(x, l)))
+            st.enter_context(_z_flat(lm.model, l, lambda x, l=l: capture(x, l)))
         with torch.enable_grad():
             m = logit_diff(lm.model(**inputs).logits, tok, pref).sum()
             grads = torch.autograd.grad(m, [leaves[l] for l in range(L)])

@@ -22,7 +22,7 @@ import torch
 from scipy.stats import wilcoxon
 
 from dleaf_analysis import diagnostics as D
-from dleaf_analysis import hooks
+from dleaf_analysis import hooks, lens
 from dleaf_analysis.interventions import DLeaf, fuse_heads, image_columns
 from dleaf_analysis.models.adapters import ModelAdapter
 from dleaf_analysis.studies.events import logit_diff
@@ -33,10 +33,9 @@ def _resid(lm, inputs: dict, editor=None) -> list[torch.Tensor]:
     adapter = ModelAdapter(lm.model)
     got = {}
     with ExitStack() as st:
-        for l, layer in enumerate(adapter.layers):
-            h = layer.register_forward_hook(
-                lambda m, i, o, l=l: got.__setitem__(l, (o[0] if isinstance(o, tuple) else o)[0, -1].detach().clone()))
-            st.callback(h.remove)
+        for l in range(adapter.n_layers):
+            st.enter_context(lens.hook(lm.model, f"blocks.{l}.hook_resid_post",
+                                       lambda h, l=l: got.__setitem__(l, h[0, -1].detach().clone())))
         if editor is not None:
             st.enter_context(hooks.attach_editor(lm.model, editor))
         with torch.no_grad():
@@ -97,23 +96,16 @@ def _fusion_editor(layers: list[int], img: torch.Tensor, gamma: float, cfg: DLea
 
 def _grad_at(lm, inputs: dict, layer: int, win: int, lose: int) -> torch.Tensor:
     """``d [log p(win) - log p(lose)] / d x`` where ``x`` is layer ``layer``'s output at the last position."""
-    adapter = ModelAdapter(lm.model)
     holder = {}
 
-    def hook(m, i, o):
-        hs = o[0] if isinstance(o, tuple) else o
+    def leaf(hs):
         x = hs[:, -1].detach().requires_grad_(True)
         holder["x"] = x
-        hs = torch.cat([hs[:, :-1], x[:, None]], 1)
-        return (hs,) + tuple(o[1:]) if isinstance(o, tuple) else hs
+        return torch.cat([hs[:, :-1], x[:, None]], 1)
 
-    h = adapter.layers[layer].register_forward_hook(hook)
-    try:
-        with torch.enable_grad():
-            m = -logit_diff(lm.model(**inputs).logits, lose, win).sum()  # log p(win) - log p(lose)
-            (g,) = torch.autograd.grad(m, [holder["x"]])
-    finally:
-        h.remove()
+    with lens.hook(lm.model, f"blocks.{layer}.hook_resid_post", leaf), torch.enable_grad():
+        m = -logit_diff(lm.model(**inputs).logits, lose, win).sum()  # log p(win) - log p(lose)
+        (g,) = torch.autograd.grad(m, [holder["x"]])
     return g[0]
 
 
