@@ -340,6 +340,8 @@ def tune(
     limit: Optional[int] = LimitOpt(help="first N dev images"),
     max_recall_drop: float = typer.Option(3.0, min=0.0, help="selection rule: recall may fall at most this much"),
     ship: bool = typer.Option(False, help="also write the chosen settings to data/tuned_methods.json and data/tuning/"),
+    device: str = DeviceOpt(),
+    dtype: Optional[str] = DtypeOpt(),
     seed: int = SeedOpt(),
 ) -> None:
     """Tuning study on the dev split (same budget per method), sensitivity curves for D-LEAF."""
@@ -348,7 +350,8 @@ def tune(
     from dleaf_analysis.evaluation.tuning import tune as run
     from dleaf_analysis.settings import TUNED_FILE
 
-    res = run(out, limit=limit, max_recall_drop=max_recall_drop, seed=seed, log=console.print)
+    res = run(out, lm=_load(None, device, dtype), limit=limit, max_recall_drop=max_recall_drop, seed=seed,
+              log=console.print)
     _print_table(res["grid"].drop(columns=["key"]).round(2), "tuning grid (dev)")
     if ship:
         shutil.copy(out / "chosen.json", TUNED_FILE)
@@ -579,6 +582,8 @@ def figures(
     results: Path = typer.Option(Path("results"), help="the results directory of `dleaf reproduce`"),
     out: Optional[Path] = typer.Option(None, help="output directory (default: figures/)"),
     n_images: int = typer.Option(100, min=1, help="images traced by figures that trace the model"),
+    device: str = DeviceOpt(),
+    dtype: Optional[str] = DtypeOpt(),
     seed: int = SeedOpt(),
 ) -> None:
     """Regenerate the figures (PNG, PDF, the CSV behind each, manifest.json)."""
@@ -588,7 +593,8 @@ def figures(
     unknown = [n for n in (only or []) if n not in FIGURES]
     if unknown:
         _fail(f"unknown figure(s) {unknown}; choose from {sorted(FIGURES)}")
-    entries = render_all(FigureContext(results=results, n_images=n_images, seed=seed), out or FIGURES_DIR,
+    lm = _load(None, device, dtype) if (device != "cpu" or dtype) else None  # loaded lazily otherwise
+    entries = render_all(FigureContext(results=results, lm=lm, n_images=n_images, seed=seed), out or FIGURES_DIR,
                          only=only, log=console.print)
     console.print(f"{len(entries)} figures written to {out or FIGURES_DIR}")
 
@@ -597,6 +603,8 @@ def figures(
 def reproduce(
     quick: bool = typer.Option(False, "--quick", help="smoke-size run (used in CI)"),
     out: Path = typer.Option(Path("results"), help="where results and the report go"),
+    device: str = DeviceOpt(),
+    dtype: Optional[str] = DtypeOpt(),
     seed: int = SeedOpt(),
     as_json: bool = JsonOpt(),
     update_readme: bool = typer.Option(False, "--update-readme",
@@ -609,7 +617,7 @@ def reproduce(
     from dleaf_analysis.report import reproduce as run
 
     summary = run(out, quick=quick, seed=seed, progress=not as_json, log=console.print, update_readme=update_readme,
-                  figures_dir=FIGURES_DIR if update_readme else out / "figures")
+                  figures_dir=FIGURES_DIR if update_readme else out / "figures", lm=_load(None, device, dtype))
     if as_json:
         sys.stdout.write(summary.to_json(orient="records", indent=1) + "\n")
     else:

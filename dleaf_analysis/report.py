@@ -105,6 +105,7 @@ def reproduce(
     log: Callable[[str], None] = print,
     update_readme: bool = False,
     figures_dir: Path | None = None,
+    lm=None,
 ) -> pd.DataFrame:
     """Run the analysis; write ``out/report.md`` and per-benchmark results.  Returns the summary.
 
@@ -116,7 +117,7 @@ def reproduce(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     limit = 24 if quick else None
-    lm = load_model()
+    lm = lm or load_model()  # the embedded model (any device / dtype the caller loaded it on)
     from dleaf_analysis.settings import tuned_config
 
     methods = {m: tuned_config(m, lm.weights_hash) for m in METHOD_ORDER}

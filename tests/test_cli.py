@@ -77,6 +77,10 @@ BAD_INPUTS = [
     (["chair-score", "--captions", "/nonexistent.jsonl"], "/nonexistent.jsonl", True),
     (["merge-shards", "/nonexistent/a", "/nonexistent/b"], "/nonexistent/a", True),
     (["figures", "--only", "fig9"], "unknown figure", True),
+    (["figures", "--dtype", "fp8"], "choose one of fp32, bf16, fp16", True),
+    (["tune", "--device", "cuda"], "no CUDA device is visible", True),
+    (["reproduce", "--device", "cuda:0"], "no CUDA device is visible", True),
+    (["info", "--device", "gpu"], "choose cpu, cuda", True),
 ]
 
 
