@@ -24,9 +24,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """Built from a clean copy of the sources (setuptools' build/ directory could hold stale modules)."""
+    import shutil
+
+    src = tmp_path_factory.mktemp("src") / "dleaf-analysis"
+    shutil.copytree(REPO_ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "results", "runs",
+                                                                   "__pycache__", "*.egg-info", "figures", "notebooks"))
     dist = tmp_path_factory.mktemp("dist")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(REPO_ROOT)], check=True, capture_output=True, text=True)
+                    str(src)], check=True, capture_output=True, text=True)
     (whl,) = dist.glob("dleaf_analysis-*.whl")
     return whl
 
