@@ -142,11 +142,16 @@ def trace_generation(
     dtype: str = "fp32",
     inputs: dict | None = None,
     generate_kwargs: dict | None = None,
+    shard_steps: int = 256,
 ) -> AttentionCache:
     """Greedy generation with the attention of every step recorded.
 
-    ``stream_to``: write steps to a cache directory as they come (memory per step only) and
-    return the cache loaded from it.  ``inputs``: processor outputs to use instead of
+    ``stream_to``: write steps to a cache directory as they come and return the cache loaded from
+    it.  With the ``hooks`` backend each step is summarised as soon as it is computed (image
+    attention ``[L, H, n]``, key-group masses, row entropy; the rows ``[L, H, K]`` are dropped) and,
+    with ``stream_to``, written out when its token is chosen, so memory stays bounded by
+    ``shard_steps`` steps whatever the length; the nnsight backend keeps every step's rows until
+    the end.  ``inputs``: processor outputs to use instead of
     ``image`` + ``prompt`` (batch size 1).  ``generate_kwargs`` go to ``generate`` (e.g.
     ``min_new_tokens``; decoding stays greedy).
     """
@@ -156,18 +161,46 @@ def trace_generation(
     L = adapter.n_layers
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.pad_token_id,
                       **(generate_kwargs or {}))
-    steps: list[list[torch.Tensor]] = []  # per step: L rows [H, K] of the current query
+    steps: list[list[torch.Tensor]] = []  # nnsight: per step, L rows [H, 1, K] of the current query
+    summaries: list[tuple] = []  # hooks: per step, (image attention [L, H, n], masses [L, H, 4], entropy [L, H])
 
     if backend == "hooks":
+        from transformers import LogitsProcessor, LogitsProcessorList
+
         current: dict[int, torch.Tensor] = {}
+        pending: list[tuple] = []  # the summary of the step being decoded, until its token is known
+        meta = _meta(lm, adapter, prompt, backend, "generation")
+        live = CacheWriter(stream_to, {**meta, "image_positions": layout.image_positions.tolist(),
+                                       "prompt_length": layout.prompt_length}, dtype=dtype,
+                           shard_steps=shard_steps) if stream_to else None
 
         def make(l):
             def fn(out):
-                current[l] = out[0, :, -1:, :].detach()
-                if l == L - 1:
-                    steps.append([current[j] for j in range(L)])
+                current[l] = out[0, :, -1, :].detach()  # [H, K]
+                if l == L - 1:  # the step is complete: summarise it now, keep only the summary
+                    rows = torch.stack([current[j] for j in range(L)]).float().cpu()  # [L, H, K]
+                    q = torch.full((L,), layout.prompt_length - 1 + len(summaries) + (live.n_steps if live else 0),
+                                   dtype=torch.long)
+                    pending.append(layout.summarize(rows, q))
+                    current.clear()
             return fn
 
+        class _Record(LogitsProcessor):
+            """Runs after each step's forward, when its (greedy) token is decided: the step's summary
+            goes to disk (``stream_to``) or to the in-memory list."""
+
+            def __call__(self, input_ids, scores):
+                tok = int(scores[0].argmax())
+                for img, mass, ent in pending:
+                    if live is not None:
+                        live.append(img, mass, ent, tok, lm.token_strs([tok])[0], live.n_steps + layout.prompt_length - 1)
+                    else:
+                        summaries.append((img, mass, ent))
+                pending.clear()
+                return scores
+
+        user_lp = gen_kwargs.pop("logits_processor", None) or []
+        gen_kwargs["logits_processor"] = LogitsProcessorList([*user_lp, _Record()])
         hooks.patterns(lm.model)  # raises if the hook point is missing
         with ExitStack() as st:
             for l in range(L):
@@ -175,6 +208,8 @@ def trace_generation(
             # only each step's last query row is read: the prefill's other rows keep the sdpa kernel
             with torch.no_grad(), hooks.prompt_rows(lm.model, "last"), friendly_errors():
                 ids = lm.model.generate(**inputs, **gen_kwargs)
+        if live is not None:
+            return AttentionCache.load(live.close())
     else:
         import warnings
 
@@ -196,13 +231,15 @@ def trace_generation(
         steps = list(saved)
         ids = torch.cat([inputs["input_ids"][:1].cpu(), torch.tensor([list(picked)], dtype=torch.long)], 1)
     new_ids = ids[0, inputs["input_ids"].shape[1]:].tolist()
-    steps = steps[: len(new_ids)]
+    steps, summaries = steps[: len(new_ids)], summaries[: len(new_ids)]
     meta = _meta(lm, adapter, prompt, backend, "generation")
     writer = CacheWriter(stream_to, {**meta, "image_positions": layout.image_positions.tolist(),
                                      "prompt_length": layout.prompt_length}, dtype=dtype) if stream_to else None
-    S = len(steps)
+    S = max(len(steps), len(summaries))
     H, n = adapter.n_heads, len(layout.image_positions)
-    if S:
+    if summaries:  # hooks: summarised step by step during decoding
+        img_all, mass_all, ent_all = (torch.stack([x[i] for x in summaries]) for i in range(3))
+    elif S:
         # one vectorised summary of every step: rows right-padded to the last step's key count
         K = steps[-1][0].shape[-1]
         R = torch.zeros(S, L, H, K)
