@@ -75,12 +75,16 @@ class ResultStore:
 
     def add(self, key: str, rows: list[dict]) -> None:
         """Record a finished unit (its rows) durably."""
-        rec = {"key": key, "rows": rows}
+        self.add_many([(key, rows)])
+
+    def add_many(self, units: list[tuple[str, list[dict]]]) -> None:
+        """Record several finished units with one write and one ``fsync``."""
+        recs = [{"key": k, "rows": rows} for k, rows in units]
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec, default=_json_default) + "\n")
+            f.write("".join(json.dumps(r, default=_json_default) + "\n" for r in recs))
             f.flush()
             os.fsync(f.fileno())
-        self._records.append(rec)
+        self._records.extend(recs)
 
     def frame(self) -> pd.DataFrame:
         rows = [dict(r, key=rec["key"]) for rec in self._records for r in rec["rows"]]
@@ -121,3 +125,42 @@ def run_sweep(
     for key, unit in tqdm(todo, desc=desc, disable=not progress or not todo):
         store.add(key, fn(unit))
     return store.frame()
+
+
+def run_items(
+    items: Iterable[tuple[str, object]],
+    fn: Callable[[list], list[list[dict]]],
+    store: ResultStore,
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "items",
+) -> pd.DataFrame:
+    """Run ``fn(batch of items) -> rows per item`` over the items not yet in ``store``, in batches.
+
+    Units are keyed by *item identity* (its key), never by batch offset: a run resumed with
+    another ``batch_size`` (say, after running out of GPU memory) continues with exactly the
+    items that are missing, and no item is recorded twice.  Keys must be unique.
+    """
+    items = list(items)
+    keys = [k for k, _ in items]
+    if len(set(keys)) != len(keys):
+        dup = pd.Series(keys)[pd.Series(keys).duplicated()].iloc[0]
+        raise ValueError(f"item keys must be unique; {dup!r} appears more than once in the input")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    done = store.done
+    todo = [(k, it) for k, it in items if k not in done]
+    with tqdm(total=len(todo), desc=desc, disable=not progress or not todo) as bar:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            rows = fn([it for _, it in batch])
+            if len(rows) != len(batch):
+                raise RuntimeError(f"{desc}: the batch function returned {len(rows)} results for {len(batch)} items")
+            store.add_many([(k, r) for (k, _), r in zip(batch, rows)])
+            bar.update(len(batch))
+    frame = store.frame()
+    if not len(frame):
+        return frame
+    order = {k: i for i, k in enumerate(keys)}
+    frame = frame[frame["key"].isin(order)]
+    return frame.iloc[frame["key"].map(order).argsort(kind="stable")].reset_index(drop=True)

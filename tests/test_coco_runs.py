@@ -75,6 +75,68 @@ def test_resume_and_missing_images(tmp_path, lm, questions, coco):
     assert score_pope(rows).attrs["skipped_missing_images"] == n_missing
 
 
+def test_resume_after_a_crash_with_another_batch_size(tmp_path, lm, questions, coco, monkeypatch):
+    """A run that dies after its first batch and is resumed with a smaller batch (what one does
+    after running out of GPU memory) answers every question exactly once, keeps the finished
+    answers as written, and gives the answers of an uninterrupted run."""
+    import dleaf_analysis.evaluation.coco_runs as cr
+
+    ref = run_pope(lm, questions, coco, tmp_path / "ref", batch_size=1, progress=False)
+    real, calls = cr.generate, []
+
+    def dies_on_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("CUDA out of memory (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(cr, "generate", dies_on_second_batch)
+    out = tmp_path / "r"
+    with pytest.raises(MemoryError):
+        run_pope(lm, questions, coco, out, batch_size=5, progress=False)
+    first = (out / "results.jsonl").read_text()
+    assert len(first.splitlines()) == 5
+    monkeypatch.setattr(cr, "generate", real)
+    rows = run_pope(lm, questions, coco, out, batch_size=3, progress=False)
+    assert (out / "results.jsonl").read_text().startswith(first)
+    assert len(rows) == len(questions) and rows["question_id"].is_unique
+    assert rows["question_id"].tolist() == questions["question_id"].tolist()
+    assert rows["answer"].tolist() == ref["answer"].tolist()
+
+
+def test_resume_with_other_inputs_is_refused(tmp_path, lm, questions, coco):
+    """Another POPE variant, another question set or another image-id list in the same directory
+    is refused, naming the field that differs and both values."""
+    from dleaf_analysis.sweeps import SweepMismatchError
+
+    out = tmp_path / "p"
+    run_pope(lm, questions.head(4), coco, out, batch_size=4, progress=False)
+    other = load_pope_questions("random").head(4)
+    with pytest.raises(SweepMismatchError, match=r"questions: this run has .*random.*the directory has .*adversarial"):
+        run_pope(lm, other, coco, out, batch_size=4, progress=False)
+    edited = questions.head(4).copy()
+    edited.attrs = questions.attrs
+    edited.loc[0, "text"] = "Is there a zebra in the image?"
+    with pytest.raises(SweepMismatchError, match="questions_hash"):
+        run_pope(lm, edited, coco, out, batch_size=4, progress=False)
+    with pytest.raises(SweepMismatchError, match="parser"):
+        run_pope(lm, questions.head(4), coco, out, parser="first-token", batch_size=4, progress=False)
+    ids = sorted({int(n.split("_")[-1].split(".")[0]) for n in questions["image"]})
+    run_captions(lm, ids[:2], coco, tmp_path / "c", max_new_tokens=3, progress=False)
+    with pytest.raises(SweepMismatchError, match="image_ids_hash"):
+        run_captions(lm, ids[1:3], coco, tmp_path / "c", max_new_tokens=3, progress=False)
+
+
+def test_merge_refuses_an_unfinished_shard(tmp_path, lm, questions, coco):
+    parts = [tmp_path / f"s{i}" for i in range(2)]
+    run_pope(lm, questions, coco, parts[0], shard=(0, 2), batch_size=6, progress=False)
+    run_pope(lm, questions.head(12), coco, parts[1], shard=(1, 2), batch_size=6, progress=False)
+    lines = (parts[1] / "results.jsonl").read_text().splitlines(keepends=True)
+    (parts[1] / "results.jsonl").write_text("".join(lines[:-2]))  # as if it crashed two items before the end
+    with pytest.raises(ValueError, match=r"shard 1/2 .* has 4 of its 6 items; resume it"):
+        merge_runs(parts)
+
+
 def test_captions_and_chair(tmp_path, lm, questions, coco):
     ids = sorted({int(n.split("_")[-1].split(".")[0]) for n in questions["image"]}) + [999999999]
     rows = run_captions(lm, ids, coco, tmp_path / "c", max_new_tokens=6, batch_size=2, progress=False)

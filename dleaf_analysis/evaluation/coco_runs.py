@@ -1,13 +1,17 @@
 """Running a model on COCO: POPE questions and CHAIR captions, from a local COCO image folder.
 
-Runs are resumable (each finished batch is appended to ``results.jsonl`` through
-:mod:`dleaf_analysis.sweeps`), shardable (``shard=(i, N)`` takes every N-th item starting at i,
+Runs are resumable (each finished item is appended to ``results.jsonl`` through
+:mod:`dleaf_analysis.sweeps`, keyed by its question or image id, so a run resumed with another
+batch size continues with exactly the missing items; the manifest records everything that
+determines the answers -- weights, method, questions or image ids (and their hash), POPE variant
+and version, prompt, parser, images folder -- and a run with other inputs is refused), shardable (``shard=(i, N)`` takes every N-th item starting at i,
 so N processes or machines split the work) and mergeable (``merge_runs``).  Missing images are
 skipped and counted, never silently dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,14 +21,16 @@ from dleaf_analysis.evaluation.coco_chair import COCO_DIR, CocoChair, CocoDataEr
 from dleaf_analysis.evaluation.pope import get_parser, pope_summary
 from dleaf_analysis.models.generation import generate
 from dleaf_analysis.models.loading import LoadedModel
-from dleaf_analysis.sweeps import ResultStore, run_sweep
+from dleaf_analysis.sweeps import ResultStore, run_items
 
 POPE_VERSIONS = {"current": COCO_DIR / "pope", "opera": COCO_DIR / "pope" / "opera_snapshot"}
 CHAIR_PROMPT = "Please describe this image in detail."  # OPERA's chair_eval.py
 
 
 def load_pope_questions(variant: str = "adversarial", version: str = "current", path: str | Path | None = None) -> pd.DataFrame:
-    """POPE question file (JSON Lines: question_id, image, text, label) as a DataFrame."""
+    """POPE question file (JSON Lines: question_id, image, text, label) as a DataFrame;
+    ``df.attrs["source"]`` says which variant, version and file it is."""
+    explicit = path is not None
     if path is None:
         if version not in POPE_VERSIONS:
             raise ValueError(f"unknown POPE version {version!r}; choose one of {sorted(POPE_VERSIONS)}")
@@ -45,7 +51,20 @@ def load_pope_questions(variant: str = "adversarial", version: str = "current", 
             raise CocoDataError(f"{path}:{n}: a POPE question needs question_id, image, text and label yes/no "
                                 f"(missing {sorted(missing)})" if missing else f"{path}:{n}: label must be yes or no")
         rows.append(r)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.attrs["source"] = {"variant": variant, "version": version, "file": str(path.resolve())} if not explicit \
+        else {"variant": None, "version": None, "file": str(path.resolve())}
+    return df
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def questions_hash(questions: pd.DataFrame) -> str:
+    """Content hash of a POPE question set (question id, image, text, label of every row)."""
+    cols = ["question_id", "image", "text", "label"]
+    return _hash(questions[cols].astype(str).values.tolist())
 
 
 def coco_image_path(images_dir: Path, image: str | int) -> Path:
@@ -88,29 +107,33 @@ def run_pope(
     parse = get_parser(parser)
     qs = _take_shard(questions, shard)
     store = ResultStore(out, {"task": "pope", "model": lm.model_id, "weights_hash": lm.weights_hash,
+                              "questions": questions.attrs.get("source", {}), "questions_hash": questions_hash(questions),
                               "n_questions": len(questions), "shard": list(shard), "parser": parser,
+                              "images_dir": str(Path(images_dir).resolve()), "max_new_tokens": max_new_tokens,
                               "method": method.to_dict() if method is not None else {"method": "greedy"}})
     decode = method.generate if method is not None else None
-    units = [(f"b{k}", qs.iloc[k:k + batch_size]) for k in range(0, len(qs), batch_size)]
+    items = [(str(r.question_id), r) for r in qs.itertuples(index=False)]
 
-    def fn(batch: pd.DataFrame) -> list[dict]:
-        rows, imgs, texts, keep = [], [], [], []
-        for r in batch.itertuples(index=False):
+    def fn(batch: list) -> list[list[dict]]:
+        out_rows: list[list[dict]] = [[] for _ in batch]
+        keep = []
+        for j, r in enumerate(batch):
             p = coco_image_path(Path(images_dir), r.image)
-            if not p.is_file():
-                rows.append({"question_id": r.question_id, "image": r.image, "label": r.label, "status": "missing image"})
-                continue
-            imgs.append(str(p))
-            texts.append(r.text)
-            keep.append(r)
-        if imgs:
-            answers = generate(lm, imgs, texts, max_new_tokens=max_new_tokens, batch_size=len(imgs), progress=False,
-                               decode=decode)
-            rows += [{"question_id": r.question_id, "image": r.image, "label": r.label, "status": "ok", "answer": a,
-                      "prediction": parse(a)} for r, a in zip(keep, answers)]
-        return rows
+            if p.is_file():
+                keep.append((j, r, str(p)))
+            else:
+                out_rows[j] = [{"question_id": r.question_id, "image": r.image, "label": r.label,
+                                "status": "missing image"}]
+        if keep:
+            answers = generate(lm, [p for _, _, p in keep], [r.text for _, r, _ in keep], max_new_tokens=max_new_tokens,
+                               batch_size=len(keep), progress=False, decode=decode)
+            for (j, r, _), a in zip(keep, answers):
+                out_rows[j] = [{"question_id": r.question_id, "image": r.image, "label": r.label, "status": "ok",
+                                "answer": a, "prediction": parse(a)}]
+        return out_rows
 
-    return run_sweep(units, fn, store, progress=progress, desc="POPE").drop(columns=["key"], errors="ignore")
+    return run_items(items, fn, store, batch_size=batch_size, progress=progress, desc="POPE") \
+        .drop(columns=["key"], errors="ignore")
 
 
 def run_captions(
@@ -126,24 +149,26 @@ def run_captions(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Caption COCO images for CHAIR (resumable, shardable): rows ``image_id, caption, status``."""
+    image_ids = list(dict.fromkeys(int(i) for i in image_ids))  # each image once, first-seen order
     ids = _take_shard(pd.DataFrame({"image_id": image_ids}), shard)["image_id"].tolist()
     store = ResultStore(out, {"task": "captions", "model": lm.model_id, "weights_hash": lm.weights_hash,
-                              "n_images": len(image_ids), "shard": list(shard), "prompt": prompt,
+                              "n_images": len(image_ids), "image_ids_hash": _hash(image_ids), "shard": list(shard),
+                              "prompt": prompt, "images_dir": str(Path(images_dir).resolve()),
                               "max_new_tokens": max_new_tokens,
                               "method": method.to_dict() if method is not None else {"method": "greedy"}})
     decode = method.generate if method is not None else None
-    units = [(f"b{k}", ids[k:k + batch_size]) for k in range(0, len(ids), batch_size)]
+    items = [(str(i), i) for i in ids]
 
-    def fn(batch: list[int]) -> list[dict]:
+    def fn(batch: list[int]) -> list[list[dict]]:
         present = [i for i in batch if coco_image_path(Path(images_dir), i).is_file()]
-        rows = [{"image_id": i, "caption": None, "status": "missing image"} for i in batch if i not in present]
-        if present:
-            caps = generate(lm, [str(coco_image_path(Path(images_dir), i)) for i in present], [prompt] * len(present),
-                            max_new_tokens=max_new_tokens, batch_size=len(present), progress=False, decode=decode)
-            rows += [{"image_id": i, "caption": c, "status": "ok"} for i, c in zip(present, caps)]
-        return rows
+        caps = dict(zip(present, generate(lm, [str(coco_image_path(Path(images_dir), i)) for i in present],
+                                          [prompt] * len(present), max_new_tokens=max_new_tokens,
+                                          batch_size=len(present), progress=False, decode=decode))) if present else {}
+        return [[{"image_id": i, "caption": caps[i], "status": "ok"} if i in caps else
+                 {"image_id": i, "caption": None, "status": "missing image"}] for i in batch]
 
-    return run_sweep(units, fn, store, progress=progress, desc="captions").drop(columns=["key"], errors="ignore")
+    return run_items(items, fn, store, batch_size=batch_size, progress=progress, desc="captions") \
+        .drop(columns=["key"], errors="ignore")
 
 
 def merge_runs(dirs: list[str | Path]) -> pd.DataFrame:
@@ -156,14 +181,25 @@ def merge_runs(dirs: list[str | Path]) -> pd.DataFrame:
         manifests.append(m)
         store = ResultStore(d, m)
         frames.append(store.frame().drop(columns=["key"], errors="ignore"))
-    base = {k: v for k, v in manifests[0].items() if k != "shard"}
-    for m in manifests[1:]:
-        if {k: v for k, v in m.items() if k != "shard"} != base:
-            raise ValueError("these shard directories come from different runs (model, task or settings differ)")
+    local = ("shard", "images_dir")  # shards may run on machines with their own image folders
+    base = {k: v for k, v in manifests[0].items() if k not in local}
+    for d, m in zip(dirs[1:], manifests[1:]):
+        this = {k: v for k, v in m.items() if k not in local}
+        if this != base:
+            diff = sorted(k for k in set(base) | set(this) if base.get(k) != this.get(k))
+            raise ValueError(f"these shard directories come from different runs: {d} differs from {dirs[0]} in "
+                             + ", ".join(diff))
     shards = sorted(tuple(m["shard"]) for m in manifests)
     n = shards[0][1]
     if shards != [(i, n) for i in range(n)]:
         raise ValueError(f"incomplete or repeated shards: have {shards}, need 0..{n - 1} of {n}")
+    for d, m, f in zip(dirs, manifests, frames):
+        total = m.get("n_questions", m.get("n_images"))
+        i, k = m["shard"]
+        want = len(range(i, total, k)) if total is not None else len(f)
+        if len(f) != want:
+            raise ValueError(f"shard {i}/{k} in {d} has {len(f)} of its {want} items; resume it (run the same "
+                             "command again) before merging")
     return pd.concat(frames, ignore_index=True)
 
 
