@@ -94,3 +94,16 @@ def test_batched_generation_equals_one_by_one(embedded, dev_split):
     batched = caption(embedded, imgs, batch_size=5, progress=False)
     single = [caption(embedded, [im], progress=False)[0] for im in imgs]
     assert batched == single
+
+
+def test_patch_appearance_is_each_patch_own_colour_statistics():
+    """The appearance target of the vision pretraining, against a hand computation on one patch."""
+    from dleaf_analysis.models.training import patch_appearance
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
+    out = patch_appearance(torch.from_numpy(img), patch_size=8)  # [2, 4, 6]
+    assert out.shape == (2, 4, 6)
+    patch = img[1, 8:16, 0:8].reshape(-1, 3) / 255.0  # row 1, column 0 -> patch index 2
+    want = np.concatenate([patch.mean(0), patch.std(0, ddof=1)])
+    np.testing.assert_allclose(out[1, 2].numpy() * 0.2 + 0.3, want, rtol=1e-5, atol=1e-6)

@@ -4,7 +4,11 @@ LLaVA-1.5's recipe, in five stages from one seed:
 
 1. **vision pretraining, then frozen**: the CLIP vision tower learns per-patch object labels
    (:func:`~dleaf_analysis.scenes.render.patch_labels`: the class covering most of each
-   patch, or background) through a small MLP head that is thrown away.  The LLaVA features
+   patch, or background) through a small MLP head that is thrown away, and, with two linear
+   heads also thrown away, where the patch is (its row and column) and what its pixels look
+   like (per-channel mean and standard deviation): cross-entropy on labels alone collapses
+   every background patch of an image onto one point, while CLIP's patch tokens carry their
+   position and local appearance.  The LLaVA features
    are the patch embedding (receptive field: one patch), so each image token stays about its
    own patch.  The tower is frozen from here on, as LLaVA-1.5's CLIP is in both its stages;
 2. **language pretraining**: the language model alone learns the train captions as plain text
@@ -56,6 +60,8 @@ class TrainConfig:
     question_stage_lr: float = 7e-4
     batch_size: int = 48
     vision_lr: float = 2e-3
+    vision_position_weight: float = 0.5  # stage 1: weight of each of the row / column cross-entropies
+    vision_appearance_weight: float = 1.0  # stage 1: weight of the patch colour-statistics regression
     lr: float = 1.5e-3
     question_fraction: float = 0.4
     weight_decay: float = 0.01
@@ -64,6 +70,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def patch_appearance(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Per-patch colour statistics, ``uint8 [B, H, W, 3] -> float [B, P, 6]`` (per-channel mean
+    and standard deviation of each row-major patch, standardised to about zero mean and unit
+    scale): the appearance target of the vision pretraining."""
+    B, H, W, _ = images.shape
+    g = H // patch_size
+    x = images[:, : g * patch_size, : g * patch_size].float() / 255.0
+    x = x.reshape(B, g, patch_size, g, patch_size, 3).permute(0, 1, 3, 2, 4, 5).reshape(B, g * g, -1, 3)
+    return (torch.cat([x.mean(2), x.std(2)], -1) - 0.3) / 0.2
 
 
 def _cosine(step: int, total: int, warmup: int = 50) -> float:
@@ -103,7 +120,12 @@ def train_embedded(
     patch_targets = torch.from_numpy(np.stack([patch_labels(world, sc, cfg.model.patch_size) for sc in split.scenes]))
     head = torch.nn.Sequential(torch.nn.Linear(cfg.model.vision_hidden, 256), torch.nn.GELU(),
                                torch.nn.Linear(256, len(classes) + 1))
-    params = list(vision.parameters()) + list(head.parameters())
+    grid = cfg.model.image_size // cfg.model.patch_size
+    pos_head = torch.nn.Linear(cfg.model.vision_hidden, 2 * grid)  # row and column logits
+    look_head = torch.nn.Linear(cfg.model.vision_hidden, 6)  # per-channel mean and std of the patch
+    rows_t, cols_t = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
+    params = list(vision.parameters()) + list(head.parameters()) + list(pos_head.parameters()) + \
+        list(look_head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
     # sdpa trains about 3x faster than eager here and gives the same weights' function;
     # the saved model is switched back to eager.
@@ -117,6 +139,15 @@ def train_embedded(
         feats = vision(pixel_values=pix, output_hidden_states=True).hidden_states[feature_layer][:, 1:]  # [B, P, D]
         logits = head(feats)  # [B, P, C+1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), patch_targets[idx].reshape(-1))
+        if cfg.vision_position_weight:
+            pl = pos_head(feats)  # [B, P, 2 * grid]
+            B = len(idx)
+            loss = loss + cfg.vision_position_weight * (
+                F.cross_entropy(pl[..., :grid].reshape(-1, grid), rows_t.repeat(B))
+                + F.cross_entropy(pl[..., grid:].reshape(-1, grid), cols_t.repeat(B)))
+        if cfg.vision_appearance_weight:
+            loss = loss + cfg.vision_appearance_weight * F.mse_loss(
+                look_head(feats), patch_appearance(images[idx], cfg.model.patch_size))
         opt.zero_grad()
         loss.backward()
         opt.step()
