@@ -119,16 +119,20 @@ def _nnsight(lm: LoadedModel):
     return wrapped
 
 
-def _envoy_layers(wrapped, adapter: ModelAdapter):
-    """The nnsight envoys of the language-model layers (same path as the torch modules)."""
-    target = adapter.layers
-    for name, module in adapter.model.named_modules():
+def _envoy_of(wrapped, model: torch.nn.Module, target: torch.nn.Module):
+    """The nnsight envoy of a submodule of ``model`` (same path as the torch module)."""
+    for name, module in model.named_modules():
         if module is target:
             env = wrapped
             for part in name.split("."):
                 env = env[int(part)] if part.isdigit() else getattr(env, part)
             return env
-    raise RuntimeError("language-model layers not found in the nnsight tree")
+    raise RuntimeError(f"{type(target).__name__} not found in the nnsight tree")
+
+
+def _envoy_layers(wrapped, adapter: ModelAdapter):
+    """The nnsight envoys of the language-model layers."""
+    return _envoy_of(wrapped, adapter.model, adapter.layers)
 
 
 # -- generation --------------------------------------------------------------------------
@@ -217,6 +221,8 @@ def trace_generation(
 
         wrapped = _nnsight(lm)
         layers = _envoy_layers(wrapped, adapter)
+        # the output head, not the model's output: InstructBLIP decodes inside its language model
+        head = _envoy_of(wrapped, lm.model, lm.model.get_output_embeddings())
         with torch.no_grad(), hooks.prompt_rows(lm.model, "last"), warnings.catch_warnings(), friendly_errors():
             # the bounded loop ends early when generation stops at EOS: expected, values are kept
             warnings.filterwarnings("ignore", message=".*was never reached.*")
@@ -227,7 +233,7 @@ def trace_generation(
                     for l in range(L):
                         step.append(layers[l].self_attn.pattern.output[0, :, -1:, :].detach())
                     saved.append(step)
-                    picked.append(wrapped.output.logits[0, -1].argmax().item())  # greedy token
+                    picked.append(head.output[0, -1].argmax().item())  # greedy token
         steps = list(saved)
         ids = torch.cat([inputs["input_ids"][:1].cpu(), torch.tensor([list(picked)], dtype=torch.long)], 1)
     new_ids = ids[0, inputs["input_ids"].shape[1]:].tolist()

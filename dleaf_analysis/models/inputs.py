@@ -57,11 +57,24 @@ class PromptBuilder:
         ip = processor.image_processor
         self.mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.image_token = processor.image_token
+        tok = processor.image_token
+        self.image_token = getattr(tok, "content", tok)  # InstructBLIP keeps an AddedToken
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.plain_format = None
+        if not (getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)):
+            from dleaf_analysis.models.processors import PLAIN_FORMATS
+
+            kind = type(processor).__name__.removesuffix("Processor").lower()
+            if kind not in PLAIN_FORMATS:
+                raise InputError(f"{type(processor).__name__} has no chat template and no known plain prompt format; "
+                                 "add a chat_template.jinja to the model directory")
+            self.plain_format = PLAIN_FORMATS[kind]
 
     def chat(self, prompt: str) -> str:
-        """The prompt text in the model's chat template, with one image placeholder."""
+        """The prompt text in the model's chat template, with one image placeholder (or, for a
+        checkpoint without a template, its plain format; its processor places the image tokens)."""
+        if self.plain_format is not None:
+            return self.plain_format.format(prompt=prompt)
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 

@@ -117,7 +117,12 @@ def load_model(
         model = AutoModelForImageTextToText.from_pretrained(
             path, local_files_only=True, dtype=dtype, device_map=device_map, attn_implementation="eager"
         )
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        if config.model_type == "qwen2_vl":  # its video processor needs torchvision; images only
+            from dleaf_analysis.models.processors import load_qwen2_vl_processor
+
+            processor = load_qwen2_vl_processor(path)
+        else:
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise ModelLoadError(f"cannot load the model in {path}: {type(e).__name__}: {e}") from None
     if device_map is None:

@@ -140,3 +140,124 @@ def tiny_instructblip(seed: int = 0):
 
 
 OTHER_CLASSES = {"llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl, "instructblip": tiny_instructblip}
+
+
+def _word_tokenizer(extra: list[str], eos: str = "</s>"):
+    """A word-level fast tokenizer over the scene world's words plus ``extra`` special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dleaf_analysis.models.embedded import PROMPT_WORDS, SPECIAL_TOKENS
+
+    words = list(dict.fromkeys(SPECIAL_TOKENS + PROMPT_WORDS + World.load().words + extra))
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos, pad_token="<pad>",
+                                   unk_token="<unk>", padding_side="left")
+    fast.add_special_tokens({"additional_special_tokens": [t for t in extra if t.startswith("<")]})
+    return fast
+
+
+QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|> {{ message['role'] }} {% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|> <|image_pad|> <|vision_end|> {% else %}{{ c['text'] }} {% endif %}"
+    "{% endfor %}<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+def tiny_qwen2_vl_dir(out_dir: str | Path, seed: int = 0) -> Path:
+    """A random ``Qwen2VLForConditionalGeneration`` saved in the layout of a released Qwen2-VL
+    directory (``preprocessor_config.json`` with a ``Qwen2VLImageProcessor``, tokenizer files,
+    ``chat_template.jinja``; no video processor).  Images of 56-112 px give 4-16 image tokens."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]
+    tok = _word_tokenizer(special + ["user", "assistant", "system"], eos="<|im_end|>")
+    ids = tok.convert_tokens_to_ids
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, max_position_embeddings=1024,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_chans=3)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                        vision_end_token_id=ids("<|vision_end|>"))
+    cfg.architectures = ["Qwen2VLForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tok.chat_template = QWEN2_VL_TEMPLATE
+    tok.save_pretrained(out)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                             temporal_patch_size=2).save_pretrained(out)
+    (out / "chat_template.jinja").write_text(QWEN2_VL_TEMPLATE)
+    return out
+
+
+def tiny_instructblip_dir(out_dir: str | Path, seed: int = 0) -> Path:
+    """A random ``InstructBlipForConditionalGeneration`` (Q-Former, Llama decoder, 4 query tokens)
+    saved as a released InstructBLIP directory is: processor with a Q-Former tokenizer and **no
+    chat template**."""
+    from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor,
+                              InstructBlipQFormerConfig, InstructBlipVisionConfig)
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tok = _word_tokenizer(["<image>"])
+    qtok = _word_tokenizer([])
+    torch.manual_seed(seed)
+    vision = InstructBlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      image_size=28, patch_size=14)
+    qformer = InstructBlipQFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, encoder_hidden_size=32, vocab_size=len(qtok))
+    text = _text_cfg(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id)
+    cfg = InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                             text_config=text.to_dict(), num_query_tokens=4,
+                             image_token_index=tok.convert_tokens_to_ids("<image>"))
+    cfg.text_config.model_type = "llama"
+    cfg.architectures = ["InstructBlipForConditionalGeneration"]
+    model = InstructBlipForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    ip = BlipImageProcessorPil(size={"height": 28, "width": 28})
+    InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok, num_query_tokens=4).save_pretrained(out)
+    return out
+
+
+def tiny_llava_next_dir(out_dir: str | Path, seed: int = 0) -> Path:
+    """A random ``LlavaNextForConditionalGeneration`` (anyres: 28 px tiles, grids up to 56x56)
+    saved as a llava-hf LLaVA-NeXT directory; images of different sizes give different numbers
+    of image tokens."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from dleaf_analysis.models.embedded import CHAT_TEMPLATE
+
+    tok = _word_tokenizer(["<image>"])
+    tok.chat_template = CHAT_TEMPLATE
+    pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14)
+    text = _text_cfg(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                          image_grid_pinpoints=pinpoints, vision_feature_layer=-1)
+    cfg.architectures = ["LlavaNextForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                    image_grid_pinpoints=pinpoints)
+    LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                       num_additional_image_tokens=1,
+                       chat_template=CHAT_TEMPLATE).save_pretrained(out)
+    return out
+
+
+SAVED_CLASSES = {"llava": tiny_llava15, "llava_next": tiny_llava_next_dir, "qwen2_vl": tiny_qwen2_vl_dir, "instructblip": tiny_instructblip_dir}
