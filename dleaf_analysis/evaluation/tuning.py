@@ -16,6 +16,7 @@ import pandas as pd
 
 from dleaf_analysis.evaluation.runner import evaluate
 from dleaf_analysis.models.loading import LoadedModel, load_model
+from dleaf_analysis.scenes import load_split
 from dleaf_analysis.sweeps import ResultStore, run_sweep
 
 
@@ -78,7 +79,9 @@ def tune(
     """
     lm = lm or load_model()
     out = Path(out_dir)
-    store = ResultStore(out / "grid", {"weights_hash": lm.weights_hash, "split": "dev", "limit": limit, "seed": seed,
+    split_hash = load_split("dev", limit=limit).annotations_hash
+    store = ResultStore(out / "grid", {"weights_hash": lm.weights_hash, "split": "dev", "split_hash": split_hash,
+                                       "limit": limit, "seed": seed,
                                        "grids": {m: GRIDS[m] for m in methods}})
 
     def run_one(unit):
