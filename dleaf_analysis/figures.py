@@ -2,8 +2,9 @@
 
 ``render_all`` writes, per figure, ``<name>.png``, ``<name>.pdf`` and ``<name>.csv`` (the data
 behind it) and a ``manifest.json`` entry (data hash, protocol, command).  Figures that summarise
-evaluations and studies read the tables ``dleaf reproduce`` wrote (``ctx.results``); the others
-trace the embedded model directly.  Everything is deterministic for a seed.
+evaluations and studies read the tables ``dleaf reproduce`` wrote (``ctx.results``); the worked
+examples (figures 1, 2, 5 and the attention grid) take their tables from
+:mod:`dleaf_analysis.studies.examples`.  Figures compute nothing: they plot tidy tables.  Everything is deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -69,12 +70,6 @@ def register(name: str, title: str, paper: str | None = None):
 
 
 # -- data helpers ------------------------------------------------------------------------------
-def _token_type(token: str, present: frozenset, classes: set) -> str:
-    if token not in classes:
-        return "non-object"
-    return "real object" if token in present else "hallucinated object"
-
-
 def _metric_bars(df: pd.DataFrame, by: str, title: str) -> plt.Figure:
     """CHAIR_s, CHAIR_i and recall side by side: one bar per ``by`` value, with its 95% CI."""
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
@@ -96,49 +91,10 @@ def _metric_bars(df: pd.DataFrame, by: str, title: str) -> plt.Figure:
 class Fig1:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
-        """The first test image whose D-LEAF caption has strictly fewer hallucinated objects than its
-        greedy caption (``example`` says whether one was found).  LIAE of the greedy trace, with
-        D-LEAF's running threshold ``mu + k sd`` computed on the same steps (its rule applied to the
-        greedy decoding, identical to D-LEAF's own decisions up to its first correction)."""
-        from dleaf_analysis.settings import tuned_config
-        from dleaf_analysis.interventions import DLeaf
-        from dleaf_analysis.models import caption
-        from dleaf_analysis.scenes import load_split
-        from dleaf_analysis.tracing import trace_generation
+        """:func:`~dleaf_analysis.studies.examples.dleaf_example` on the test split."""
+        from dleaf_analysis.studies import examples
 
-        lm = ctx.model()
-        split = load_split("test", limit=ctx.n_images)
-        cfg = DLeaf(**tuned_config("dleaf", lm.weights_hash))
-        imgs = [split.image(i) for i in range(len(split))]
-        greedy = caption(lm, imgs, progress=False)
-        dleaf = caption(lm, imgs, progress=False, decode=cfg.generate)
-        classes = set(split.world.classes)
-
-        def hallucinated(c: str, i: int) -> set:
-            return {w for w in c.split() if w in classes and w not in split.scenes[i].name_set}
-
-        removed = [i for i in range(len(split)) if hallucinated(dleaf[i], i) < hallucinated(greedy[i], i)]
-        pick = removed[0] if removed else 0
-        cache = trace_generation(lm, imgs[pick], backend="hooks")
-        liae = cache.liae(cfg.liae_variant).float()  # [S, L]
-        S, L = liae.shape
-        thr = torch_running_threshold(liae, cfg.k)
-        cand = set(cfg.candidate_layers(L))
-        rows = []
-        for st in range(S):
-            for layer in range(L):
-                t = float(thr[st, layer])
-                rows.append({"step": st, "token": cache.token_strs[st], "layer": layer, "liae": float(liae[st, layer]),
-                             "threshold": t, "fired": bool(layer in cand and st > 0 and liae[st, layer] > t)})
-        df = pd.DataFrame(rows)
-        df["image"] = pick
-        df["example"] = "D-LEAF removed a hallucinated object" if removed else \
-            f"no test image among the first {len(split)} where D-LEAF removed a hallucinated object"
-        df["greedy_caption"] = greedy[pick]
-        df["dleaf_caption"] = dleaf[pick]
-        df["present"] = ",".join(sorted(split.scenes[pick].name_set))
-        df["k"] = cfg.k
-        return df
+        return examples.dleaf_example(ctx.model(), ctx.n_images)
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
@@ -151,12 +107,8 @@ class Fig1:
         ax.scatter(f["step"] + 0.5, f["layer"] + 0.5, marker="x", color="red", s=60,
                    label="LIAE above the running threshold: D-LEAF fires")
         ax.legend(loc="upper right", fontsize=8)
-        present = set(df["present"].iloc[0].split(","))
-
-        def mark(c):
-            return " ".join(f"[{w}]" if w.isalpha() and w not in present and w in _CLASSES() else w for w in c.split())
-        ax.set_title(f"{df['example'].iloc[0]}\ngreedy: {mark(df['greedy_caption'].iloc[0])}\n"
-                     f"D-LEAF: {mark(df['dleaf_caption'].iloc[0])}  ([x] = hallucinated)", fontsize=9)
+        ax.set_title(f"{df['example'].iloc[0]}\ngreedy: {df['greedy_marked'].iloc[0]}\n"
+                     f"D-LEAF: {df['dleaf_marked'].iloc[0]}  ([x] = hallucinated)", fontsize=9)
         ax.set_xlabel("")
         counts = f.groupby("layer").size()
         layer = int(counts.idxmax()) if len(counts) else int(df.layer.max())
@@ -172,56 +124,15 @@ class Fig1:
         return fig
 
 
-def torch_running_threshold(liae, k: float):
-    """``mu + k sd`` of each layer over the steps before each step (``[S, L]``; NaN at step 0): the
-    threshold of D-LEAF's ``running`` rule, so ``liae > threshold`` exactly where ``liae-z > k``."""
-    import torch
-
-    S = liae.shape[0]
-    csum = torch.cumsum(liae, 0)
-    csq = torch.cumsum(liae * liae, 0)
-    n = torch.arange(1, S + 1, dtype=liae.dtype).view(-1, 1)
-    mu = csum / n
-    sd = (csq / n - mu**2).clamp_min(0).sqrt()
-    thr = torch.full_like(liae, float("nan"))
-    thr[1:] = mu[:-1] + k * sd[:-1]
-    return thr
-
-
-def _CLASSES() -> set:
-    from dleaf_analysis.scenes import World
-
-    return set(World.load().classes)
-
-
 @register("fig2_selective_correction", "Selective correction in visually ambiguous scenes: greedy, uniform (PAI) and "
           "D-LEAF captions", paper="Figure 2")
 class Fig2:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
-        from dleaf_analysis.settings import tuned_config
-        from dleaf_analysis.interventions import get_method
-        from dleaf_analysis.models import caption
-        from dleaf_analysis.scenes import load_split
+        """:func:`~dleaf_analysis.studies.examples.ambiguous_captions` (partner-absent test scenes)."""
+        from dleaf_analysis.studies import examples
 
-        lm = ctx.model()
-        split = load_split("test-partner-absent", limit=ctx.n_images)  # a strong partner of a present object is absent
-        imgs = [split.image(i) for i in range(len(split))]
-        caps = {m: caption(lm, imgs, progress=False, decode=get_method(m, tuned_config(m, lm.weights_hash)).generate)
-                for m in ("greedy", "pai", "dleaf")}
-        classes = set(split.world.classes)
-
-        def n_hall(c, i):
-            return sum(w in classes and w not in split.scenes[i].name_set for w in c.split())
-        # up to three scenes where greedy hallucinates, preferring ones where D-LEAF differs from greedy
-        cand = [i for i in range(len(split)) if n_hall(caps["greedy"][i], i)]
-        cand.sort(key=lambda i: (caps["dleaf"][i] == caps["greedy"][i], i))
-        rows = []
-        for i in cand[:3]:
-            for m, cs in caps.items():
-                rows.append({"image": i, "method": m, "caption": cs[i], "n_hallucinated": n_hall(cs[i], i),
-                             "present": ",".join(sorted(split.scenes[i].name_set))})
-        return pd.DataFrame(rows)
+        return examples.ambiguous_captions(ctx.model(), ctx.n_images)
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
@@ -240,8 +151,7 @@ class Fig2:
             ax.set_axis_off()
             ax.text(0, 0.95, "in the image: " + ", ".join(sorted(present)), fontsize=9, va="top", color="dimgray")
             for k, (_, row) in enumerate(df[df.image == i].iterrows()):
-                words = [f"[{w.upper()}]" if w in _CLASSES() and w not in present else w for w in row["caption"].split()]
-                ax.text(0, 0.7 - 0.25 * k, f"{labels[row['method']]:>14}: " + " ".join(words), fontsize=9, va="top",
+                ax.text(0, 0.7 - 0.25 * k, f"{labels[row['method']]:>14}: " + row["marked"], fontsize=9, va="top",
                         family="monospace", color="firebrick" if row["n_hallucinated"] else "black")
         fig.suptitle("Partner-absent scenes: hallucinated objects in [CAPS]")
         fig.tight_layout()
@@ -259,28 +169,12 @@ class Fig3:
         d = ctx.results / "chair-test-dleaf" / "details.jsonl"
         if not p.is_file() or not d.is_file():
             raise FileNotFoundError(f"{p} not found: run `dleaf reproduce` first")
+        from dleaf_analysis.scenes import World
+        from dleaf_analysis.studies.examples import correction_rates
+
         details = pd.read_json(d, lines=True)
         log = pd.read_json(p, lines=True) if p.stat().st_size else pd.DataFrame(columns=["item", "step", "layer", "heads"])
-        from dleaf_analysis.evaluation.chair import words
-
-        types: dict[tuple[int, int], str] = {}
-        for r in details.itertuples():
-            gt = set(r.gt_objects)
-            for s, w in enumerate(words(r.caption)):
-                if w in _CLASSES():
-                    types[(int(r.image), s)] = "hallucinated object" if w not in gt else "grounded object"
-        n_steps = pd.Series(list(types.values())).value_counts()
-        rows = [{"token_type": types[(int(r.item), int(r.step))], "layer": int(r.layer), "head": int(h)}
-                for r in log.itertuples() if (int(r.item), int(r.step)) in types for h in r.heads]
-        counts = pd.DataFrame(rows, columns=["token_type", "layer", "head"]).value_counts().rename("corrections")
-        layers = sorted(set(log["layer"])) if len(log) else []
-        heads = sorted({h for hs in log["heads"] for h in hs}) if len(log) else []
-        grid = pd.MultiIndex.from_product([["hallucinated object", "grounded object"], layers, heads],
-                                          names=["token_type", "layer", "head"])
-        out = counts.reindex(grid, fill_value=0).reset_index()
-        out["n_steps"] = out["token_type"].map(n_steps).fillna(0).astype(int)
-        out["rate"] = out["corrections"] / out["n_steps"].clip(lower=1)
-        return out
+        return correction_rates(details, log, set(World.load().classes))
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
@@ -337,20 +231,10 @@ class Fig4:
 class Fig5:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
-        from dleaf_analysis.scenes import load_split
-        from dleaf_analysis.tracing import trace_generation
+        """:func:`~dleaf_analysis.studies.examples.liae_by_token_type` on the test split."""
+        from dleaf_analysis.studies import examples
 
-        lm = ctx.model()
-        split = load_split("test", limit=ctx.n_images)
-        classes = set(split.world.classes)
-        frames = []
-        for i in range(len(split)):
-            c = trace_generation(lm, split.image(i), backend="hooks")
-            f = c.liae_frame()
-            f["image"] = i
-            f["token_type"] = [_token_type(t, split.scenes[i].name_set, classes) for t in f["token"]]
-            frames.append(f)
-        return pd.concat(frames, ignore_index=True)
+        return examples.liae_by_token_type(ctx.model(), ctx.n_images)
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
@@ -523,33 +407,10 @@ class Dpo:
 class AttentionGrid:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
-        from dleaf_analysis.interventions import DLeaf, fuse_heads
-        from dleaf_analysis.scenes import load_split
-        from dleaf_analysis.tracing import trace_generation
+        """:func:`~dleaf_analysis.studies.examples.attention_grid` on the first test image."""
+        from dleaf_analysis.studies import examples
 
-        lm = ctx.model()
-        img = load_split("test", limit=1).image(0)
-        c = trace_generation(lm, img, backend="hooks")
-        L = c.n_layers
-        layer = int(c.liae()[:, 2:].mean(0).argmax()) + 2  # the candidate layer with the highest mean LIAE
-        step = int(c.liae()[:, layer].argmax())
-        a = c.image_attn[step, layer]  # [H, n]
-        iaf = a.sum(-1)
-        best = int(iaf.argmax())
-        sel = DLeaf().select_heads(iaf[None])[0]
-        worst = int(iaf.argmin())
-        after = fuse_heads(a[None], sel[None], iaf.argmax()[None], 1.0)[0]
-        side = int(np.sqrt(c.n_image))
-        rows = []
-        for label, vec in (("best head", a[best]), ("corrected head, before", a[worst]),
-                           ("corrected head, after (gamma = 1)", after[worst])):
-            grid = (vec / vec.sum().clamp_min(1e-12)).reshape(side, side).numpy()
-            rows += [{"panel": label, "y": y, "x": x, "attention": float(grid[y, x]), "layer": layer, "step": step,
-                      "token": c.token_strs[step], "head": best if label == "best head" else worst}
-                     for y in range(side) for x in range(side)]
-        df = pd.DataFrame(rows)
-        df.attrs["image"] = img
-        return df
+        return examples.attention_grid(ctx.model())
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:

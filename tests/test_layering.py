@@ -49,3 +49,13 @@ def test_lower_layers_do_not_import_upper_ones():
                          "dleaf_analysis.diagnostics", "dleaf_analysis.tracing", "dleaf_analysis.interventions")):
             bad = sorted(d for d in deps if d.startswith(upper))
             assert not bad, f"{m} imports {bad}"
+
+
+def test_figures_only_plot():
+    """Figures plot tidy tables made by the studies and evaluation: they neither decode, trace nor
+    intervene themselves."""
+    compute = ("dleaf_analysis.tracing", "dleaf_analysis.interventions", "dleaf_analysis.hooks", "dleaf_analysis.lens",
+               "dleaf_analysis.diagnostics", "dleaf_analysis.models.generation", "dleaf_analysis.evaluation.chair")
+    deps = _graph()["dleaf_analysis.figures"]
+    bad = sorted(d for d in deps if d.startswith(compute) or d in ("dleaf_analysis.models.caption",))
+    assert not bad, f"dleaf_analysis.figures imports {bad}"

@@ -1,0 +1,195 @@
+"""Worked examples behind the paper's figures, as tidy tables (``dleaf_analysis.figures`` only plots them).
+
+- :func:`dleaf_example` (Figure 1): one test decoding, LIAE per step and layer, D-LEAF's running
+  threshold and where it fires, and the greedy and D-LEAF captions;
+- :func:`ambiguous_captions` (Figure 2): greedy, uniform (PAI) and D-LEAF captions of
+  partner-absent scenes where greedy hallucinates;
+- :func:`correction_rates` (Figure 3): how often D-LEAF corrected each (layer, head) at steps that
+  emitted a hallucinated vs a grounded object token;
+- :func:`liae_by_token_type` (Figure 5): LIAE per layer of every generated token, by token type;
+- :func:`attention_grid`: one step's image attention over the patch grid, best head and a
+  corrected head before and after the fusion.
+
+Hallucinated words are marked ``[word]`` in the ``*_marked`` caption columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dleaf_analysis.evaluation.chair import words
+from dleaf_analysis.interventions import DLeaf, fuse_heads, get_method
+from dleaf_analysis.models import caption
+from dleaf_analysis.models.loading import LoadedModel
+from dleaf_analysis.scenes import load_split
+from dleaf_analysis.settings import tuned_config
+from dleaf_analysis.tracing import trace_generation
+
+TOKEN_TYPES = ("real object", "hallucinated object", "non-object")
+
+
+def token_type(token: str, present: frozenset | set, classes: set) -> str:
+    """``real object`` / ``hallucinated object`` / ``non-object`` for one generated word."""
+    if token not in classes:
+        return "non-object"
+    return "real object" if token in present else "hallucinated object"
+
+
+def mark_hallucinated(text: str, present: set, classes: set, upper: bool = False) -> str:
+    """The caption with each object word absent from the image in brackets (``[WORD]`` if ``upper``)."""
+    return " ".join(f"[{w.upper() if upper else w}]" if w in classes and w not in present else w
+                    for w in text.split())
+
+
+def running_threshold(liae: torch.Tensor, k: float) -> torch.Tensor:
+    """``mu + k sd`` of each layer over the steps before each step (``liae [S, L] -> [S, L]``; NaN at
+    step 0): the threshold of D-LEAF's ``running`` rule, so ``liae > threshold`` exactly where
+    ``liae-z > k``."""
+    S = liae.shape[0]
+    csum = torch.cumsum(liae, 0)
+    csq = torch.cumsum(liae * liae, 0)
+    n = torch.arange(1, S + 1, dtype=liae.dtype).view(-1, 1)
+    mu = csum / n
+    sd = (csq / n - mu**2).clamp_min(0).sqrt()
+    thr = torch.full_like(liae, float("nan"))
+    thr[1:] = mu[:-1] + k * sd[:-1]
+    return thr
+
+
+def dleaf_example(lm: LoadedModel, n_images: int = 100, split: str = "test") -> pd.DataFrame:
+    """The first image of ``split`` whose D-LEAF caption has strictly fewer hallucinated objects than
+    its greedy caption (``example`` says whether one was found among the first ``n_images``).
+    Rows: ``step, token, layer, liae, threshold, fired``; LIAE of the greedy trace, with D-LEAF's
+    running threshold on the same steps (its rule applied to the greedy decoding, identical to
+    D-LEAF's own decisions up to its first correction)."""
+    data = load_split(split, limit=n_images)
+    cfg = DLeaf(**tuned_config("dleaf", lm.weights_hash))
+    imgs = [data.image(i) for i in range(len(data))]
+    greedy = caption(lm, imgs, progress=False)
+    dleaf = caption(lm, imgs, progress=False, decode=cfg.generate)
+    classes = set(data.world.classes)
+
+    def hallucinated(c: str, i: int) -> set:
+        return {w for w in c.split() if w in classes and w not in data.scenes[i].name_set}
+
+    removed = [i for i in range(len(data)) if hallucinated(dleaf[i], i) < hallucinated(greedy[i], i)]
+    pick = removed[0] if removed else 0
+    cache = trace_generation(lm, imgs[pick], backend="hooks")
+    liae = cache.liae(cfg.liae_variant).float()  # [S, L]
+    S, L = liae.shape
+    thr = running_threshold(liae, cfg.k)
+    cand = set(cfg.candidate_layers(L))
+    rows = [{"step": st, "token": cache.token_strs[st], "layer": layer, "liae": float(liae[st, layer]),
+             "threshold": float(thr[st, layer]),
+             "fired": bool(layer in cand and st > 0 and liae[st, layer] > thr[st, layer])}
+            for st in range(S) for layer in range(L)]
+    df = pd.DataFrame(rows)
+    present = set(data.scenes[pick].name_set)
+    df["image"] = pick
+    df["example"] = "D-LEAF removed a hallucinated object" if removed else \
+        f"no test image among the first {len(data)} where D-LEAF removed a hallucinated object"
+    df["greedy_caption"] = greedy[pick]
+    df["dleaf_caption"] = dleaf[pick]
+    df["greedy_marked"] = mark_hallucinated(greedy[pick], present, classes)
+    df["dleaf_marked"] = mark_hallucinated(dleaf[pick], present, classes)
+    df["present"] = ",".join(sorted(present))
+    df["k"] = cfg.k
+    return df
+
+
+def ambiguous_captions(lm: LoadedModel, n_images: int = 100, methods=("greedy", "pai", "dleaf"),
+                       n_examples: int = 3) -> pd.DataFrame:
+    """Captions by each method of up to ``n_examples`` partner-absent scenes (a strong partner of a
+    present object is absent) where greedy hallucinates, preferring scenes where D-LEAF differs
+    from greedy.  Rows: ``image, method, caption, marked, n_hallucinated, present``."""
+    data = load_split("test-partner-absent", limit=n_images)
+    imgs = [data.image(i) for i in range(len(data))]
+    caps = {m: caption(lm, imgs, progress=False, decode=get_method(m, tuned_config(m, lm.weights_hash)).generate)
+            for m in methods}
+    classes = set(data.world.classes)
+
+    def n_hall(c, i):
+        return sum(w in classes and w not in data.scenes[i].name_set for w in c.split())
+
+    cand = [i for i in range(len(data)) if n_hall(caps["greedy"][i], i)]
+    cand.sort(key=lambda i: (caps["dleaf"][i] == caps["greedy"][i], i))
+    rows = []
+    for i in cand[:n_examples]:
+        present = set(data.scenes[i].name_set)
+        for m, cs in caps.items():
+            rows.append({"image": i, "method": m, "caption": cs[i],
+                         "marked": mark_hallucinated(cs[i], present, classes, upper=True),
+                         "n_hallucinated": n_hall(cs[i], i), "present": ",".join(sorted(present))})
+    return pd.DataFrame(rows)
+
+
+def correction_rates(details: pd.DataFrame, log: pd.DataFrame, classes: set) -> pd.DataFrame:
+    """Per (token type, layer, head): how often D-LEAF corrected the head at the steps that emitted
+    a hallucinated / grounded object token, divided by the number of such steps.
+
+    ``details``: the per-caption CHAIR details of a D-LEAF evaluation (``image, caption,
+    gt_objects``); ``log``: its intervention log (``item, step, layer, heads``)."""
+    types: dict[tuple[int, int], str] = {}
+    for r in details.itertuples():
+        gt = set(r.gt_objects)
+        for s, w in enumerate(words(r.caption)):
+            if w in classes:
+                types[(int(r.image), s)] = "hallucinated object" if w not in gt else "grounded object"
+    n_steps = pd.Series(list(types.values())).value_counts()
+    rows = [{"token_type": types[(int(r.item), int(r.step))], "layer": int(r.layer), "head": int(h)}
+            for r in log.itertuples() if (int(r.item), int(r.step)) in types for h in r.heads]
+    counts = pd.DataFrame(rows, columns=["token_type", "layer", "head"]).value_counts().rename("corrections")
+    layers = sorted(set(log["layer"])) if len(log) else []
+    heads = sorted({h for hs in log["heads"] for h in hs}) if len(log) else []
+    grid = pd.MultiIndex.from_product([["hallucinated object", "grounded object"], layers, heads],
+                                      names=["token_type", "layer", "head"])
+    out = counts.reindex(grid, fill_value=0).reset_index()
+    out["n_steps"] = out["token_type"].map(n_steps).fillna(0).astype(int)
+    out["rate"] = out["corrections"] / out["n_steps"].clip(lower=1)
+    return out
+
+
+def liae_by_token_type(lm: LoadedModel, n_images: int = 100, split: str = "test") -> pd.DataFrame:
+    """LIAE per layer of every generated token of the greedy captions of ``split``, with its
+    ``token_type`` (:func:`token_type`).  Rows: those of ``AttentionCache.liae_frame`` plus
+    ``image, token_type``."""
+    data = load_split(split, limit=n_images)
+    classes = set(data.world.classes)
+    frames = []
+    for i in range(len(data)):
+        f = trace_generation(lm, data.image(i), backend="hooks").liae_frame()
+        f["image"] = i
+        f["token_type"] = [token_type(t, data.scenes[i].name_set, classes) for t in f["token"]]
+        frames.append(f)
+    return pd.concat(frames, ignore_index=True)
+
+
+def attention_grid(lm: LoadedModel, split: str = "test", image: int = 0) -> pd.DataFrame:
+    """Image attention over the patch grid at one step of one greedy decoding: the candidate
+    layer (2 and above) with the highest mean LIAE, its step of highest LIAE; the head of highest
+    IAF ("best head"), and the head of lowest IAF before and after D-LEAF's fusion at gamma 1.
+    Rows: ``panel, y, x, attention`` (normalised per panel) plus ``layer, step, token, head``;
+    ``attrs["image"]`` is the image."""
+    img = load_split(split, limit=image + 1).image(image)
+    c = trace_generation(lm, img, backend="hooks")
+    layer = int(c.liae()[:, 2:].mean(0).argmax()) + 2
+    step = int(c.liae()[:, layer].argmax())
+    a = c.image_attn[step, layer]  # [H, n]
+    iaf = a.sum(-1)
+    best = int(iaf.argmax())
+    sel = DLeaf().select_heads(iaf[None])[0]
+    worst = int(iaf.argmin())
+    after = fuse_heads(a[None], sel[None], iaf.argmax()[None], 1.0)[0]
+    side = int(np.sqrt(c.n_image))
+    rows = []
+    for label, vec in (("best head", a[best]), ("corrected head, before", a[worst]),
+                       ("corrected head, after (gamma = 1)", after[worst])):
+        grid = (vec / vec.sum().clamp_min(1e-12)).reshape(side, side).numpy()
+        rows += [{"panel": label, "y": y, "x": x, "attention": float(grid[y, x]), "layer": layer, "step": step,
+                  "token": c.token_strs[step], "head": best if label == "best head" else worst}
+                 for y in range(side) for x in range(side)]
+    df = pd.DataFrame(rows)
+    df.attrs["image"] = img
+    return df
