@@ -132,7 +132,7 @@ def test_results_are_written_atomically_and_other_runs_are_refused(tmp_path, emb
     # the same run again is fine; another method is refused before any compute, naming the field
     evaluate("chair", "dev", embedded, limit=2, out_dir=out, progress=False, n_resamples=50)
     calls = []
-    monkeypatch.setattr(runner, "caption", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(runner, "generate", lambda *a, **k: calls.append(1))
     with pytest.raises(ProtocolMismatchError, match='method: this run has "pai", the directory has "greedy"'):
         evaluate("chair", "dev", embedded, method="pai", limit=2, out_dir=out, progress=False, n_resamples=50)
     assert not calls  # refused before captioning anything
@@ -150,3 +150,41 @@ def test_results_are_written_atomically_and_other_runs_are_refused(tmp_path, emb
         r.save(out, overwrite=True)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_evaluation_resumes_by_item_after_a_crash_with_another_batch_size(tmp_path, embedded, monkeypatch):
+    """An evaluation that dies mid-run and is resumed with a smaller batch keeps its finished items,
+    decodes only the missing ones, and ends with the numbers, captions and D-LEAF log of an
+    uninterrupted run; a resume with other settings is refused."""
+    from dleaf_analysis.evaluation import runner
+    from dleaf_analysis.evaluation.runner import evaluate
+    from dleaf_analysis.sweeps import SweepMismatchError
+
+    kw = dict(method="dleaf", limit=10, progress=False, n_resamples=50)
+    ref = evaluate("chair", "dev", embedded, batch_size=10, **kw)
+    assert len(ref.interventions)  # D-LEAF fired, so the log is part of what must survive
+    real, n_items = runner.generate, []
+
+    def dies_on_third_batch(lm, images, *a, **k):
+        if len(n_items) == 2:
+            raise MemoryError("CUDA out of memory (simulated)")
+        n_items.append(len(images))
+        return real(lm, images, *a, **k)
+
+    monkeypatch.setattr(runner, "generate", dies_on_third_batch)
+    out = tmp_path / "run"
+    with pytest.raises(MemoryError):
+        evaluate("chair", "dev", embedded, batch_size=4, out_dir=out, **kw)
+    assert not (out / "protocol.json").exists() and n_items == [4, 4]
+    with pytest.raises(SweepMismatchError, match="max_new_tokens"):
+        evaluate("chair", "dev", embedded, batch_size=3, out_dir=out, max_new_tokens=20, **kw)
+    n_items.clear()
+    res = evaluate("chair", "dev", embedded, batch_size=3, out_dir=out, **kw)
+    assert n_items == [2]  # only the two missing images were decoded
+    assert res.details["caption"].tolist() == ref.details["caption"].tolist()
+    assert res.summary["value"].tolist() == ref.summary["value"].tolist()
+    cols = sorted(ref.interventions.columns)
+    key = ["item", "step", "layer"]
+    pd.testing.assert_frame_equal(res.interventions[cols].sort_values(key).reset_index(drop=True),
+                                  ref.interventions[cols].sort_values(key).reset_index(drop=True))
+    assert not (out / ".partial").exists()

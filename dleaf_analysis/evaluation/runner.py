@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from dleaf_analysis.evaluation.chair import chair_details, chair_summary
 from dleaf_analysis.evaluation.pope import get_parser, pope_summary
 from dleaf_analysis.errors import DleafError
 from dleaf_analysis.evaluation.protocol import Protocol
-from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT, answer, caption
+from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT, generate
 from dleaf_analysis.models.loading import LoadedModel, load_model
 from dleaf_analysis.scenes import POPE_VARIANTS, ObjectStats, load_split, pope_questions
 from dleaf_analysis.settings import tuned_config
+from dleaf_analysis.sweeps import ResultStore, run_items
 
 BENCHMARKS = ("chair", "pope")
 
@@ -127,30 +130,57 @@ def evaluate(
     lm = lm or load_model()
     # settings tuned on dev for this model (if any), overridden by the caller's
     m = get_method(method, {**tuned_config(method, lm.weights_hash), **(method_config or {})})
-    log: list[dict] = []
-    offset = [0]
-
-    def decode(lm_, inputs, **kw):
-        ids = m.generate(lm_, inputs, **kw)
-        for rec in getattr(m, "log", []):
-            log.append({**rec, "item": offset[0] + rec.pop("batch")})
-        offset[0] += inputs["input_ids"].shape[0]
-        return ids
-
     data = load_split(split, limit=limit)
-    manifest_hash = data.annotations_hash
     images = [data.image(i) for i in range(len(data))]
     common = dict(
-        split=split, split_hash=manifest_hash, model_id=lm.model_id, weights_hash=lm.weights_hash,
+        split=split, split_hash=data.annotations_hash, model_id=lm.model_id, weights_hash=lm.weights_hash,
         method=method, method_config={k: v for k, v in m.to_dict().items() if k != "method"},
         n_resamples=n_resamples, seed=seed,
     )
+    mnt = max_new_tokens or (32 if benchmark == "chair" else 3)
+    store = None
     if out_dir is not None:  # before any compute
-        check_output_dir(out_dir, {"benchmark": benchmark, **common}, overwrite)
+        out = check_output_dir(out_dir, {"benchmark": benchmark, **common}, overwrite)
+        partial = out / ".partial"  # finished items of an interrupted run, keyed by item
+        if overwrite and partial.exists():
+            shutil.rmtree(partial)
+        store = ResultStore(partial, {"benchmark": benchmark, **common, "max_new_tokens": mnt,
+                                      "answer_parser": answer_parser if benchmark == "pope" else None,
+                                      "pope_variants": list(pope_variants) if benchmark == "pope" else None})
+    batch_log: list[dict] = []  # D-LEAF's firings of the batch being decoded
+
+    def run(keys: list[str], imgs: list, prompts: list[str], desc: str) -> tuple[list[str], list[dict]]:
+        """Decode every item (resumable when there is an output directory); returns the texts in
+        item order and the intervention log with ``item`` = the item's position in ``keys``."""
+        current: list[int] = []
+
+        def decode(lm_, inputs, **kw):
+            ids = m.generate(lm_, inputs, **kw)
+            for rec in getattr(m, "log", []):
+                rec = dict(rec)
+                item = current[rec.pop("batch")]  # the row within the batch -> the item
+                batch_log.append({**rec, "item": item})
+            return ids
+
+        def fn(batch: list[int]) -> list[list[dict]]:
+            current[:] = batch
+            batch_log.clear()
+            texts = generate(lm, [imgs[i] for i in batch], [prompts[i] for i in batch], max_new_tokens=mnt,
+                             batch_size=len(batch), seed=seed, progress=False, decode=decode)
+            return [[{"text": t, "log": [r for r in batch_log if r["item"] == i]}] for i, t in zip(batch, texts)]
+
+        items = list(zip(keys, range(len(keys))))
+        if store is None:
+            rows = []
+            for k in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress):
+                rows += [r[0] for r in fn([i for _, i in items[k:k + batch_size]])]
+        else:
+            rows = run_items(items, fn, store, batch_size=batch_size, progress=progress, desc=desc).to_dict("records")
+        return [r["text"] for r in rows], [rec for r in rows for rec in r["log"]]
+
     if benchmark == "chair":
-        mnt = max_new_tokens or 32
-        caps = caption(lm, images, DEFAULT_CAPTION_PROMPT, max_new_tokens=mnt, batch_size=batch_size, seed=seed,
-                       progress=progress, decode=decode)
+        caps, logs = run([f"chair:{i}" for i in range(len(data))], images, [DEFAULT_CAPTION_PROMPT] * len(data),
+                         "captioning")
         details = chair_details(caps, [s.name_set for s in data.scenes], data.world.classes)
         details.insert(0, "image", range(len(data)))
         summary = chair_summary(details, n_resamples=n_resamples, seed=seed)
@@ -158,14 +188,13 @@ def evaluate(
         protocol = Protocol(benchmark="chair", n_items=len(data), prompt=DEFAULT_CAPTION_PROMPT, max_new_tokens=mnt, **common)
     else:
         parse = get_parser(answer_parser)
-        mnt = max_new_tokens or 3
         stats = train_object_stats()
-        frames, summaries = [], []
+        frames, summaries, logs = [], [], []
         for variant in pope_variants:
             q = pope_questions(data, variant, stats, seed=seed)
-            offset[0] = 0
-            ans = answer(lm, [images[i] for i in q["image"]], list(q["question"]), max_new_tokens=mnt,
-                         batch_size=batch_size, seed=seed, progress=progress, desc=f"POPE {variant}", decode=decode)
+            ans, lg = run([f"pope:{variant}:{j}" for j in range(len(q))], [images[i] for i in q["image"]],
+                          list(q["question"]), f"POPE {variant}")
+            logs += lg
             q["answer"] = ans
             q["prediction"] = [parse(a) for a in ans]
             s = pope_summary(q["label"], q["prediction"], groups=q["image"], n_resamples=n_resamples, seed=seed)
@@ -178,7 +207,8 @@ def evaluate(
                             max_new_tokens=mnt, answer_parser=answer_parser, pope_variants=list(pope_variants), **common)
     summary.insert(0, "method", method)
     summary.insert(0, "benchmark", benchmark)
-    result = EvalResult(protocol, summary, details, pd.DataFrame(log))
+    result = EvalResult(protocol, summary, details, pd.DataFrame(logs))
     if out_dir is not None:
         result.save(out_dir, overwrite=overwrite)
+        shutil.rmtree(Path(out_dir) / ".partial", ignore_errors=True)
     return result
