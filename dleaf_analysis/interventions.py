@@ -111,7 +111,7 @@ class _StepCounter:
         return self.step
 
 
-def _image_key_mask(inputs: dict, adapter: ModelAdapter, K: int) -> torch.Tensor:
+def image_key_mask(inputs: dict, adapter: ModelAdapter, K: int) -> torch.Tensor:
     """``[B, K]`` boolean: image-token key positions (prompt only; generated keys are text)."""
     m = adapter.image_mask(inputs["input_ids"])
     if K > m.shape[1]:
@@ -335,7 +335,7 @@ class _DLeafState:
         iaf = D.iaf(a_img, cfg.iaf_variant, valid)  # [B, H]
         sel = self.cfg.select_heads(iaf) & fire.unsqueeze(-1)
         best = iaf.argmax(-1)
-        key_img = _image_key_mask(self.inputs, self.adapter, row.shape[-1]) if cfg.fusion == "image" else None
+        key_img = image_key_mask(self.inputs, self.adapter, row.shape[-1]) if cfg.fusion == "image" else None
         new_row = fuse_heads(row, sel, best, cfg.gamma, key_img).to(pattern.dtype)
         if torch.is_grad_enabled():
             pattern = pattern.clone()  # keep autograd's saved tensors intact
@@ -411,7 +411,7 @@ class PAI(Method):
             if layer not in layers or self.alpha == 0:
                 return pattern
             row = pattern[:, :, -1, :]
-            img = _image_key_mask(inputs, adapter, row.shape[-1]).to(row.device).unsqueeze(1)
+            img = image_key_mask(inputs, adapter, row.shape[-1]).to(row.device).unsqueeze(1)
             new = torch.where(img, row * (1 + self.alpha), row)
             pattern = pattern.clone()
             pattern[:, :, -1, :] = new / new.sum(-1, keepdim=True)
@@ -581,7 +581,7 @@ class ImageAttentionProbe(Method):
 
         def edit(pattern: torch.Tensor, layer: int) -> torch.Tensor:
             B, H, Q, K = pattern.shape
-            img = _image_key_mask(inputs, adapter, K).to(pattern.device)  # [B, K]
+            img = image_key_mask(inputs, adapter, K).to(pattern.device)  # [B, K]
             q_text = ~img[:, K - Q:]  # [B, Q]: query rows that are not image tokens
             sel = img[:, None, None, :] & q_text[:, None, :, None]  # [B, 1, Q, K]
             mass = (pattern * img[:, None, None, :]).sum(-1, keepdim=True)  # [B, H, Q, 1]

@@ -195,7 +195,9 @@ def write_card_markdown(model_dir) -> str:
         f"- architecture: {card['architecture']}",
         "- recipe (LLaVA-1.5's, `dleaf_analysis.models.training`): the vision tower's LLaVA features are its "
         "penultimate hidden state, i.e. the patch embedding, so each image token sees only its own patch; it is "
-        "pretrained on per-patch object labels and then frozen; the language model learns the captions as text; "
+        "pretrained on per-patch object labels, with each patch's row, column and colour statistics as auxiliary "
+        "targets (label cross-entropy alone collapses an image's background patches onto one point), and then "
+        "frozen; the language model learns the captions as text; "
         "the projector is aligned with everything else frozen; projector and language model are then trained on "
         "captions and yes/no questions",
         f"- parameters: {card['parameters']:,} (language model {card['language_model_parameters']:,})",

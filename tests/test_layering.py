@@ -59,3 +59,14 @@ def test_figures_only_plot():
     deps = _graph()["dleaf_analysis.figures"]
     bad = sorted(d for d in deps if d.startswith(compute) or d in ("dleaf_analysis.models.caption",))
     assert not bad, f"dleaf_analysis.figures imports {bad}"
+
+
+def test_no_private_imports_across_modules():
+    """A module uses only the public names of another (``_private`` helpers stay in their module)."""
+    bad = []
+    for f in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dleaf_analysis"):
+                bad += [f"{f.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, bad

@@ -40,7 +40,7 @@ import torch
 from dleaf_analysis import diagnostics as D
 from dleaf_analysis import hooks
 from dleaf_analysis.evaluation.chair import chair_details, chair_paired
-from dleaf_analysis.interventions import DLeaf, _image_key_mask, fuse_heads, get_method
+from dleaf_analysis.interventions import DLeaf, image_key_mask, fuse_heads, get_method
 from dleaf_analysis.models.adapters import ModelAdapter
 from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT
 from dleaf_analysis.models.inputs import PromptBuilder
@@ -126,7 +126,7 @@ class FaultEditor:
         head_mask[list(f.heads)] = True
         sel = act[:, None] & head_mask[None, :]  # [B, H]
         row = pattern[:, :, -1, :]
-        img = _image_key_mask(self.inputs, self.adapter, K).to(pattern.device)
+        img = image_key_mask(self.inputs, self.adapter, K).to(pattern.device)
         if img.shape[0] != B:  # batched copies of one input (causal maps)
             img = img[:1].expand(B, -1)
         new = torch.where(sel[..., None], damage(row.float(), img, f.kind, f.strength).to(row.dtype), row)
