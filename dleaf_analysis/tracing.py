@@ -151,11 +151,11 @@ def trace_generation(
     """Greedy generation with the attention of every step recorded.
 
     ``stream_to``: write steps to a cache directory as they come and return the cache loaded from
-    it.  With the ``hooks`` backend each step is summarised as soon as it is computed (image
+    it.  Each step is summarised as soon as it is computed (image
     attention ``[L, H, n]``, key-group masses, row entropy; the rows ``[L, H, K]`` are dropped) and,
     with ``stream_to``, written out when its token is chosen, so memory stays bounded by
-    ``shard_steps`` steps whatever the length; the nnsight backend keeps every step's rows until
-    the end.  ``inputs``: processor outputs to use instead of
+    ``shard_steps`` steps whatever the length; the nnsight backend does the same inside its trace
+    (its loop body runs as each step executes).  ``inputs``: processor outputs to use instead of
     ``image`` + ``prompt`` (batch size 1).  ``generate_kwargs`` go to ``generate`` (e.g.
     ``min_new_tokens``; decoding stays greedy).
     """
@@ -165,41 +165,45 @@ def trace_generation(
     L = adapter.n_layers
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.pad_token_id,
                       **(generate_kwargs or {}))
-    steps: list[list[torch.Tensor]] = []  # nnsight: per step, L rows [H, 1, K] of the current query
-    summaries: list[tuple] = []  # hooks: per step, (image attention [L, H, n], masses [L, H, 4], entropy [L, H])
+    summaries: list[tuple] = []  # per step: (image attention [L, H, n], masses [L, H, 4], entropy [L, H])
+    meta = _meta(lm, adapter, prompt, backend, "generation")
+    live = CacheWriter(stream_to, {**meta, "image_positions": layout.image_positions.tolist(),
+                                   "prompt_length": layout.prompt_length}, dtype=dtype,
+                       shard_steps=shard_steps) if stream_to else None
+
+    def record(summary: tuple, tok: int) -> None:
+        """A finished step: to disk (``stream_to``) or to the in-memory list."""
+        if live is not None:
+            live.append(*summary, tok, lm.token_strs([tok])[0], live.n_steps + layout.prompt_length - 1)
+        else:
+            summaries.append(summary)
+
+    def n_done() -> int:
+        return live.n_steps if live is not None else len(summaries)
 
     if backend == "hooks":
         from transformers import LogitsProcessor, LogitsProcessorList
 
         current: dict[int, torch.Tensor] = {}
         pending: list[tuple] = []  # the summary of the step being decoded, until its token is known
-        meta = _meta(lm, adapter, prompt, backend, "generation")
-        live = CacheWriter(stream_to, {**meta, "image_positions": layout.image_positions.tolist(),
-                                       "prompt_length": layout.prompt_length}, dtype=dtype,
-                           shard_steps=shard_steps) if stream_to else None
 
         def make(l):
             def fn(out):
                 current[l] = out[0, :, -1, :].detach()  # [H, K]
                 if l == L - 1:  # the step is complete: summarise it now, keep only the summary
                     rows = torch.stack([current[j] for j in range(L)]).float().cpu()  # [L, H, K]
-                    q = torch.full((L,), layout.prompt_length - 1 + len(summaries) + (live.n_steps if live else 0),
-                                   dtype=torch.long)
+                    q = torch.full((L,), layout.prompt_length - 1 + n_done(), dtype=torch.long)
                     pending.append(layout.summarize(rows, q))
                     current.clear()
             return fn
 
         class _Record(LogitsProcessor):
-            """Runs after each step's forward, when its (greedy) token is decided: the step's summary
-            goes to disk (``stream_to``) or to the in-memory list."""
+            """Runs after each step's forward, when its (greedy) token is decided."""
 
             def __call__(self, input_ids, scores):
                 tok = int(scores[0].argmax())
-                for img, mass, ent in pending:
-                    if live is not None:
-                        live.append(img, mass, ent, tok, lm.token_strs([tok])[0], live.n_steps + layout.prompt_length - 1)
-                    else:
-                        summaries.append((img, mass, ent))
+                for summary in pending:
+                    record(summary, tok)
                 pending.clear()
                 return scores
 
@@ -212,8 +216,6 @@ def trace_generation(
             # only each step's last query row is read: the prefill's other rows keep the sdpa kernel
             with torch.no_grad(), hooks.prompt_rows(lm.model, "last"), friendly_errors():
                 ids = lm.model.generate(**inputs, **gen_kwargs)
-        if live is not None:
-            return AttentionCache.load(live.close())
     else:
         import warnings
 
@@ -227,40 +229,25 @@ def trace_generation(
             # the bounded loop ends early when generation stops at EOS: expected, values are kept
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with wrapped.trace(**inputs, fn=lm.model.generate, **gen_kwargs) as tracer:
-                saved, picked = nnsight.save([]), nnsight.save([])
+                picked = nnsight.save([])
                 for _ in tracer.iter[:max_new_tokens]:
-                    step = []
-                    for l in range(L):
-                        step.append(layers[l].self_attn.pattern.output[0, :, -1:, :].detach())
-                    saved.append(step)
-                    picked.append(head.output[0, -1].argmax().item())  # greedy token
-        steps = list(saved)
+                    # this body runs as each step executes: summarise the step's rows now, keep the summary
+                    rows = torch.stack([layers[l].self_attn.pattern.output[0, :, -1, :].detach()
+                                        for l in range(L)]).float().cpu()  # [L, H, K]
+                    tok = int(head.output[0, -1].argmax())  # the greedy token
+                    q = torch.full((L,), layout.prompt_length - 1 + n_done(), dtype=torch.long)
+                    record(layout.summarize(rows, q), tok)
+                    picked.append(tok)
         ids = torch.cat([inputs["input_ids"][:1].cpu(), torch.tensor([list(picked)], dtype=torch.long)], 1)
+    if live is not None:
+        return AttentionCache.load(live.close())
     new_ids = ids[0, inputs["input_ids"].shape[1]:].tolist()
-    steps, summaries = steps[: len(new_ids)], summaries[: len(new_ids)]
-    meta = _meta(lm, adapter, prompt, backend, "generation")
-    writer = CacheWriter(stream_to, {**meta, "image_positions": layout.image_positions.tolist(),
-                                     "prompt_length": layout.prompt_length}, dtype=dtype) if stream_to else None
-    S = max(len(steps), len(summaries))
+    summaries = summaries[: len(new_ids)]
     H, n = adapter.n_heads, len(layout.image_positions)
-    if summaries:  # hooks: summarised step by step during decoding
+    if summaries:
         img_all, mass_all, ent_all = (torch.stack([x[i] for x in summaries]) for i in range(3))
-    elif S:
-        # one vectorised summary of every step: rows right-padded to the last step's key count
-        K = steps[-1][0].shape[-1]
-        R = torch.zeros(S, L, H, K)
-        for s, rows in enumerate(steps):
-            R[s, :, :, : rows[0].shape[-1]] = torch.stack([r[:, -1, :] for r in rows])
-        q = layout.prompt_length - 1 + torch.arange(S)
-        img_all, mass_all, ent_all = layout.summarize(R, q[:, None].expand(S, L))
     else:
         img_all, mass_all, ent_all = torch.zeros(0, L, H, n), torch.zeros(0, L, H, len(KEY_GROUPS)), torch.zeros(0, L, H)
-    if writer:
-        for s in range(S):
-            writer.append(img_all[s], mass_all[s], ent_all[s], new_ids[s], lm.token_strs([new_ids[s]])[0],
-                          layout.prompt_length - 1 + s)
-    if writer:
-        return AttentionCache.load(writer.close())
     return AttentionCache(
         image_attn=img_all,
         mass=mass_all,

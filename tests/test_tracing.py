@@ -203,8 +203,9 @@ def _live_tensor_bytes() -> int:
 
 
 @pytest.mark.slow
-def test_streamed_trace_memory_does_not_grow_with_steps(tmp_path):
-    """Reachable tensor memory during a streamed hook-backend trace stays flat from step 20 to step 100
+@pytest.mark.parametrize("backend", ["hooks", "nnsight"])
+def test_streamed_trace_memory_does_not_grow_with_steps(tmp_path, backend):
+    """Reachable tensor memory during a streamed trace (either backend) stays flat from step 20 to step 100
     (the growth is the KV cache); kept in memory, the steps' summaries grow it by their size, which
     shows the probe can see growth.  (RSS is not used: allocator fragmentation moves it either way.)"""
     from transformers import LogitsProcessor
@@ -230,8 +231,8 @@ def test_streamed_trace_memory_does_not_grow_with_steps(tmp_path):
 
     def growth(stream: bool) -> float:
         probe = Probe()
-        trace_generation(lm, None, inputs=inputs, max_new_tokens=101, backend="hooks", shard_steps=8,
-                         stream_to=tmp_path / "c" if stream else None,
+        trace_generation(lm, None, inputs=inputs, max_new_tokens=101, backend=backend, shard_steps=8,
+                         stream_to=tmp_path / f"c-{backend}" if stream else None,
                          generate_kwargs={"min_new_tokens": 101, "logits_processor": [probe]})
         return probe.at[100] - probe.at[20]
 
