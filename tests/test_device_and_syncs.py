@@ -14,6 +14,7 @@ import torch
 
 from dleaf_analysis import hooks
 from dleaf_analysis.interventions import PAI, DLeaf, UniformFusion
+from dleaf_analysis.models.adapters import ModelAdapter
 from dleaf_analysis.models.inputs import PromptBuilder
 
 SYNCING = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "cpu", "numpy")
@@ -96,3 +97,39 @@ def test_dleaf_state_follows_the_pattern_device(lm, inputs):
         out = state(pattern, layer)
         assert out.device.type == "meta"
     assert state.mean.device.type == "meta" and state.n.device.type == "meta"
+
+
+@pytest.mark.parametrize("cfg", [DLeaf(k=0.0), DLeaf(k=0.0, fusion="image"), UniformFusion(), PAI()],
+                         ids=lambda c: repr(c)[:60])
+def test_editors_compile_as_one_graph(lm, inputs, cfg, monkeypatch):
+    """A decoding step of each editor compiles with ``torch.compile(fullgraph=True)``: no graph break,
+    so no data-dependent Python branch and no host read (dynamo's eager backend: no C compiler needed).
+    An editor that branches on a tensor value (``if fire.any():``) fails the same check."""
+    editors = []
+    orig = hooks.attach_editor
+
+    def attach(model, editor):
+        editors.append(editor)
+        return orig(model, editor)
+
+    monkeypatch.setattr(hooks, "attach_editor", attach)
+    K = inputs["input_ids"].shape[1] + 1
+    ad = ModelAdapter(lm.model)
+    pattern = torch.rand(3, ad.n_heads, 1, K).softmax(-1)
+    with cfg.attach(lm, inputs):
+        with torch.no_grad():
+            lm.model(**inputs)  # the prefill seeds the method's state
+        torch._dynamo.reset()
+        step = torch.compile(editors[-1], fullgraph=True, backend="eager")
+        for layer in range(ad.n_layers):
+            assert step(pattern.clone(), layer).shape == pattern.shape
+
+    def branching(p, layer):
+        if (p > 0.5).any():  # a host read: a graph break
+            return p * 0
+        return p
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="(?i)data-dependent|graph break|Unsupported"):
+        torch.compile(branching, fullgraph=True, backend="eager")(pattern, 0)
+
