@@ -171,7 +171,7 @@ class DLeaf(Method):
     name: ClassVar[str] = "dleaf"
     # defaults = the settings chosen by the tuning study on the embedded model's dev split
     # (data/tuned_methods.json; a test keeps them equal)
-    gamma: float = 1.0
+    gamma: float = 0.5
     threshold: str = "running"
     k: float = 0.5
     delta: float = 0.05
@@ -374,7 +374,7 @@ class UniformFusion(DLeaf):
     threshold: str = "static"
     # tuned (data/tuned_methods.json)
     gamma: float = 0.25
-    head_selection: str = "below-rho"
+    head_selection: str = "below-mean"
     fusion: str = "image"
 
     def validate(self, n_layers=None, n_heads=None) -> "UniformFusion":
@@ -393,7 +393,7 @@ class PAI(Method):
     """
 
     name: ClassVar[str] = "pai"
-    alpha: float = 0.25  # tuned; the tuned layer range ([4, 5] of 6) is model-specific
+    alpha: float = 2.0  # tuned; the tuned layer range ([4, 5] of 6) is model-specific
     layers: list[int] | None = None  # None: all but the first two
 
     def validate(self, n_layers=None, n_heads=None) -> "PAI":
