@@ -24,7 +24,7 @@ from dleaf_analysis import hooks, lens
 from dleaf_analysis.cache import KEY_GROUPS, AttentionCache, CacheWriter
 from dleaf_analysis.models.adapters import ModelAdapter
 from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT
-from dleaf_analysis.models.inputs import InputError, PromptBuilder
+from dleaf_analysis.models.inputs import InputError, PromptBuilder, append_ids
 from dleaf_analysis.models.loading import LoadedModel
 
 BACKENDS = ("nnsight", "hooks", "transformer-lens")
@@ -316,19 +316,20 @@ def trace_forward(
     backend: str = "nnsight",
     full_patterns: bool = False,
     inputs: dict | None = None,
+    continuation_ids: list[int] | None = None,
 ) -> AttentionCache:
-    """One forward pass over prompt (+ teacher-forced ``continuation``); step ``s`` is the query
-    at position ``P - 1 + s`` (it predicts continuation token ``s``; the last step predicts the
-    next token, recorded as the model's argmax)."""
+    """One forward pass over prompt (+ teacher-forced ``continuation``, or its token ids
+    ``continuation_ids``, e.g. generated ids); step ``s`` is the query at position ``P - 1 + s``
+    (it predicts continuation token ``s``; the last step predicts the next token, recorded as the
+    model's argmax)."""
+    if continuation is not None and continuation_ids is not None:
+        raise ValueError("give continuation (text) or continuation_ids, not both")
     adapter, inputs, layout = _prepare(lm, image, prompt, inputs)
     tok = lm.tokenizer
-    cont = tok(continuation, add_special_tokens=False)["input_ids"] if continuation else []
+    cont = list(continuation_ids) if continuation_ids is not None else (
+        tok(continuation, add_special_tokens=False)["input_ids"] if continuation else [])
     if cont:
-        extra = torch.tensor([cont], device=inputs["input_ids"].device)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], 1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)
-        if "mm_token_type_ids" in inputs:  # Qwen2-VL: continuation tokens are text
-            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+        inputs = append_ids(inputs, cont)
     pats, logits = _forward_patterns(lm, adapter, inputs, backend)
     P = layout.prompt_length
     R = torch.stack([p[:, P - 1:, :] for p in pats]).permute(2, 0, 1, 3)  # [Q, L, H, K]

@@ -37,14 +37,12 @@ def test_fault_validation_and_steps():
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, embedded):
-    from dleaf_analysis.scenes import load_split
+    from dleaf_analysis.sources import SceneSource
     from dleaf_analysis.studies.calibration import run_calibration
 
-    sp = load_split("dev", limit=6)
     out = tmp_path_factory.mktemp("calibration")
     faults = [Fault("drain", 3, (0, 1, 2), 1.0, 1.0), Fault("diffuse", 3, (0, 1, 2), 1.0, 1.0)]
-    args = (embedded, [sp.image(i) for i in range(6)], [s.name_set for s in sp.scenes], sp.world.classes, out,
-            {"test": "small"})
+    args = (embedded, SceneSource.load("dev", limit=6), out, {"test": "small"})
     tables = run_calibration(*args, faults=faults, max_new_tokens=16, n_causal_events=1, progress=False,
                              log=lambda s: None)
     return out, tables, args, faults

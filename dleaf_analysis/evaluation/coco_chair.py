@@ -188,6 +188,39 @@ class CocoChair:
         inv = self.tables["inverse_synonym_dict"]
         return obj_words, [inv[w] for w in obj_words], merged
 
+    def mentions(self, caption: str) -> list[tuple[str, int, int]]:
+        """``(category, start, end)`` of every object mention of :meth:`caption_to_words`, with
+        the characters ``caption[start:end]`` it was read from (a two-word object spans both)."""
+        text = caption.lower()
+        words = word_tokenize(text)
+        spans, pos = [], 0
+        for w in words:  # align NLTK's tokens with the text (its quotes are rewritten as `` and '')
+            j = text.find(w, pos)
+            if j < 0 and w in ("``", "''"):
+                j, w = text.find('"', pos), '"'
+            if j < 0:
+                spans.append(None)
+                continue
+            spans.append((j, j + len(w)))
+            pos = j + len(w)
+        tags = [t for _, t in perceptron_tagger().tag(words)] if self.tagger == "perceptron" else ["NN"] * len(words)
+        lemmas = [lemmatize(w, _wordnet_pos(t)) for w, t in zip(words, tags)]
+        merged, i = [], 0
+        dw = self.tables["double_word_dict"]
+        while i < len(lemmas):
+            pair = " ".join(lemmas[i:i + 2])
+            if pair in dw:
+                merged.append((dw[pair], spans[i], spans[i + 1]))
+                i += 2
+            else:
+                merged.append((lemmas[i], spans[i], spans[i]))
+                i += 1
+        names = [m[0] for m in merged]
+        if "toilet" in names and "seat" in names:
+            merged = [m for m in merged if m[0] != "seat"]
+        inv = self.tables["inverse_synonym_dict"]
+        return [(inv[w], a[0], b[1]) for w, a, b in merged if w in self.objects and a is not None and b is not None]
+
     def details(self, captions: pd.DataFrame) -> pd.DataFrame:
         """Per-caption table for a frame with ``image_id`` and ``caption`` columns (unknown ids raise)."""
         rows = []

@@ -28,15 +28,17 @@ def generate(
     progress: bool = True,
     desc: str = "generating",
     decode: Callable[..., torch.Tensor] | None = None,
+    return_ids: bool = False,
     **generate_kwargs,
-) -> list[str]:
-    """Generate a continuation for each (image, prompt); returns the decoded new text.
+) -> list[str] | list[list[int]]:
+    """Generate a continuation for each (image, prompt); returns the decoded new text (or, with
+    ``return_ids``, the new token ids up to and without the end-of-sequence token).
 
     ``decode(lm, inputs, **kwargs) -> ids [B, T]`` replaces ``model.generate`` (how decoding
     methods and interventions plug in; see :mod:`dleaf_analysis.interventions`).
     """
     builder = PromptBuilder(lm.processor)
-    out: list[str] = []
+    out: list = []
     tok = lm.tokenizer
     device = next(lm.model.parameters()).device
     dtype = next(lm.model.parameters()).dtype
@@ -52,6 +54,9 @@ def generate(
         with torch.no_grad():
             ids = decode(lm, inputs, **kw) if decode is not None else lm.model.generate(**inputs, **kw)
         new = ids[:, inputs["input_ids"].shape[1] :]
+        if return_ids:
+            out.extend(new_token_ids(new.tolist(), lm))
+            continue
         out.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
     return out
 
@@ -60,6 +65,24 @@ def caption(lm: LoadedModel, images: Sequence, prompt: str = DEFAULT_CAPTION_PRO
     """Caption each image (greedy by default)."""
     kw.setdefault("desc", "captioning")
     return generate(lm, images, [prompt] * len(images), max_new_tokens=max_new_tokens, **kw)
+
+
+def new_token_ids(rows: list[list[int]], lm: LoadedModel) -> list[list[int]]:
+    """Generated ids per sequence, cut at the first end-of-sequence token (exclusive)."""
+    eos = lm.model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {lm.tokenizer.eos_token_id}
+    out = []
+    for r in rows:
+        cut = next((k for k, t in enumerate(r) if t in eos), len(r))
+        out.append(r[:cut])
+    return out
+
+
+def caption_ids(lm: LoadedModel, images: Sequence, prompt: str = DEFAULT_CAPTION_PROMPT, max_new_tokens: int = 32,
+                **kw) -> list[list[int]]:
+    """Caption each image (greedy by default); the generated token ids (events are located in them)."""
+    kw.setdefault("desc", "captioning")
+    return generate(lm, images, [prompt] * len(images), max_new_tokens=max_new_tokens, return_ids=True, **kw)
 
 
 def answer(lm: LoadedModel, images: Sequence, questions: Sequence[str], max_new_tokens: int = 3, **kw) -> list[str]:

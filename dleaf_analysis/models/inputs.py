@@ -48,6 +48,21 @@ def as_pil(image, expected_size: int | None = None) -> Image.Image:
     return image
 
 
+def append_ids(inputs: dict, ids: list[int]) -> dict:
+    """``inputs`` of one sequence with ``ids`` appended as text (attention 1; Qwen2-VL's
+    ``mm_token_type_ids`` 0)."""
+    if inputs["input_ids"].shape[0] != 1:
+        raise InputError("teacher-forced continuations take one sequence at a time (batch size 1)")
+    inputs = dict(inputs)
+    extra = torch.tensor([list(ids)], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], 1)
+    if "attention_mask" in inputs:
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+    return inputs
+
+
 class PromptBuilder:
     """Builds chat prompts and model inputs for a LLaVA-style processor."""
 

@@ -55,6 +55,22 @@ class LoadedModel:
         return (self.path / "model_card.json").is_file()
 
     @property
+    def input_size(self) -> int | None:
+        """The image size inputs must have (the embedded model's), or ``None``: the processor resizes."""
+        return self.image_size if self.is_embedded else None
+
+    def inputs(self, images, prompts, continuation_ids: list[int] | None = None) -> dict:
+        """Model inputs on the model's device (``pixel_values`` in its dtype): chat prompts with one
+        image each, plus teacher-forced ``continuation_ids`` appended (one sequence only)."""
+        from dleaf_analysis.models.inputs import PromptBuilder, append_ids
+
+        inputs = dict(PromptBuilder(self.processor).inputs(images, prompts, self.input_size))
+        if continuation_ids:
+            inputs = append_ids(inputs, continuation_ids)
+        p = next(self.model.parameters())
+        return {k: (v.to(p.device, p.dtype) if k == "pixel_values" else v.to(p.device)) for k, v in inputs.items()}
+
+    @property
     def pad_token_id(self) -> int | None:
         tok = self.tokenizer
         if tok is not None and tok.pad_token_id is not None:

@@ -261,3 +261,85 @@ def tiny_llava_next_dir(out_dir: str | Path, seed: int = 0) -> Path:
 
 
 SAVED_CLASSES = {"llava": tiny_llava15, "llava_next": tiny_llava_next_dir, "qwen2_vl": tiny_qwen2_vl_dir, "instructblip": tiny_instructblip_dir}
+
+
+LLAVA15_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% else %}ASSISTANT: "
+    "{% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+SUBWORD_OBJECTS = ("person", "dog", "cat", "frisbee", "car", "bench", "bicycle", "umbrella", "dining table", "horse",
+                   "bird", "boat", "chair", "cup", "kite", "train", "truck", "pizza", "bowl", "clock")
+SUBWORD_CAPTION = "A person and a dog play with a frisbee near a dining table and a bicycle."
+
+
+def subword_tokenizer(vocab_size: int = 160):
+    """A small SentencePiece-style BPE tokenizer (``▁`` word marker, like LLaVA-1.5's Llama
+    tokenizer) trained with the ``tokenizers`` library on COCO's category names and caption
+    words; with its small vocabulary most object words split into several sub-tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [SUBWORD_CAPTION, "Please describe this image in detail.", "USER: ASSISTANT:",
+              "a an the and with near on in of is are there two three people"]
+    corpus += [f"a {c} and {c}s" for c in SUBWORD_OBJECTS]
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    alphabet = sorted(set("".join(corpus)) | set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-\n"))
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                        initial_alphabet=alphabet, show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side="left")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def tiny_llava15_subword_dir(out_dir: str | Path, seed: int = 0, caption: str = SUBWORD_CAPTION,
+                             steps: int = 400) -> Path:
+    """A tiny ``LlavaForConditionalGeneration`` in the llava-hf LLaVA-1.5 layout (CLIP tower at
+    56 px: 16 image tokens; LLaVA-1.5's chat template) with a sub-word tokenizer
+    (:func:`subword_tokenizer`), trained for a few seconds to answer every image with ``caption``
+    -- so that its greedy captions mention COCO objects, several of them absent from any given
+    image.  Saved to ``out_dir`` (returned)."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from dleaf_analysis.models.inputs import PromptBuilder
+
+    tok = subword_tokenizer()
+    tok.chat_template = LLAVA15_TEMPLATE
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=56, patch_size=14)
+    text = _text_cfg(len(tok), hidden=64, layers=2, heads=4, bos_token_id=tok.bos_token_id,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-1, vision_feature_select_strategy="default")
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    model = LlavaForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    processor = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=LLAVA15_TEMPLATE)
+    # teach it one answer, whatever the image (random images; the prompt of COCO captioning)
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand(4, 56, 56, 3, generator=g) * 255).to(torch.uint8)
+    batch = PromptBuilder(processor).training_batch(images, ["Please describe this image in detail."] * 4,
+                                                    [" " + caption] * 4)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 1e-3:
+            break
+    model.eval()
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -39,13 +39,13 @@ import torch
 
 from dleaf_analysis import diagnostics as D
 from dleaf_analysis import hooks
-from dleaf_analysis.evaluation.chair import chair_details, chair_paired
+from dleaf_analysis.evaluation.chair import chair_paired
 from dleaf_analysis.interventions import DLeaf, image_key_mask, fuse_heads, get_method
 from dleaf_analysis.models.adapters import ModelAdapter
-from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT
-from dleaf_analysis.models.inputs import PromptBuilder
+from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT, new_token_ids
 from dleaf_analysis.models.loading import LoadedModel
 from dleaf_analysis.seeding import derive_seed
+from dleaf_analysis.sources import ImageSource
 from dleaf_analysis.sweeps import ResultStore, run_sweep
 
 FAULT_KINDS = ("diffuse", "drain")
@@ -140,17 +140,17 @@ class FaultEditor:
 
 
 def _captions(lm: LoadedModel, images: list, items: list[int], fault: Fault | None, method: str = "greedy",
-              method_config: dict | None = None, max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
-    """Greedy captions with ``fault`` planted and ``method`` decoding (``oracle``: the fault's oracle fusion)."""
+              method_config: dict | None = None, max_new_tokens: int = 32, batch_size: int = 16,
+              prompt: str = DEFAULT_CAPTION_PROMPT) -> tuple[list[str], list[list[int]]]:
+    """Greedy captions (and their generated ids) with ``fault`` planted and ``method`` decoding
+    (``oracle``: the fault's oracle fusion)."""
     adapter = ModelAdapter(lm.model)
-    builder = PromptBuilder(lm.processor)
     oracle = method == "oracle"
     m = get_method("greedy" if oracle else method, None if oracle else method_config)
     oracle_cfg = DLeaf(**{k: v for k, v in (method_config or {}).items() if k in DLeaf.__dataclass_fields__}) if oracle else None
-    out = []
+    out, out_ids = [], []
     for i in range(0, len(images), batch_size):
-        inputs = dict(builder.inputs(images[i:i + batch_size], [DEFAULT_CAPTION_PROMPT] * len(images[i:i + batch_size]),
-                                     lm.image_size))
+        inputs = lm.inputs(images[i:i + batch_size], [prompt] * len(images[i:i + batch_size]))
         with torch.no_grad():
             if fault is None:
                 ids = m.generate(lm, inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.pad_token_id)
@@ -159,20 +159,21 @@ def _captions(lm: LoadedModel, images: list, items: list[int], fault: Fault | No
                 with hooks.attach_editor(lm.model, ed):  # the fault first: the method sees the damaged pattern
                     ids = m.generate(lm, inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=lm.pad_token_id)
-        gen = ids[:, inputs["input_ids"].shape[1]:]
-        out += [s.strip() for s in lm.tokenizer.batch_decode(gen, skip_special_tokens=True)]
-    return out
+        gen = new_token_ids(ids[:, inputs["input_ids"].shape[1]:].tolist(), lm)
+        out += [lm.tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen]
+        out_ids += gen
+    return out, out_ids
 
 
-def _traces(lm: LoadedModel, images: list, items: list[int], fault: Fault | None, max_new_tokens: int):
+def _traces(lm: LoadedModel, images: list, items: list[int], fault: Fault | None, max_new_tokens: int,
+            prompt: str = DEFAULT_CAPTION_PROMPT):
     """Per image: ``(layer scores {detector: [S, L]}, IAF [S, L, H], active steps [S])``."""
     from dleaf_analysis.tracing import trace_generation
 
     adapter = ModelAdapter(lm.model)
-    builder = PromptBuilder(lm.processor)
     out = []
     for img, item in zip(images, items):
-        inputs = dict(builder.inputs([img], [DEFAULT_CAPTION_PROMPT], lm.image_size))
+        inputs = lm.inputs([img], [prompt])
         if fault is None:
             c = trace_generation(lm, None, inputs=inputs, max_new_tokens=max_new_tokens, backend="hooks")
             act = np.zeros(c.n_steps, bool)
@@ -211,23 +212,24 @@ def default_faults(n_layers: int, n_heads: int, seed: int = 0) -> list[Fault]:
 
 def run_calibration(
     lm: LoadedModel,
-    images: list,
-    ground_truth: list,
-    vocabulary: list[str],
+    source: ImageSource,
     out: str | Path,
     manifest: dict,
     faults: list[Fault] | None = None,
     dleaf_config: dict | None = None,
     methods: dict[str, dict] | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     n_causal_events: int = 4,
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    fault_shard: tuple[int, int] = (0, 1),
 ) -> dict[str, pd.DataFrame]:
-    """Run the calibration grid (resumable: one unit per fault) on ``images`` with their
-    ground-truth object sets; returns tidy tables ``faults``, ``detection``, ``recovery`` and
-    writes them (and ``summary.json``) to ``out``."""
+    """Run the calibration grid (resumable: one unit per fault) on the images of ``source``
+    (its prompt, caption length, ground truth and CHAIR matcher); returns tidy tables
+    ``faults``, ``detection``, ``iaf``, ``recovery``, ``causal`` and writes them (and
+    ``summary.json``) to ``out``.  ``fault_shard=(i, N)``: this process runs every N-th fault
+    from i on every image (merge the shards with ``dleaf study calibration --merge``)."""
     adapter = ModelAdapter(lm.model)
     hooks.install(lm.model)
     L, H = adapter.n_layers, adapter.n_heads
@@ -236,23 +238,26 @@ def run_calibration(
         f.validate(L, H)
     dcfg = DLeaf(**{**(dleaf_config or {})})
     methods = methods or {}
+    images = [source.image(i) for i in range(len(source))]
+    prompt = source.prompt
+    max_new_tokens = max_new_tokens or source.max_new_tokens
     items = list(range(len(images)))
     out = Path(out)
     store = ResultStore(out, {**manifest, "study": "calibration", "faults": [f.key for f in faults],
                               "dleaf": dcfg.to_dict(), "methods": methods, "max_new_tokens": max_new_tokens,
-                              "seed": seed})
+                              "seed": seed, "shard": list(fault_shard)})
     log(f"calibration: unfaulted captions and traces of {len(images)} images")
-    clean_caps = _captions(lm, images, items, None, max_new_tokens=max_new_tokens)
-    clean_det = chair_details(clean_caps, ground_truth, vocabulary)
-    clean_tr = _traces(lm, images, items, None, max_new_tokens)
+    clean_caps, _ = _captions(lm, images, items, None, max_new_tokens=max_new_tokens, prompt=prompt)
+    clean_det = source.chair_details(clean_caps)
+    clean_tr = _traces(lm, images, items, None, max_new_tokens, prompt)
     cand = dcfg.candidate_layers(L)
     profile = np.mean([s["liae"].mean(0) for s, _, _ in clean_tr], axis=0)  # [L] layer profile (unfaulted)
 
     def unit(fault_key: str) -> list[dict]:
         f = next(x for x in faults if x.key == fault_key)
         rows: list[dict] = []
-        caps = _captions(lm, images, items, f, max_new_tokens=max_new_tokens)
-        det = chair_details(caps, ground_truth, vocabulary)
+        caps, cap_ids = _captions(lm, images, items, f, max_new_tokens=max_new_tokens, prompt=prompt)
+        det = source.chair_details(caps)
         harm = chair_paired(clean_det, det, n_resamples=500, seed=seed).set_index("metric")
         base = {"fault": fault_key, "kind": f.kind, "layer": f.layer, "heads": list(f.heads), "strength": f.strength,
                 "step_fraction": f.step_fraction}
@@ -261,7 +266,7 @@ def run_calibration(
                      "drecall": harm.loc["recall", "diff"], "drecall_low": harm.loc["recall", "ci_low"],
                      "drecall_high": harm.loc["recall", "ci_high"]})
         # detection and IAF, per step
-        tr = _traces(lm, images, items, f, max_new_tokens)
+        tr = _traces(lm, images, items, f, max_new_tokens, prompt)
         faulted = np.zeros(H, bool)
         faulted[list(f.heads)] = True
         for d in CALIBRATION_DETECTORS:
@@ -288,8 +293,8 @@ def run_calibration(
         # recovery under the fault
         for name in RECOVERY_METHODS:
             cfg = {k: v for k, v in dcfg.to_dict().items() if k != "method"} if name == "oracle" else methods.get(name, {})
-            mcaps = _captions(lm, images, items, f, name, cfg, max_new_tokens=max_new_tokens)
-            mdet = chair_details(mcaps, ground_truth, vocabulary)
+            mcaps, _ = _captions(lm, images, items, f, name, cfg, max_new_tokens=max_new_tokens, prompt=prompt)
+            mdet = source.chair_details(mcaps)
             vs_clean = chair_paired(clean_det, mdet, n_resamples=500, seed=seed).set_index("metric")
             vs_fault = chair_paired(det, mdet, n_resamples=500, seed=seed).set_index("metric")
             harm_s, harm_r = harm.loc["CHAIR_s", "diff"], harm.loc["recall", "diff"]
@@ -301,11 +306,18 @@ def run_calibration(
                          "dCHAIR_s_vs_faulted_high": vs_fault.loc["CHAIR_s", "ci_high"],
                          "recovery_CHAIR_s": -vs_fault.loc["CHAIR_s", "diff"] / harm_s if harm_s > 0 else float("nan"),
                          "recovery_recall": vs_fault.loc["recall", "diff"] / -harm_r if harm_r < 0 else float("nan")})
-        rows += _causal_rows(lm, images, caps, ground_truth, vocabulary, f, base, n_causal_events)
+        rows += _causal_rows(lm, source, images, cap_ids, f, base, n_causal_events)
         return rows
 
-    units = [(f.key, f.key) for f in faults]
-    df = run_sweep(units, unit, store, progress=progress, desc=f"calibration over {len(faults)} faults")
+    mine = faults[fault_shard[0]::fault_shard[1]]
+    units = [(f.key, f.key) for f in mine]
+    df = run_sweep(units, unit, store, progress=progress, desc=f"calibration over {len(mine)} faults")
+    return calibration_tables(df, out)
+
+
+def calibration_tables(df: pd.DataFrame, out: str | Path) -> dict[str, pd.DataFrame]:
+    """Tidy tables from the calibration's per-fault rows; written (with ``summary.json``) to ``out``."""
+    out = Path(out)
     tables = {}
     for name in ("faults", "detection", "iaf", "recovery", "causal"):
         t = df[df["table"] == name] if "table" in df else df.iloc[:0]
@@ -332,34 +344,32 @@ _TABLE_COLUMNS = {
 }
 
 
-def _causal_rows(lm, images, caps, ground_truth, vocabulary, f: Fault, base: dict, n_events: int) -> list[dict]:
-    """Causal layer maps on hallucination events of the faulted captions, the fault planted on the
-    event's query row: does the map rank the faulted layer first?"""
+def _causal_rows(lm, source: ImageSource, images: list, cap_ids: list[list[int]], f: Fault, base: dict,
+                 n_events: int) -> list[dict]:
+    """Causal layer maps on hallucination events of the faulted captions (located in the generated
+    ids), the fault planted on the event's query row: does the map rank the faulted layer first?"""
     from dleaf_analysis.studies import causal
+    from dleaf_analysis.studies.events import mention_spans, word_ids
 
     adapter = ModelAdapter(lm.model)
-    builder = PromptBuilder(lm.processor)
     tok = lm.tokenizer
-    vocab = set(vocabulary)
     rows = []
-    for i, cap in enumerate(caps):
+    for i, ids in enumerate(cap_ids):
         if len(rows) >= n_events:
             break
-        ids = tok(cap, add_special_tokens=False)["input_ids"]
-        words = tok.convert_ids_to_tokens(ids)
-        gt = set(ground_truth[i])
-        hall = [j for j, w in enumerate(words) if w in vocab and w not in gt]
-        pref = sorted(gt - set(words))
-        if not hall or not pref:
+        _, found = mention_spans(source, tok, ids)
+        gt = set(source.objects(i))
+        hall = [(m, j) for m, j, _ in found if m.object not in gt]
+        if not hall:
             continue
-        j = hall[0]
-        inputs = dict(builder.inputs([images[i]], [DEFAULT_CAPTION_PROMPT], lm.image_size))
-        if j:
-            extra = torch.tensor([ids[:j]])
-            inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], 1)
-            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], 1)
+        m, j = hall[0]
+        pref = [w[0] for w in (word_ids(tok, source.object_word(o)) for o in sorted(gt - {x.object for x, _, _ in found}))
+                if w and w[0] != ids[j]]
+        if not pref:
+            continue
+        inputs = lm.inputs([images[i]], [source.prompt], ids[:j] or None)
         with hooks.attach_editor(lm.model, FaultEditor(f, adapter, inputs, [i], every_call=True)):
-            maps = causal.causal_maps(lm, inputs, ids[j], tok.convert_tokens_to_ids(pref[0]), None, kinds=("ablation",))
+            maps = causal.causal_maps(lm, inputs, ids[j], pref[0], None, kinds=("ablation",))
         row = {**base, "table": "causal", "image": i}
         for name in ("correct_layer", "layer_zero"):
             row[f"{name}_top1_is_faulted"] = float(int(np.argmin(maps[name])) == f.layer)  # most negative = suppresses most

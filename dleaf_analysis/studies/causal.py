@@ -42,6 +42,12 @@ def _rep(inputs: dict, n: int) -> dict:
     return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
 
 
+def _chunks(n: int, batch_size: int | None) -> list[list[int]]:
+    """``0..n-1`` in consecutive chunks of at most ``batch_size`` (all at once if ``None``)."""
+    bs = n if batch_size is None else max(1, int(batch_size))
+    return [list(range(s, min(n, s + bs))) for s in range(0, n, bs)]
+
+
 def _z_flat(model, layer: int, fn):
     """``lens.hook`` on head outputs, with ``fn`` seeing them concatenated: ``[B, T, H * d]``
     (``o_proj``'s input)."""
@@ -60,11 +66,12 @@ def _metric(lm, inputs: dict, tok: int, pref: int) -> torch.Tensor:
 
 
 def causal_maps(lm, inputs: dict, token_id: int, preferred_id: int, cf_inputs: dict | None = None,
-                kinds: tuple[str, ...] = ("ablation", "patching")) -> dict:
+                kinds: tuple[str, ...] = ("ablation", "patching"), batch_size: int | None = None) -> dict:
     """Maps for one event (see module doc).  ``kinds``: "ablation" (ablation and correction maps)
     and/or "patching" (patching and attribution maps, which need ``cf_inputs``: the
-    counterfactual run's inputs, same positions).  Returns ``{name: array}`` plus the clean
-    (and counterfactual) metric values."""
+    counterfactual run's inputs, same positions).  ``batch_size``: at most this many intervened
+    copies per forward (default: all heads of a layer, or all layers, at once); it bounds memory
+    on large models.  Returns ``{name: array}`` plus the clean (and counterfactual) metric values."""
     adapter = ModelAdapter(lm.model)
     hooks.install(lm.model)
     L, H, d = adapter.n_layers, adapter.n_heads, adapter.head_dim
@@ -74,82 +81,88 @@ def causal_maps(lm, inputs: dict, token_id: int, preferred_id: int, cf_inputs: d
     clean_z = head_outputs(lm, inputs)
 
     def per_head(edit_fn, src_inputs, ref: float) -> np.ndarray:
-        """For each layer: batch of H copies, copy h edited at head h by ``edit_fn(x_h, l, h)``."""
+        """For each layer: batches of copies, copy b edited at head ``hs[b]`` by ``edit_fn(x_h, l, h)``."""
         res = np.zeros((L, H))
-        rep = _rep(src_inputs, H)
-        for l in range(L):
-            def fn(x, l=l):
-                x = x.clone()
-                for h in range(H):
-                    sl = slice(h * d, (h + 1) * d)
-                    x[h, :, sl] = edit_fn(x[h, :, sl], l, h)
-                return x
-            with _z_flat(lm.model, l, fn):
-                res[l] = (_metric(lm, rep, tok, pref) - ref).cpu().numpy()
+        for hs in _chunks(H, batch_size):
+            rep = _rep(src_inputs, len(hs))
+            for l in range(L):
+                def fn(x, l=l, hs=hs):
+                    x = x.clone()
+                    for b, h in enumerate(hs):
+                        sl = slice(h * d, (h + 1) * d)
+                        x[b, :, sl] = edit_fn(x[b, :, sl], l, h)
+                    return x
+                with _z_flat(lm.model, l, fn):
+                    res[l, hs] = (_metric(lm, rep, tok, pref) - ref).cpu().numpy()
         return res
 
     if "ablation" in kinds:
-        out.update(_ablation_maps(lm, inputs, tok, pref, base, per_head))
+        out.update(_ablation_maps(lm, inputs, tok, pref, base, per_head, batch_size))
     if "patching" in kinds and cf_inputs is not None:
-        out.update(_patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head))
+        out.update(_patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head, batch_size))
     return out
 
 
-def _ablation_maps(lm, inputs, tok, pref, base, per_head) -> dict:
+def _ablation_maps(lm, inputs, tok, pref, base, per_head, batch_size=None) -> dict:
     adapter = ModelAdapter(lm.model)
     L, H = adapter.n_layers, adapter.n_heads
     out = {}
     out["head_zero"] = per_head(lambda x, l, h: torch.zeros_like(x), inputs, base)
     out["head_mean"] = per_head(lambda x, l, h: x.mean(0, keepdim=True).expand_as(x), inputs, base)
 
-    # layer_zero: batch of L copies, copy l has layer l's attention output zeroed
-    repL = _rep(inputs, L)
-    with ExitStack() as st:
-        for l in range(L):
-            def zero(o, l=l):
-                o = o.clone()
-                o[l] = 0
-                return o
-            st.enter_context(lens.hook(lm.model, f"blocks.{l}.attn.hook_result", zero))
-        out["layer_zero"] = (_metric(lm, repL, tok, pref) - base).cpu().numpy()
+    # layer_zero: batches of copies, copy b has layer ls[b]'s attention output zeroed
+    out["layer_zero"] = np.zeros(L)
+    for ls in _chunks(L, batch_size):
+        with ExitStack() as st:
+            for b, l in enumerate(ls):
+                def zero(o, b=b):
+                    o = o.clone()
+                    o[b] = 0
+                    return o
+                st.enter_context(lens.hook(lm.model, f"blocks.{l}.attn.hook_result", zero))
+            out["layer_zero"][ls] = (_metric(lm, _rep(inputs, len(ls)), tok, pref) - base).cpu().numpy()
 
-    # correction alone: fusion in one layer (copy l), gamma = 1, last query row
+    # correction alone: fusion in one layer (copy b: layer ls[b]), gamma = 1, last query row
     img = adapter.image_mask(inputs["input_ids"])[0]
     sel_cfg = DLeaf(gamma=1.0)
-
-    def correct_layer_editor(pattern, layer):
-        if pattern.shape[0] != L:
+    out["correct_layer"] = np.zeros(L)
+    for ls in _chunks(L, batch_size):
+        def correct_layer_editor(pattern, layer, ls=ls):
+            if layer not in ls:
+                return pattern
+            b = ls.index(layer)
+            row = pattern[b:b + 1, :, -1, :]
+            iaf = D.iaf(image_columns(row.float(), img[None, : row.shape[-1]]))
+            sel = sel_cfg.select_heads(iaf)
+            pattern = pattern.clone()
+            pattern[b:b + 1, :, -1, :] = fuse_heads(row, sel, iaf.argmax(-1), 1.0)
             return pattern
-        row = pattern[layer:layer + 1, :, -1, :]
-        iaf = D.iaf(image_columns(row.float(), img[None, : row.shape[-1]]))
-        sel = sel_cfg.select_heads(iaf)
-        pattern = pattern.clone()
-        pattern[layer:layer + 1, :, -1, :] = fuse_heads(row, sel, iaf.argmax(-1), 1.0)
-        return pattern
 
-    with hooks.attach_editor(lm.model, correct_layer_editor):
-        out["correct_layer"] = (_metric(lm, repL, tok, pref) - base).cpu().numpy()
+        with hooks.attach_editor(lm.model, correct_layer_editor):
+            out["correct_layer"][ls] = (_metric(lm, _rep(inputs, len(ls)), tok, pref) - base).cpu().numpy()
 
     res = np.zeros((L, H))
-    repH = _rep(inputs, H)
-    for l in range(L):
-        def correct_head_editor(pattern, layer, l=l):
-            if layer != l:
+    for hs in _chunks(H, batch_size):
+        repH = _rep(inputs, len(hs))
+        for l in range(L):
+            def correct_head_editor(pattern, layer, l=l, hs=hs):
+                if layer != l:
+                    return pattern
+                row = pattern[:, :, -1, :]
+                iaf = D.iaf(image_columns(row.float(), img[None].expand(row.shape[0], -1)))
+                best = iaf.argmax(-1)
+                heads = torch.arange(H, device=row.device)
+                sel = heads[None] == torch.tensor(hs, device=row.device)[:, None]  # copy b corrects head hs[b]
+                pattern = pattern.clone()
+                pattern[:, :, -1, :] = fuse_heads(row, sel & (heads[None] != best[:, None]), best, 1.0)
                 return pattern
-            row = pattern[:, :, -1, :]
-            iaf = D.iaf(image_columns(row.float(), img[None].expand(row.shape[0], -1)))
-            best = iaf.argmax(-1)
-            sel = torch.eye(H, dtype=torch.bool)  # copy h corrects head h
-            pattern = pattern.clone()
-            pattern[:, :, -1, :] = fuse_heads(row, sel & (torch.arange(H)[None] != best[:, None]), best, 1.0)
-            return pattern
-        with hooks.attach_editor(lm.model, correct_head_editor):
-            res[l] = (_metric(lm, repH, tok, pref) - base).cpu().numpy()
+            with hooks.attach_editor(lm.model, correct_head_editor):
+                res[l, hs] = (_metric(lm, repH, tok, pref) - base).cpu().numpy()
     out["correct_head"] = res
     return out
 
 
-def _patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head) -> dict:
+def _patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head, batch_size=None) -> dict:
     adapter = ModelAdapter(lm.model)
     L, d = adapter.n_layers, adapter.head_dim
     cf_z = head_outputs(lm, cf_inputs)
@@ -158,14 +171,16 @@ def _patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head) ->
     out["patch_head"] = per_head(lambda x, l, h: cf_z[l][:, h * d:(h + 1) * d], inputs, base)
     # restoring a carrier head into the counterfactual raises m: negate so "carries" is negative everywhere
     out["patch_head_reverse"] = -per_head(lambda x, l, h: clean_z[l][:, h * d:(h + 1) * d], cf_inputs, m_cf)
-    with ExitStack() as st:  # copy l: layer l's attention output from the counterfactual run
-        for l in range(L):
-            def patch(x, l=l):
-                x = x.clone()
-                x[l] = cf_z[l]
-                return x
-            st.enter_context(_z_flat(lm.model, l, patch))
-        out["patch_layer"] = (_metric(lm, _rep(inputs, L), tok, pref) - base).cpu().numpy()
+    out["patch_layer"] = np.zeros(L)
+    for ls in _chunks(L, batch_size):
+        with ExitStack() as st:  # copy b: layer ls[b]'s attention output from the counterfactual run
+            for b, l in enumerate(ls):
+                def patch(x, b=b, l=l):
+                    x = x.clone()
+                    x[b] = cf_z[l]
+                    return x
+                st.enter_context(_z_flat(lm.model, l, patch))
+            out["patch_layer"][ls] = (_metric(lm, _rep(inputs, len(ls)), tok, pref) - base).cpu().numpy()
     out["attribution_head"] = attribution_patching(lm, inputs, tok, pref, clean_z, cf_z)
     return out
 

@@ -86,7 +86,7 @@ def _fusion_editor(layers: list[int], img: torch.Tensor, gamma: float, cfg: DLea
             pick = rng.choice(others, size=k, replace=False) if k else []
             sel = torch.zeros_like(sel)
             sel[0, list(pick)] = True
-            best = torch.tensor([b])
+            best = torch.tensor([b], device=row.device)
         pattern = pattern.clone()
         key_img = img[None, : row.shape[-1]] if cfg.fusion == "image" else None
         pattern[:, :, -1, :] = fuse_heads(row, sel, best, gamma, key_img)

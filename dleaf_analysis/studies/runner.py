@@ -21,10 +21,11 @@ from scipy.stats import spearmanr
 from dleaf_analysis import diagnostics as D
 from dleaf_analysis.interventions import DLeaf
 from dleaf_analysis.models.loading import LoadedModel, load_model
-from dleaf_analysis.scenes import load_split, render
+from dleaf_analysis.scenes import Split
 from dleaf_analysis.seeding import derive_seed
+from dleaf_analysis.sources import ImageSource, SceneSource, SourceError
 from dleaf_analysis.studies import causal, dpo, localization
-from dleaf_analysis.studies.events import event_inputs, find_events
+from dleaf_analysis.studies.events import as_source, event_inputs, find_events
 from dleaf_analysis.sweeps import ResultStore, run_sweep
 from dleaf_analysis.errors import DleafError
 
@@ -61,9 +62,20 @@ def _tidy_maps(key: str, maps: dict) -> list[dict]:
     return rows
 
 
+def load_source(source: ImageSource | Split | str, limit: int | None = None) -> ImageSource:
+    """An image source from a scene split name, a :class:`Split`, or a source; first ``limit`` items."""
+    if isinstance(source, str):
+        from dleaf_analysis.scenes import SPLITS
+
+        if source not in SPLITS:
+            raise SourceError(f"unknown split {source!r}; choose one of {sorted(SPLITS)}, or give a COCO or JSONL source")
+        return SceneSource.load(source, limit=limit)
+    return as_source(source).limit(limit)
+
+
 def run_study(
     study: str,
-    split: str = "dev",
+    source: ImageSource | Split | str = "dev",
     limit: int | None = 100,
     out: str | Path = "runs/studies",
     lm: LoadedModel | None = None,
@@ -72,30 +84,39 @@ def run_study(
     progress: bool = True,
     log: Callable[[str], None] = print,
     faults: list | None = None,
+    batch_size: int | None = None,
+    event_token: str = "first",
+    tuned_file: str | Path | None = None,
 ) -> StudyResult:
-    """Run one study on the hallucination events of the first ``limit`` images of ``split``
-    (``calibration``: on those images, with ``faults``, default: the default fault grid)."""
+    """Run one study on the hallucination events of the first ``limit`` images of ``source`` (a
+    scene split name, or an :class:`~dleaf_analysis.sources.ImageSource`, possibly a shard)
+    (``calibration``: on those images, with ``faults``, default: the default fault grid).
+
+    ``batch_size`` bounds the intervened copies per forward; ``event_token``: see
+    :mod:`dleaf_analysis.studies.events`; ``tuned_file``: tuned settings to use (default: the
+    shipped ones), applied only if they were tuned for this model's weights."""
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; choose one of {STUDIES}")
     from dleaf_analysis.settings import tuned_config
 
     lm = lm or load_model()
-    data = load_split(split, limit=limit)
-    cfg = DLeaf(**{**tuned_config("dleaf", lm.weights_hash), **(dleaf_config or {})})
+    data = load_source(source, limit)
+    data.check_model(lm)
+    cfg = DLeaf(**{**tuned_config("dleaf", lm.weights_hash, tuned_file), **(dleaf_config or {})})
     out = Path(out) / study
     if study == "calibration":
-        return _calibration(lm, data, cfg, out, seed, progress, log, faults)
-    manifest = {"study": study, "weights_hash": lm.weights_hash, "model_id": lm.model_id, "split": split,
-                "split_hash": data.annotations_hash, "limit": limit, "seed": seed, "dleaf": cfg.to_dict()}
+        return _calibration(lm, data, cfg, out, seed, progress, log, faults, tuned_file)
+    manifest = {"study": study, "weights_hash": lm.weights_hash, "model_id": lm.model_id, **_source_manifest(data),
+                "limit": limit, "seed": seed, "dleaf": cfg.to_dict(), "event_token": event_token}
     store = ResultStore(out, manifest)
     events_file = out / "events.parquet"
     if events_file.is_file():
         events = pd.read_parquet(events_file)
     else:
-        events = find_events(lm, data, progress=progress)
+        events = find_events(lm, data, progress=progress, event_token=event_token)
         events.to_parquet(events_file)
     hall = events[(events.kind == "hallucinated") & events.preferred.notna()].copy()
-    hall["key"] = [f"{r.image}:{r.step}" for r in hall.itertuples()]
+    hall["key"] = [f"{r.item}:{r.step}" for r in hall.itertuples()]
     n_total = int((events.kind == "hallucinated").sum())
     summary = {"n_images": len(data), "n_object_tokens": len(events), "n_hallucinated": n_total,
                "n_with_preferred": len(hall), "n_with_cue": int(hall.cue.notna().sum()),
@@ -105,38 +126,45 @@ def run_study(
         hall = hall[hall.cue.notna()]
     if len(hall) == 0:
         raise NoEventsError(
-            f"no usable hallucination events on the first {len(data)} images of {split!r} ({n_total} hallucinated "
-            f"object tokens, {summary['n_with_preferred']} with a preferred alternative): nothing to study; "
-            "use more images (--limit) or another split")
-    tok = lm.tokenizer
-    ids = lambda w: tok.convert_tokens_to_ids(w)  # noqa: E731
+            f"no usable hallucination events on the {len(data)} images of {data!r} ({n_total} hallucinated "
+            f"object mentions, {summary['n_with_preferred']} with a preferred alternative): nothing to study; "
+            "use more images (--limit) or another image source")
 
     def unit_fn(ev: dict) -> list[dict]:
         inputs = event_inputs(lm, data, ev)
         cf = event_inputs(lm, data, ev, counterfactual=True) if ev.get("cue") else None
+        tok_id, pref_id = int(ev["token_id"]), int(ev["preferred_id"])
         if study == "dpo":
-            prompt_inputs = event_inputs(lm, data, {**ev, "prefix": ""})
-            prefix_ids = tok(ev["prefix"], add_special_tokens=False)["input_ids"] if ev["prefix"] else []
+            prompt_inputs = event_inputs(lm, data, ev, prefix=False)
+            prefix_ids = [int(t) for t in ev["prefix_ids"]]
             layers = dpo.fired_layers(lm, prompt_inputs, prefix_ids, cfg)
             if not layers:
                 return [{"event": ev["key"], "fired": False}]
-            rows = dpo.alignment(lm, inputs, cf, ids(ev["token"]), ids(ev["preferred"]), cfg, layers, seed=seed)
+            rows = dpo.alignment(lm, inputs, cf, tok_id, pref_id, cfg, layers, seed=seed)
             return [{"event": ev["key"], "fired": True, **r} for r in rows]
         kinds = {"ablation": ("ablation",), "patching": ("patching",), "localization": ("ablation", "patching")}[study]
-        maps = causal.causal_maps(lm, inputs, ids(ev["token"]), ids(ev["preferred"]), cf, kinds=kinds)
+        maps = causal.causal_maps(lm, inputs, tok_id, pref_id, cf, kinds=kinds, batch_size=batch_size)
         rows = _tidy_maps(ev["key"], maps)
         if study == "localization":
-            rows += _detector_rows(lm, render(data.world, data.scenes[ev["image"]]), ev["prefix"], ev["key"], seed)
+            rows += _detector_rows(lm, data.image(int(ev["image"])), [int(t) for t in ev["prefix_ids"]], ev["key"],
+                                   seed, data.prompt)
         return rows
 
     records = hall.astype(object).where(hall.notna(), None).to_dict(orient="records")  # NaN -> None
     units = [(r["key"], r) for r in records]
     df = run_sweep(units, unit_fn, store, progress=progress, desc=f"{study} over {len(units)} events")
+    tables = _finalize(study, events, df, summary)
+    _write_tables(out, tables, summary)
+    return StudyResult(study, events, tables, summary)
+
+
+def _finalize(study: str, events: pd.DataFrame, df: pd.DataFrame, summary: dict) -> dict[str, pd.DataFrame]:
+    """The study's tidy tables from its per-event rows ``df`` (adds plain numbers to ``summary``)."""
     tables: dict[str, pd.DataFrame] = {"events": events}
     if study == "dpo":
-        fired = df[df["fired"].astype(bool)]
+        fired = df[df["fired"].astype(bool)] if len(df) else df
         summary["n_events_fired"] = int(fired.event.nunique()) if len(fired) else 0
-        summary["n_events_not_fired"] = int(df[~df["fired"].astype(bool)].event.nunique())
+        summary["n_events_not_fired"] = int(df[~df["fired"].astype(bool)].event.nunique()) if len(df) else 0
         rows = fired.drop(columns=["fired", "key"], errors="ignore")
         tables["dpo"] = rows
         tables["dpo_summary"] = dpo.summarize(rows) if len(rows) else pd.DataFrame()
@@ -153,36 +181,94 @@ def run_study(
             s = localization.summarize(agree)
             tables["localization_summary"] = s
             summary["verdict"] = [localization.verdict(s, m) for m in ("correct_layer", "layer_zero", "patch_layer")]
+    return tables
+
+
+def merge_study(study: str, dirs: list[str | Path], out: str | Path) -> StudyResult:
+    """Merge the shards of one study (each ``DIR/<study>/`` of ``dleaf study ... --shard i/N``) into
+    ``out/<study>/``: same model, images and settings; shards distinct, complete and finished.
+    Calibration shards split the fault grid; the other studies' shards split the images."""
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; choose one of {STUDIES}")
+    dirs = [Path(d) / study if (Path(d) / study / "manifest.json").is_file() else Path(d) for d in dirs]
+    manifests = []
+    for d in dirs:
+        if not (d / "manifest.json").is_file():
+            raise SourceError(f"{d} holds no {study} results (no manifest.json)")
+        manifests.append(json.loads((d / "manifest.json").read_text()))
+    local = ("shard", "source")  # shards may read images from their own folders
+    base = {k: v for k, v in manifests[0].items() if k not in local}
+    for d, m in zip(dirs[1:], manifests[1:]):
+        this = {k: v for k, v in m.items() if k not in local}
+        if this != base:
+            diff = sorted(k for k in set(base) | set(this) if base.get(k) != this.get(k))
+            raise SourceError(f"these shard directories come from different runs: {d} differs from {dirs[0]} in "
+                              + ", ".join(diff))
+    shards = sorted(tuple(m.get("shard", (0, 1))) for m in manifests)
+    n = shards[0][1]
+    if shards != [(i, n) for i in range(n)]:
+        raise SourceError(f"incomplete or repeated shards: have {shards}, need 0..{n - 1} of {n}")
+    for d in dirs:
+        if not (d / "summary.json").is_file():
+            raise SourceError(f"the shard in {d} has not finished; resume it (run the same command again) first")
+    out = Path(out) / study
+    out.mkdir(parents=True, exist_ok=True)
+    rows = pd.concat([ResultStore(d, m).frame() for d, m in zip(dirs, manifests)], ignore_index=True)
+    (out / "manifest.json").write_text(json.dumps({**base, "shard": [0, 1], "merged_from": [str(d) for d in dirs]},
+                                                  indent=1, default=str))
+    if study == "calibration":
+        from dleaf_analysis.studies.calibration import calibration_tables
+
+        tables = calibration_tables(rows, out)
+        return StudyResult(study, pd.DataFrame(), tables, json.loads((out / "summary.json").read_text()))
+    events = pd.concat([pd.read_parquet(d / "events.parquet") for d in dirs], ignore_index=True)
+    events.to_parquet(out / "events.parquet")
+    sums = [json.loads((d / "summary.json").read_text()) for d in dirs]
+    summary = {k: sum(x.get(k, 0) for x in sums) for k in ("n_images", "n_object_tokens", "n_hallucinated",
+                                                            "n_with_preferred", "n_with_cue", "n_cue_was_top_preferred")}
+    tables = _finalize(study, events, rows, summary)
+    _write_tables(out, tables, summary)
+    return StudyResult(study, events, tables, summary)
+
+
+def _write_tables(out: Path, tables: dict[str, pd.DataFrame], summary: dict) -> None:
     for name, t in tables.items():
         t.to_parquet(out / f"{name}.parquet") if len(t) else None
         if name.endswith("summary") and len(t):
             t.to_csv(out / f"{name}.csv", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    return StudyResult(study, events, tables, summary)
 
 
-def _calibration(lm: LoadedModel, data, cfg: DLeaf, out: Path, seed: int, progress: bool, log, faults) -> StudyResult:
+def _source_manifest(data: ImageSource) -> dict:
+    """What identifies the images of a run (scene splits keep their historical keys)."""
+    if isinstance(data, SceneSource):
+        return {"split": data.name, "split_hash": data.split.annotations_hash}
+    return {"source": data.describe(), "images_hash": data.unsharded_fingerprint, "shard": list(data._shard)}
+
+
+def _calibration(lm: LoadedModel, data: ImageSource, cfg: DLeaf, out: Path, seed: int, progress: bool, log, faults,
+                 tuned_file=None) -> StudyResult:
     from dleaf_analysis.settings import tuned_config
     from dleaf_analysis.studies.calibration import run_calibration
 
-    images = [data.image(i) for i in range(len(data))]
-    manifest = {"weights_hash": lm.weights_hash, "model_id": lm.model_id, "split": data.name,
-                "split_hash": data.annotations_hash, "n_images": len(data)}
-    methods = {m: tuned_config(m, lm.weights_hash) for m in ("dleaf", "uniform", "pai")}
-    tables = run_calibration(lm, images, [s.name_set for s in data.scenes], data.world.classes, out, manifest,
-                             faults=faults, dleaf_config={k: v for k, v in cfg.to_dict().items() if k != "method"},
+    fault_shard = data._shard  # calibration shards split the fault grid and run on every image
+    data = getattr(data, "_parent", data)
+    manifest = {"weights_hash": lm.weights_hash, "model_id": lm.model_id, **_source_manifest(data), "n_images": len(data)}
+    methods = {m: tuned_config(m, lm.weights_hash, tuned_file) for m in ("dleaf", "uniform", "pai")}
+    tables = run_calibration(lm, data, out, manifest, faults=faults, fault_shard=fault_shard,
+                             dleaf_config={k: v for k, v in cfg.to_dict().items() if k != "method"},
                              methods=methods, seed=seed, progress=progress, log=log)
     summary = json.loads((out / "summary.json").read_text())
     return StudyResult("calibration", pd.DataFrame(), tables, summary)
 
 
-def _detector_rows(lm, image, prefix: str, key: str, seed: int) -> list[dict]:
+def _detector_rows(lm, image, prefix_ids: list[int], key: str, seed: int, prompt: str) -> list[dict]:
     """Detector scores at the event's step: layers ``[L]`` and heads ``[L, H]``.  The trace covers
     every step of the generated prefix, so the running detectors (``liae-z``) see the same
     history as D-LEAF in decoding; the last step is the event's."""
     from dleaf_analysis.tracing import trace_forward
 
-    c = trace_forward(lm, image, continuation=prefix or None, backend="hooks")
+    c = trace_forward(lm, image, prompt=prompt, continuation_ids=prefix_ids, backend="hooks")
     rows = []
     event_seed = derive_seed(seed, key)
     for det in D.LAYER_DETECTORS:
