@@ -169,6 +169,89 @@ def _load(model: Optional[Path], device: str = "cpu", dtype: Optional[str] = Non
     return load_model(model, device=device, dtype=dtype)
 
 
+def SplitOpt(default: Optional[str] = None):  # noqa: N802
+    return typer.Option(default, "--split", help="a scene-world split (the embedded model's images): dev | test | "
+                                                  "test-partner-absent")
+
+
+def CocoImagesOpt():  # noqa: N802
+    return typer.Option(None, "--coco-images", help="COCO images folder (e.g. the unpacked val2014/)")
+
+
+def CocoAnnotationsOpt():  # noqa: N802
+    return typer.Option(None, "--coco-annotations", help="COCO 2014 instances JSON with segmentations "
+                                                         "(e.g. annotations/instances_val2014.json)")
+
+
+def ImageIdsOpt(help: str = "text file of COCO image ids (default: every image of the annotations)"):  # noqa: N802
+    return typer.Option(None, "--image-ids", help=help)
+
+
+def ImagesJsonlOpt():  # noqa: N802
+    return typer.Option(None, "--images-jsonl", help='your annotated images: JSON Lines of {"image": PATH, '
+                                                      '"objects": [NAME | {"name", "box" | "mask"}]}')
+
+
+def ShardOpt(help: str = "i/N: this process takes every N-th image from i (merge the shards with --merge)"):  # noqa: N802
+    return typer.Option(None, "--shard", help=help)
+
+
+def FillOpt():  # noqa: N802
+    return typer.Option("blur", "--fill", help="how a removed object is filled in counterfactual photos: blur | mean")
+
+
+def TunedOpt():  # noqa: N802
+    return typer.Option(None, "--tuned", callback=_check_file,
+                        help="tuned settings (the tuned_methods.json `dleaf tune` writes; used only for the model "
+                             "they were tuned for)")
+
+
+def _image_source(split: Optional[str], coco_images: Optional[Path], coco_annotations: Optional[Path],
+                  image_ids: Optional[Path], images_jsonl: Optional[Path], fill: str = "blur",
+                  default_split: Optional[str] = "dev"):
+    """The image source of the options: a scene split name (str), a CocoSource or a JsonlSource."""
+    from dleaf_analysis.scenes import SPLITS
+
+    coco = coco_images is not None or coco_annotations is not None
+    given = [n for n, v in (("--split", split is not None), ("--coco-images/--coco-annotations", coco),
+                            ("--images-jsonl", images_jsonl is not None)) if v]
+    if len(given) > 1:
+        _fail(f"give one image source, not {' and '.join(given)}")
+    if image_ids is not None and not coco:
+        _fail("--image-ids selects COCO images: give it with --coco-images DIR --coco-annotations FILE")
+    if fill not in ("blur", "mean"):
+        _fail(f"unknown --fill {fill!r}; choose blur or mean")
+    if coco:
+        if coco_images is None or coco_annotations is None:
+            _fail("a COCO source needs both --coco-images DIR and --coco-annotations FILE")
+        from dleaf_analysis.sources import CocoSource
+
+        return CocoSource(coco_images, coco_annotations, image_ids, fill=fill)
+    if images_jsonl is not None:
+        from dleaf_analysis.sources import JsonlSource
+
+        return JsonlSource(images_jsonl, fill=fill)
+    name = split or default_split
+    if name is not None and name not in SPLITS:
+        _fail(f"unknown split {name!r}; choose one of {sorted(SPLITS)}")
+    return name
+
+
+def _select(source, limit: Optional[int], shard: Optional[str]):
+    """``source`` (a split name or a source) limited to its first ``limit`` images, then sharded."""
+    from dleaf_analysis.evaluation.coco_runs import parse_shard
+    from dleaf_analysis.sources import SceneSource
+
+    i, n = parse_shard(shard)
+    if isinstance(source, str):
+        if n == 1:
+            return source, limit
+        source = SceneSource.load(source, limit=limit)
+    else:
+        source = source.limit(limit)
+    return (source.shard(i, n) if n > 1 else source), None
+
+
 @app.command()
 def evaluate(
     benchmark: str = typer.Option("chair", help="chair | pope"),
@@ -297,32 +380,53 @@ def diagnose(
 @app.command()
 def study(
     name: str = typer.Argument(..., help="ablation | patching | localization | dpo | calibration"),
-    split: str = typer.Option("dev"),
-    limit: Optional[int] = LimitOpt(100, help="first N images of the split"),
+    split: Optional[str] = SplitOpt(),
+    coco_images: Optional[Path] = CocoImagesOpt(),
+    coco_annotations: Optional[Path] = CocoAnnotationsOpt(),
+    image_ids: Optional[Path] = ImageIdsOpt(),
+    images_jsonl: Optional[Path] = ImagesJsonlOpt(),
+    fill: str = FillOpt(),
+    limit: Optional[int] = LimitOpt(100, help="first N images of the source"),
+    shard: Optional[str] = ShardOpt("i/N: this process takes every N-th image from i (calibration: every N-th "
+                                    "fault); merge the shards' --out directories with --merge"),
     out: Path = typer.Option(Path("runs/studies"), help="results go to OUT/<study>/ (resumable)"),
     model: Optional[Path] = ModelOpt(),
     device: str = DeviceOpt(),
     dtype: Optional[str] = DtypeOpt(),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="at most N intervened copies per forward (default: all heads of a "
+                                                  "layer, or all layers, at once); bounds memory on large models"),
+    event_token: str = typer.Option("first", "--event-token", help="first | span (see docs/method.md)"),
+    tuned: Optional[Path] = TunedOpt(),
+    merge: Optional[list[Path]] = typer.Option(None, "--merge", help="merge these shard --out directories into "
+                                                                     "--out instead of running (repeatable)"),
     seed: int = SeedOpt(),
     as_json: bool = JsonOpt(),
 ) -> None:
-    """Causal studies over hallucination events, and the planted-fault calibration study
-    (resumable; re-run to continue after a crash)."""
-    from dleaf_analysis.scenes import SPLITS
-    from dleaf_analysis.studies.runner import STUDIES, NoEventsError, run_study
+    """Causal studies over hallucination events, and the planted-fault calibration study, on the
+    scene world (--split), COCO (--coco-images, --coco-annotations) or your annotated images
+    (--images-jsonl) (resumable; re-run to continue after a crash)."""
+    from dleaf_analysis.studies.events import EVENT_TOKENS
+    from dleaf_analysis.studies.runner import STUDIES, NoEventsError, merge_study, run_study
 
     if name not in STUDIES:
         _fail(f"unknown study {name!r}; choose one of {list(STUDIES)}")
-    if split not in SPLITS:
-        _fail(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
-    lm = _load(model, device, dtype) if (model is not None or device != "cpu" or dtype) else None
-    try:
-        res = run_study(name, split, limit=limit, out=out, lm=lm, seed=seed, progress=not as_json, log=console.print)
-    except NoEventsError as e:
-        console.print(f"[yellow]{escape(str(e))}[/]")
-        if as_json:
-            sys.stdout.write(json.dumps({"study": name, "n_events": 0, "message": str(e)}) + "\n")
-        raise typer.Exit(0)
+    if event_token not in EVENT_TOKENS:
+        _fail(f"unknown --event-token {event_token!r}; choose one of {list(EVENT_TOKENS)}")
+    if merge:
+        res = merge_study(name, merge, out)
+    else:
+        src = _image_source(split, coco_images, coco_annotations, image_ids, images_jsonl, fill)
+        src, lim = _select(src, limit, shard)
+        lm = _load(model, device, dtype) if (model is not None or device != "cpu" or dtype) else None
+        try:
+            res = run_study(name, src, limit=lim, out=out, lm=lm, seed=seed, progress=not as_json, log=console.print,
+                            batch_size=batch_size, event_token=event_token, tuned_file=tuned)
+        except NoEventsError as e:
+            console.print(f"[yellow]{escape(str(e))}[/]")
+            if as_json:
+                sys.stdout.write(json.dumps({"study": name, "n_events": 0, "message": str(e)}) + "\n")
+            raise typer.Exit(0)
     if as_json:
         sys.stdout.write(res.to_json() + "\n")
         return
@@ -336,23 +440,52 @@ def study(
 
 @app.command()
 def tune(
-    out: Path = typer.Option(Path("runs/tuning"), help="sweep directory (resumable)"),
-    limit: Optional[int] = LimitOpt(help="first N dev images"),
+    out: Path = typer.Option(Path("runs/tuning"), help="sweep directory (resumable); tuned_methods.json goes here"),
+    limit: Optional[int] = LimitOpt(help="first N tuning images"),
     max_recall_drop: float = typer.Option(3.0, min=0.0, help="selection rule: recall may fall at most this much"),
-    ship: bool = typer.Option(False, help="also write the chosen settings to data/tuned_methods.json and data/tuning/"),
+    ship: bool = typer.Option(False, help="also write the chosen settings to data/tuned_methods.json and data/tuning/ "
+                                          "(the embedded model on dev only)"),
+    model: Optional[Path] = ModelOpt(),
+    split: Optional[str] = SplitOpt(),
+    coco_images: Optional[Path] = CocoImagesOpt(),
+    coco_annotations: Optional[Path] = CocoAnnotationsOpt(),
+    image_ids: Optional[Path] = ImageIdsOpt("the held-out COCO image ids to tune on"),
+    eval_image_ids: Optional[Path] = typer.Option(None, "--eval-image-ids", callback=_check_file,
+                                                  help="the evaluation image ids: tuning refuses to share any of them"),
+    images_jsonl: Optional[Path] = ImagesJsonlOpt(),
+    shard: Optional[str] = typer.Option(None, "--shard", help="not supported: tuning selects on every image at once"),
     device: str = DeviceOpt(),
     dtype: Optional[str] = DtypeOpt(),
     seed: int = SeedOpt(),
 ) -> None:
-    """Tuning study on the dev split (same budget per method), sensitivity curves for D-LEAF."""
+    """Tuning study (same budget per method), sensitivity curves for D-LEAF: on the dev split of the
+    embedded model, or on held-out images of a real checkpoint (COCO or an annotated folder)."""
     import shutil
 
     from dleaf_analysis.evaluation.tuning import tune as run
     from dleaf_analysis.settings import TUNED_FILE
 
-    res = run(out, lm=_load(None, device, dtype), limit=limit, max_recall_drop=max_recall_drop, seed=seed,
-              log=console.print)
-    _print_table(res["grid"].drop(columns=["key"]).round(2), "tuning grid (dev)")
+    if shard:
+        _fail("tuning compares every configuration on the same images and cannot be sharded; give a smaller held-out "
+              "--image-ids list instead")
+    src = _image_source(split, coco_images, coco_annotations, image_ids, images_jsonl, default_split="dev")
+    if isinstance(src, str) and src != "dev":
+        _fail("tuning on the scene world uses the dev split (the test split is for evaluation)")
+    exclude = None
+    if eval_image_ids is not None:
+        if isinstance(src, str) or src.kind != "coco":
+            _fail("--eval-image-ids applies to a COCO source")
+        from dleaf_analysis.sources import CocoSource
+
+        exclude = CocoSource(coco_images, coco_annotations, eval_image_ids)
+    lm = _load(model, device, dtype)
+    if ship and (not isinstance(src, str) or model is not None):
+        _fail("--ship writes the shipped settings of the embedded model; for other models use the tuned_methods.json "
+              f"in {out} (--tuned)")
+    res = run(out, lm=lm, limit=limit, max_recall_drop=max_recall_drop, seed=seed, log=console.print,
+              source=None if isinstance(src, str) else src, exclude=exclude)
+    _print_table(res["grid"].drop(columns=["key"]).round(2), "tuning grid")
+    console.print(f"tuned settings: {out / 'tuned_methods.json'} (pass it with --tuned)")
     if ship:
         shutil.copy(out / "chosen.json", TUNED_FILE)
         dest = TUNED_FILE.parent / "tuning"
@@ -582,20 +715,34 @@ def figures(
     results: Path = typer.Option(Path("results"), help="the results directory of `dleaf reproduce`"),
     out: Optional[Path] = typer.Option(None, help="output directory (default: figures/)"),
     n_images: int = typer.Option(100, min=1, help="images traced by figures that trace the model"),
+    model: Optional[Path] = ModelOpt(),
+    coco_images: Optional[Path] = CocoImagesOpt(),
+    coco_annotations: Optional[Path] = CocoAnnotationsOpt(),
+    image_ids: Optional[Path] = ImageIdsOpt("COCO image ids of the worked examples (default: the results' "
+                                            "evaluation_images.txt)"),
+    images_jsonl: Optional[Path] = ImagesJsonlOpt(),
+    tuned: Optional[Path] = TunedOpt(),
     device: str = DeviceOpt(),
     dtype: Optional[str] = DtypeOpt(),
     seed: int = SeedOpt(),
 ) -> None:
-    """Regenerate the figures (PNG, PDF, the CSV behind each, manifest.json)."""
+    """Regenerate the figures (PNG, PDF, the CSV behind each, manifest.json); with a real model and
+    its image source, the worked examples use those images (figures that do not apply are skipped
+    with the reason)."""
     from dleaf_analysis.figures import FIGURES, FigureContext, render_all
     from dleaf_analysis.paths import FIGURES_DIR
 
     unknown = [n for n in (only or []) if n not in FIGURES]
     if unknown:
         _fail(f"unknown figure(s) {unknown}; choose from {sorted(FIGURES)}")
-    lm = _load(None, device, dtype) if (device != "cpu" or dtype) else None  # loaded lazily otherwise
-    entries = render_all(FigureContext(results=results, lm=lm, n_images=n_images, seed=seed), out or FIGURES_DIR,
-                         only=only, log=console.print)
+    if image_ids is None and coco_images is not None and (results / "evaluation_images.txt").is_file():
+        image_ids = results / "evaluation_images.txt"
+    src = _image_source(None, coco_images, coco_annotations, image_ids, images_jsonl, default_split=None)
+    if tuned is None and (results / "tuning" / "tuned_methods.json").is_file():
+        tuned = results / "tuning" / "tuned_methods.json"
+    lm = _load(model, device, dtype) if (model is not None or device != "cpu" or dtype) else None  # lazily otherwise
+    entries = render_all(FigureContext(results=results, lm=lm, n_images=n_images, seed=seed, source=src,
+                                       tuned_file=tuned), out or FIGURES_DIR, only=only, log=console.print)
     console.print(f"{len(entries)} figures written to {out or FIGURES_DIR}")
 
 
@@ -603,6 +750,21 @@ def figures(
 def reproduce(
     quick: bool = typer.Option(False, "--quick", help="smoke-size run (used in CI)"),
     out: Path = typer.Option(Path("results"), help="where results and the report go"),
+    model: Optional[Path] = ModelOpt(),
+    coco_images: Optional[Path] = CocoImagesOpt(),
+    coco_annotations: Optional[Path] = CocoAnnotationsOpt(),
+    image_ids: Optional[Path] = ImageIdsOpt(),
+    images_jsonl: Optional[Path] = ImagesJsonlOpt(),
+    fill: str = FillOpt(),
+    limit: Optional[int] = LimitOpt(help="the first N images of the source (real checkpoints)"),
+    study_limit: Optional[int] = typer.Option(None, "--study-limit", min=1,
+                                              help="images of the localisation and DPO studies (default 300)"),
+    tuned: Optional[Path] = TunedOpt(),
+    tune_fraction: float = typer.Option(0.25, "--tune-fraction", min=0.01, max=0.99,
+                                        help="share of the images held out for tuning (without --tuned)"),
+    shard: Optional[str] = ShardOpt("i/N: only every N-th evaluation image from i (needs --tuned)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="at most N intervened copies per "
+                                                                                "forward in the studies"),
     device: str = DeviceOpt(),
     dtype: Optional[str] = DtypeOpt(),
     seed: int = SeedOpt(),
@@ -611,13 +773,36 @@ def reproduce(
                                        help="also splice the results into README.md and write the figures to figures/ "
                                             "(used when regenerating the committed results)"),
 ) -> None:
-    """The main job: evaluate on the test split, run the studies, and write a markdown report and
-    figures into OUT (the repository's README and figures/ change only with --update-readme)."""
+    """The main job: evaluate the methods, run the studies, and write a markdown report and figures
+    into OUT -- on the embedded model's scene world (default), or on a real checkpoint (--model)
+    with COCO (--coco-images, --coco-annotations) or your annotated images (--images-jsonl); the
+    repository's README and figures/ change only with --update-readme."""
+    from dleaf_analysis.evaluation.coco_runs import parse_shard
     from dleaf_analysis.paths import FIGURES_DIR
     from dleaf_analysis.report import reproduce as run
+    from dleaf_analysis.report import reproduce_source
 
-    summary = run(out, quick=quick, seed=seed, progress=not as_json, log=console.print, update_readme=update_readme,
-                  figures_dir=FIGURES_DIR if update_readme else out / "figures", lm=_load(None, device, dtype))
+    src = _image_source(None, coco_images, coco_annotations, image_ids, images_jsonl, fill, default_split=None)
+    if src is None:
+        if shard or tuned or limit:
+            _fail("--shard, --tuned and --limit apply to a real checkpoint with an image source (--coco-images ... or "
+                  "--images-jsonl)")
+        lm = _load(model, device, dtype)
+        if model is not None:
+            from dleaf_analysis.sources import SceneSource
+
+            SceneSource.load("test", limit=1).check_model(lm)
+        summary = run(out, quick=quick, seed=seed, progress=not as_json, log=console.print, update_readme=update_readme,
+                      figures_dir=FIGURES_DIR if update_readme else out / "figures", lm=lm)
+    else:
+        if update_readme:
+            _fail("--update-readme writes the embedded model's results; a real checkpoint's report is OUT/report.md")
+        sh = parse_shard(shard)
+        lm = _load(model, device, dtype)
+        summary = reproduce_source(out, lm, src.limit(limit), quick=quick, seed=seed, progress=not as_json,
+                                   log=console.print, figures_dir=out / "figures", tuned_file=tuned,
+                                   tune_fraction=tune_fraction, shard=sh if sh[1] > 1 else None,
+                                   batch_size=batch_size, study_limit=study_limit)
     if as_json:
         sys.stdout.write(summary.to_json(orient="records", indent=1) + "\n")
     else:

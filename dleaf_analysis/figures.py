@@ -27,14 +27,25 @@ import seaborn as sns
 from dleaf_analysis.paths import DATA_DIR, FIGURES_DIR
 
 
+class FigureSkipped(Exception):
+    """A figure that does not apply to these results (the message says why); it is logged, not drawn."""
+
+
 @dataclass
 class FigureContext:
-    """What figures may use: the model, the results directory of ``dleaf reproduce``, sizes."""
+    """What figures may use: the model, the results directory of ``dleaf reproduce``, sizes, and
+    the image source of the worked examples (default: the scene world's test splits)."""
 
     results: Path = Path("results")
     lm: object | None = None
     n_images: int = 100
     seed: int = 0
+    source: object | None = None  # an ImageSource; None = the scene world
+    tuned_file: Path | None = None
+
+    @property
+    def is_scene(self) -> bool:
+        return self.source is None or getattr(self.source, "kind", None) == "scene"
 
     def model(self):
         if self.lm is None:
@@ -94,7 +105,7 @@ class Fig1:
         """:func:`~dleaf_analysis.studies.examples.dleaf_example` on the test split."""
         from dleaf_analysis.studies import examples
 
-        return examples.dleaf_example(ctx.model(), ctx.n_images)
+        return examples.dleaf_example(ctx.model(), ctx.n_images, source=ctx.source, tuned_file=ctx.tuned_file)
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
@@ -132,19 +143,20 @@ class Fig2:
         """:func:`~dleaf_analysis.studies.examples.ambiguous_captions` (partner-absent test scenes)."""
         from dleaf_analysis.studies import examples
 
-        return examples.ambiguous_captions(ctx.model(), ctx.n_images)
+        df = examples.ambiguous_captions(ctx.model(), ctx.n_images, source=ctx.source, tuned_file=ctx.tuned_file)
+        if not len(df):
+            raise FigureSkipped(f"greedy hallucinated on none of the first {ctx.n_images} images")
+        return df
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
-        from dleaf_analysis.scenes import load_split
-
-        split = load_split("test-partner-absent", limit=int(df["image"].max()) + 1)
+        pictures = df.attrs["images"]
         images = list(dict.fromkeys(df["image"]))
         fig, axes = plt.subplots(len(images), 2, figsize=(11, 2.6 * len(images)), gridspec_kw={"width_ratios": [1, 3.2]},
                                  squeeze=False)
         labels = {"greedy": "greedy", "pai": "uniform (PAI)", "dleaf": "D-LEAF"}
         for r, i in enumerate(images):
-            axes[r, 0].imshow(split.image(i))
+            axes[r, 0].imshow(pictures[i])
             axes[r, 0].set_axis_off()
             present = set(df[df.image == i]["present"].iloc[0].split(","))
             ax = axes[r, 1]
@@ -153,7 +165,7 @@ class Fig2:
             for k, (_, row) in enumerate(df[df.image == i].iterrows()):
                 ax.text(0, 0.7 - 0.25 * k, f"{labels[row['method']]:>14}: " + row["marked"], fontsize=9, va="top",
                         family="monospace", color="firebrick" if row["n_hallucinated"] else "black")
-        fig.suptitle("Partner-absent scenes: hallucinated objects in [CAPS]")
+        fig.suptitle("Images where greedy hallucinates: hallucinated objects in [CAPS]")
         fig.tight_layout()
         return fig
 
@@ -165,6 +177,9 @@ class Fig3:
     def data(ctx: FigureContext) -> pd.DataFrame:
         """Per (token type, layer, head): how often D-LEAF corrected the head at the steps that emitted
         a hallucinated / grounded object token, divided by the number of such steps."""
+        if not ctx.is_scene:
+            raise FigureSkipped("it aligns D-LEAF's per-step log with caption words, which holds on the scene "
+                                "world's word-level tokenizer only")
         p = ctx.results / "chair-test-dleaf" / "interventions.jsonl"
         d = ctx.results / "chair-test-dleaf" / "details.jsonl"
         if not p.is_file() or not d.is_file():
@@ -204,8 +219,11 @@ class Fig4:
     def data(ctx: FigureContext) -> pd.DataFrame:
         s = ctx.table("summary.csv")
         s = s[(s.benchmark == "chair") & (s.metric.isin(["CHAIR_s", "CHAIR_i", "recall"])) & (s.method != "greedy")]
-        return s[["method", "metric", "value", "paired_diff", "paired_ci_low", "paired_ci_high", "paired_p"]].reset_index(
+        df = s[["method", "metric", "value", "paired_diff", "paired_ci_low", "paired_ci_high", "paired_p"]].reset_index(
             drop=True)
+        df.attrs["where"] = "the embedded LLaVA (test split" if ctx.is_scene else \
+            f"{getattr(ctx.model(), 'model_id', 'the model')} ({getattr(ctx.source, 'kind', '')} evaluation images"
+        return df
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
@@ -222,7 +240,8 @@ class Fig4:
             ax.set(title=f"{m}: method - greedy", xlabel="points (same images)")
             ax.set_yticks(y, methods)
         axes[0].invert_yaxis()
-        fig.suptitle("Impact of suppression methods on the embedded LLaVA (test split; paired differences, 95% CI)")
+        fig.suptitle(f"Impact of suppression methods on {df.attrs.get('where', 'the embedded LLaVA (test split')}; "
+                     "paired differences, 95% CI)")
         fig.tight_layout()
         return fig
 
@@ -234,7 +253,7 @@ class Fig5:
         """:func:`~dleaf_analysis.studies.examples.liae_by_token_type` on the test split."""
         from dleaf_analysis.studies import examples
 
-        return examples.liae_by_token_type(ctx.model(), ctx.n_images)
+        return examples.liae_by_token_type(ctx.model(), ctx.n_images, source=ctx.source)
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
@@ -348,6 +367,11 @@ class Throughput:
 class Sensitivity:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
+        own = ctx.results / "tuning" / "sensitivity.csv"
+        if own.is_file():
+            return pd.read_csv(own)
+        if not ctx.is_scene:
+            raise FigureSkipped(f"no tuning results in {ctx.results / 'tuning'} (run `dleaf tune` or `dleaf reproduce`)")
         return pd.read_csv(DATA_DIR / "tuning" / "sensitivity.csv")
 
     @staticmethod
@@ -371,7 +395,10 @@ class Pope:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
         s = ctx.table("summary.csv")
-        return s[(s.benchmark == "pope") & s.metric.isin(["accuracy", "f1"])].reset_index(drop=True)
+        s = s[(s.benchmark == "pope") & s.metric.isin(["accuracy", "f1"])].reset_index(drop=True)
+        if not len(s):
+            raise FigureSkipped("no POPE results in summary.csv (POPE on COCO: `dleaf pope-coco`)")
+        return s
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
@@ -410,7 +437,7 @@ class AttentionGrid:
         """:func:`~dleaf_analysis.studies.examples.attention_grid` on the first test image."""
         from dleaf_analysis.studies import examples
 
-        return examples.attention_grid(ctx.model())
+        return examples.attention_grid(ctx.model(), source=ctx.source)
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
@@ -494,7 +521,11 @@ def render_all(ctx: FigureContext, out: Path = FIGURES_DIR, only: list[str] | No
     old = {e["figure"]: e for e in json.loads(manifest_file.read_text())} if manifest_file.is_file() else {}
     for n in names:
         log(f"figure {n}")
-        entries.append(render(n, ctx, out))
+        try:
+            entries.append(render(n, ctx, out))
+        except FigureSkipped as e:
+            log(f"figure {n} skipped: {e}")
+            continue
         old[n] = entries[-1]
     manifest_file.write_text(json.dumps(list(old.values()), indent=1))
     return entries

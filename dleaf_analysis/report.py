@@ -50,13 +50,14 @@ METHOD_ORDER = ("greedy", "dleaf", "uniform", "pai", "vcd")
 
 def compare_methods(
     benchmark: str,
-    split: str,
+    split,
     lm,
     methods: dict[str, dict],
     out: Path,
     limit: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    label: str | None = None,
 ) -> pd.DataFrame:
     """Evaluate each method under one protocol; add the relative change against greedy (%) and
     the paired bootstrap difference from greedy on the same items (``paired_diff``, its 95% CI
@@ -69,7 +70,7 @@ def compare_methods(
     frames, details = [], {}
     for name, cfg in methods.items():
         res = evaluate(benchmark, split, lm, method=name, method_config=cfg, limit=limit, seed=seed,
-                       out_dir=out / f"{benchmark}-{split}-{name}", progress=progress)
+                       out_dir=out / f"{benchmark}-{label or split}-{name}", progress=progress)
         frames.append(res.summary)
         details[name] = res.details
     df = pd.concat(frames, ignore_index=True)
@@ -159,24 +160,113 @@ def reproduce(
     return summary
 
 
-def component_configs(lm, seed: int = 0) -> dict[str, dict]:
+def reproduce_source(
+    out: str | Path,
+    lm,
+    source,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    figures_dir: Path | None = None,
+    tuned_file: str | Path | None = None,
+    tune_fraction: float = 0.25,
+    shard: tuple[int, int] | None = None,
+    batch_size: int | None = None,
+    study_limit: int | None = None,
+) -> pd.DataFrame:
+    """The main job on a real checkpoint and an image source (COCO, an annotated folder).
+
+    Without ``tuned_file``, the methods are first tuned on a held-out part of the images
+    (``tune_fraction``, chosen by hash of the image key: :meth:`ImageSource.split_heldout`),
+    disjoint from the evaluation images; the tuned settings are saved next to the results
+    (``out/tuning/tuned_methods.json``, keyed by the model's weights hash).  Then CHAIR of every
+    method with paired differences, D-LEAF's component ablation, the localisation, DPO and
+    calibration studies, the figures and ``out/report.md``.  ``shard=(i, N)``: only shard ``i`` of
+    the evaluation images (and of the fault grid); needs ``tuned_file`` (tune once, first).
+    """
+    from dleaf_analysis.evaluation.tuning import tune
+    from dleaf_analysis.settings import tuned_config
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    source.check_model(lm)
+    if shard is not None and tuned_file is None:
+        raise ValueError("a sharded reproduce needs the tuned settings (--tuned FILE): tune once first, with "
+                         "`dleaf tune` on a held-out image list")
+    tune_src = None
+    if tuned_file is None:
+        tune_src, eval_src = source.split_heldout(tune_fraction)
+        (out / "tuning_images.txt").write_text("\n".join(tune_src.key(i) for i in range(len(tune_src))) + "\n")
+        log(f"tuning the methods on {len(tune_src)} held-out images (disjoint from the {len(eval_src)} evaluation images)")
+        tune(out / "tuning", lm=lm, source=tune_src, exclude=eval_src, limit=4 if quick else None, seed=seed,
+             progress=progress, log=log)
+        tuned_file = out / "tuning" / "tuned_methods.json"
+    else:
+        eval_src = source
+    if shard is not None:
+        eval_src = eval_src.shard(*shard)
+    (out / "evaluation_images.txt").write_text("\n".join(eval_src.key(i) for i in range(len(eval_src))) + "\n")
+    limit = 6 if quick else None
+    methods = {m: tuned_config(m, lm.weights_hash, tuned_file) for m in METHOD_ORDER}
+    log(f"evaluating {len(methods)} methods with CHAIR on {len(eval_src) if limit is None else min(limit, len(eval_src))} "
+        "evaluation images")
+    chair = compare_methods("chair", eval_src, lm, methods, out, limit=limit, seed=seed, progress=progress, label="test")
+    chair.to_csv(out / "summary.csv", index=False)
+    protocol = json.loads((out / "chair-test-greedy" / "protocol.json").read_text())
+    body = [
+        f"## Methods on {lm.model_id} ({source.kind} images)",
+        "",
+        "Values in percent (length in words) with bootstrap 95% CIs; `d` is the paired difference from greedy decoding",
+        "on the same images (points; paired bootstrap over images, 95% CI; bold where the CI excludes 0). Methods run",
+        f"at the settings tuned on held-out images of this model (`{Path(tuned_file).name}`).",
+        "",
+        "### CHAIR (captioning)",
+        "",
+        md_table(_wide(chair)),
+        "",
+        f"Protocol (greedy CHAIR; the others differ only in `method`): {protocol['model_id']} weights "
+        f"`{protocol['weights_hash']}`, images `{protocol['split_hash']}`, {protocol['n_items']} images, prompt "
+        f"`{protocol['prompt']}`, max {protocol['max_new_tokens']} new tokens, seed {protocol['seed']}.",
+    ]
+    body += _components_section(out, lm, limit, seed, progress, log, chair, source=eval_src,
+                                profile_source=tune_src or eval_src, tuned_file=tuned_file)
+    body += _studies_section(out, quick, seed, progress, log, lm, source=eval_src, calib_source=tune_src or eval_src,
+                             tuned_file=tuned_file, limit=study_limit or (6 if quick else None), batch_size=batch_size)
+    body += _figures_section(out, quick, seed, log, lm, figures_dir, source=eval_src, tuned_file=tuned_file)
+    title = f"# dleaf-analysis report: {lm.model_id} on {source.kind} images{' (quick)' if quick else ''}"
+    if shard is not None:
+        title += f", shard {shard[0]}/{shard[1]}"
+    report = [title, "", f"Generated by `dleaf reproduce` in {time.time() - t0:.0f} s.", ""] + body
+    (out / "report.md").write_text("\n".join(report) + "\n")
+    return chair
+
+
+def component_configs(lm, seed: int = 0, source=None, tuned_file=None) -> dict[str, dict]:
     """D-LEAF's component ablation: which part does the work?
 
     - ``both (D-LEAF)``: LIAE picks layers, IAF picks heads (the tuned config);
     - ``LIAE only``: LIAE picks layers, every head but the best is fused;
     - ``IAF only``: every candidate layer at every step, IAF picks heads (uniform fusion);
     - ``static layers``: the two candidate layers with the highest mean LIAE on dev captions,
-      every step, every head but the best.
+      every step, every head but the best (``source``: the first 40 of its images instead of dev).
     """
     from dleaf_analysis.settings import tuned_config
     from dleaf_analysis.interventions import DLeaf
     from dleaf_analysis.scenes import load_split
     from dleaf_analysis.tracing import trace_generation
 
-    base = {**DLeaf().to_dict(), **tuned_config("dleaf", lm.weights_hash)}
+    base = {**DLeaf().to_dict(), **tuned_config("dleaf", lm.weights_hash, tuned_file)}
     base.pop("method")
-    dev = load_split("dev", limit=40)
-    liae = torch.stack([trace_generation(lm, dev.image(i), backend="hooks").liae().mean(0) for i in range(len(dev))]).mean(0)
+    if source is None:
+        dev = load_split("dev", limit=40)
+        liae = torch.stack([trace_generation(lm, dev.image(i), backend="hooks").liae().mean(0)
+                            for i in range(len(dev))]).mean(0)
+    else:
+        dev = source.limit(40)
+        liae = torch.stack([trace_generation(lm, dev.image(i), prompt=dev.prompt, max_new_tokens=dev.max_new_tokens,
+                                             backend="hooks").liae().mean(0) for i in range(len(dev))]).mean(0)
     cand = DLeaf(**base).candidate_layers(len(liae))
     static = sorted(sorted(cand, key=lambda l: -float(liae[l]))[:2])
     return {
@@ -187,12 +277,14 @@ def component_configs(lm, seed: int = 0) -> dict[str, dict]:
     }
 
 
-def _components_section(out: Path, lm, limit, seed, progress, log, chair: pd.DataFrame) -> list[str]:
-    log("component ablation of D-LEAF (CHAIR, test)")
+def _components_section(out: Path, lm, limit, seed, progress, log, chair: pd.DataFrame, source=None,
+                        profile_source=None, tuned_file=None) -> list[str]:
+    where = "test" if source is None else "evaluation images"
+    log(f"component ablation of D-LEAF (CHAIR, {where})")
     rows = []
-    for label, cfg in component_configs(lm, seed).items():
-        res = evaluate("chair", "test", lm, method="dleaf", method_config=cfg, limit=limit, seed=seed, progress=progress,
-                       out_dir=out / f"components-{label.split()[0].lower()}")
+    for label, cfg in component_configs(lm, seed, profile_source, tuned_file).items():
+        res = evaluate("chair", source or "test", lm, method="dleaf", method_config=cfg, limit=limit, seed=seed,
+                       progress=progress, out_dir=out / f"components-{label.split()[0].lower()}")
         rows.append(res.summary.assign(component=label, layers=json.dumps(cfg.get("layers"))))
     g = chair[chair.method == "greedy"].assign(component="greedy (none)", layers="null")
     df = pd.concat([g] + rows, ignore_index=True)
@@ -201,22 +293,27 @@ def _components_section(out: Path, lm, limit, seed, progress, log, chair: pd.Dat
     w = df.pivot_table(index="component", columns="metric", values="cell", aggfunc="first", sort=False).reset_index()
     w.columns.name = None
     static = df[df.component == "static layers"]["layers"].iloc[0]
-    return ["", "### D-LEAF component ablation (CHAIR, test)", "",
-            f"LIAE picks layers, IAF picks heads; `static layers` = {static} (highest mean LIAE on dev captions).", "",
+    prof = "dev captions" if profile_source is None else "captions of the tuning images"
+    return ["", f"### D-LEAF component ablation (CHAIR, {where})", "",
+            f"LIAE picks layers, IAF picks heads; `static layers` = {static} (highest mean LIAE on {prof}).", "",
             md_table(w[["component", "CHAIR_s", "CHAIR_i", "recall", "length"]]), ""]
 
 
-def _studies_section(out: Path, quick: bool, seed: int, progress: bool, log, lm) -> list[str]:
-    """Run the localisation and DPO studies on the test split; their report section."""
+def _studies_section(out: Path, quick: bool, seed: int, progress: bool, log, lm, source=None, calib_source=None,
+                     tuned_file=None, limit: int | None = None, batch_size: int | None = None) -> list[str]:
+    """Run the localisation and DPO studies on the test split (or ``source``); their report section."""
     from dleaf_analysis.studies.runner import NoEventsError, run_study
 
-    limit = 30 if quick else 300
-    lines = ["", f"## Causal studies (test split, first {limit} images)", ""]
+    limit = limit or (30 if quick else 300)
+    where = "test split" if source is None else "evaluation images"
+    lines = ["", f"## Causal studies ({where}, first {limit} images)", ""]
+    kw = dict(limit=limit, out=out / "studies", lm=lm, seed=seed, progress=progress, tuned_file=tuned_file,
+              batch_size=batch_size)
     try:
         log("localisation study (ablation, correction and patching maps vs detectors)")
-        loc = run_study("localization", "test", limit=limit, out=out / "studies", lm=lm, seed=seed, progress=progress)
+        loc = run_study("localization", source or "test", **kw)
         log("DPO alignment study")
-        dp = run_study("dpo", "test", limit=limit, out=out / "studies", lm=lm, seed=seed, progress=progress)
+        dp = run_study("dpo", source or "test", **kw)
     except NoEventsError as e:
         return lines + [f"No study could run: {e}"]
     s = loc.summary
@@ -263,12 +360,13 @@ def _studies_section(out: Path, quick: bool, seed: int, progress: bool, log, lm)
         lines += [f"{dp.summary.get('n_events_fired', 0)} events with at least one firing layer "
                   f"({dp.summary.get('n_events_not_fired', 0)} without); one row per (event, corrected layer):", "",
                   md_table(d2[["statistic", "D-LEAF", "random-head null", "n", "one-sided Wilcoxon p"]]), ""]
-    lines += _calibration_section(out, quick, seed, progress, log, lm)
+    lines += _calibration_section(out, quick, seed, progress, log, lm, calib_source, tuned_file)
     return lines
 
 
-def _calibration_section(out: Path, quick: bool, seed: int, progress: bool, log, lm) -> list[str]:
-    """The planted-fault calibration study on dev: what each detector and method can see."""
+def _calibration_section(out: Path, quick: bool, seed: int, progress: bool, log, lm, source=None,
+                         tuned_file=None) -> list[str]:
+    """The planted-fault calibration study on dev (or ``source``): what each detector and method can see."""
     from dleaf_analysis.models.adapters import ModelAdapter
     from dleaf_analysis.studies.calibration import default_faults
     from dleaf_analysis.studies.runner import run_study
@@ -278,12 +376,15 @@ def _calibration_section(out: Path, quick: bool, seed: int, progress: bool, log,
     faults = default_faults(ad.n_layers, ad.n_heads, seed)
     if quick:
         faults = [f for f in faults if f.strength == 1.0][:2]
-    log(f"calibration study: {len(faults)} planted faults on {limit} dev images")
-    r = run_study("calibration", "dev", limit=limit, out=out / "studies", lm=lm, seed=seed, progress=progress,
-                  faults=faults)
+    where = "dev" if source is None else "tuning"
+    if source is not None:
+        limit = min(limit, len(source))
+    log(f"calibration study: {len(faults)} planted faults on {limit} {where} images")
+    r = run_study("calibration", source or "dev", limit=limit, out=out / "studies", lm=lm, seed=seed, progress=progress,
+                  faults=faults, tuned_file=tuned_file)
     t = r.tables
-    lines = ["### Calibration: planted faults (dev split)", "",
-             f"Each fault is planted through the hook point while the model decodes the first {limit} dev images "
+    lines = [f"### Calibration: planted faults ({where} images)", "",
+             f"Each fault is planted through the hook point while the model decodes the first {limit} {where} images "
              "(kinds, layers, heads, strengths: docs/method.md). Harm is the paired change against the unfaulted "
              "run on the same images; detection is the per-step AUROC of each layer detector for the faulted layer "
              "(0.5 = blind) and its top-1 hit rate among D-LEAF's candidate layers (base rate in brackets).", ""]
@@ -324,12 +425,14 @@ def _calibration_section(out: Path, quick: bool, seed: int, progress: bool, log,
     return lines
 
 
-def _figures_section(out: Path, quick: bool, seed: int, log, lm, figures_dir: Path | None) -> list[str]:
+def _figures_section(out: Path, quick: bool, seed: int, log, lm, figures_dir: Path | None, source=None,
+                     tuned_file=None) -> list[str]:
     from dleaf_analysis.figures import FigureContext, render_all
 
     fdir = figures_dir or out / "figures"
     log(f"figures -> {fdir}")
-    entries = render_all(FigureContext(results=out, lm=lm, n_images=8 if quick else 100, seed=seed), fdir, log=log)
+    entries = render_all(FigureContext(results=out, lm=lm, n_images=8 if quick else 100, seed=seed, source=source,
+                                       tuned_file=tuned_file), fdir, log=log)
     rel = lambda p: p.resolve().relative_to(REPO_ROOT.resolve()) if p.resolve().is_relative_to(REPO_ROOT.resolve()) else p  # noqa: E731
     lines = ["", "## Figures", ""]
     for e in entries:

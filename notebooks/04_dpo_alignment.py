@@ -49,8 +49,8 @@ cfg = DLeaf(**tuned_config("dleaf", lm.weights_hash))
 ev, layers = None, []
 for e in hall.to_dict(orient="records"):
     # the layers D-LEAF itself fires at the event's step, read from its own log over the prefix
-    prefix_ids = lm.tokenizer(e["prefix"], add_special_tokens=False)["input_ids"] if e["prefix"] else []
-    layers = dpo.fired_layers(lm, event_inputs(lm, split, {**e, "prefix": ""}), prefix_ids, cfg)
+    # (the generated ids before the event; the prompt-only inputs are event_inputs(..., prefix=False))
+    layers = dpo.fired_layers(lm, event_inputs(lm, split, e, prefix=False), list(e["prefix_ids"]), cfg)
     if layers:
         ev = e
         break
@@ -58,9 +58,8 @@ assert ev is not None, "no hallucination event at which D-LEAF fires: raise the 
 print(ev["prefix"], "->", ev["token"], "(preferred:", ev["preferred"], ") corrected layers:", layers)
 
 # %%
-tok = lm.tokenizer.convert_tokens_to_ids
 rows = dpo.alignment(lm, event_inputs(lm, split, ev), event_inputs(lm, split, ev, counterfactual=True),
-                     tok(ev["token"]), tok(ev["preferred"]), cfg, layers, n_null=5)
+                     ev["token_id"], int(ev["preferred_id"]), cfg, layers, n_null=5)
 pd.DataFrame(rows)
 
 # %% [markdown]

@@ -67,3 +67,54 @@ pd.DataFrame(d.log).head()
 # %% [markdown]
 # On a GPU machine, the same calls scale: traces keep only the current query's image columns per
 # step (2.4 MB per token for LLaVA-1.5-7B in fp32) and can stream to disk (`stream_to=`).
+
+# %% [markdown]
+# ## Studies on COCO images
+#
+# The studies, tuning, calibration and figures take an *image source*: the scene world's splits, COCO
+# (`CocoSource`: an images folder, the 2014 instances annotations, an optional image-id list) or your
+# own annotated folder (`JsonlSource`). On a GPU machine with COCO val2014:
+# `CocoSource("/data/coco/val2014", "/data/coco/annotations/instances_val2014.json", image_ids="ids.txt")`.
+# Here: the small fake COCO the tests use, and a tiny LLaVA-1.5-shaped model with a sub-word
+# tokenizer, trained for a few seconds to answer every image with one caption that mentions COCO
+# objects. Mentions are found in the generated ids with CHAIR's matcher; `step..span_end` is the
+# mention's token span (several sub-tokens), `token_id` its first sub-token.
+
+# %%
+from dleaf_analysis.paths import REPO_ROOT
+from dleaf_analysis.models.tiny import tiny_llava15_subword_dir
+from dleaf_analysis.sources import CocoSource
+from dleaf_analysis.studies.events import find_events
+
+fake = REPO_ROOT / "tests" / "data" / "fake_coco"
+coco = CocoSource(fake / "val2014", fake / "instances_fake2014.json", image_ids=fake / "image_ids.txt")
+sw = load_model(tiny_llava15_subword_dir(Path(tempfile.mkdtemp()) / "llava-1.5-subword"))
+events = find_events(sw, coco, progress=False)
+print(sw.tokenizer.convert_ids_to_tokens(list(events.span_ids.iloc[2])), "->", events.word.iloc[2])
+events[["item", "kind", "token", "word", "step", "span_end", "preferred", "cue", "margin"]].head(8)
+
+# %% [markdown]
+# The counterfactual removes the cue object by filling its segmentation mask from the surrounding
+# pixels (`fill="blur"`, or `"mean"`); every other pixel is unchanged.
+
+# %%
+ev = events[events.cue.notna()].iloc[0]
+fig, axes = plt.subplots(1, 2, figsize=(7, 2.6))
+axes[0].imshow(coco.image(int(ev.image)))
+axes[0].set_title(f"image {ev['item']}", fontsize=9)
+axes[1].imshow(coco.counterfactual(int(ev.image), ev.cue))
+axes[1].set_title(f"{ev.cue} removed (counterfactual)", fontsize=9)
+for a in axes:
+    a.set_axis_off()
+
+# %%
+from dleaf_analysis.studies.runner import run_study
+
+res = run_study("localization", coco, limit=None, out=tempfile.mkdtemp(), lm=sw, progress=False, batch_size=2)
+res.tables["localization_summary"].query("level == 'layer' and metric == 'spearman'").round(3).head(10)
+
+# %% [markdown]
+# From the command line, the same on LLaVA-1.5-7B (see the README's GPU guide):
+# `dleaf study localization --model /models/llava-1.5-7b-hf --device cuda --dtype bf16
+# --coco-images /data/coco/val2014 --coco-annotations /data/coco/annotations/instances_val2014.json
+# --image-ids ids.txt --batch-size 8`.

@@ -81,6 +81,20 @@ BAD_INPUTS = [
     (["tune", "--device", "cuda"], "no CUDA device is visible", True),
     (["reproduce", "--device", "cuda:0"], "no CUDA device is visible", True),
     (["info", "--device", "gpu"], "choose cpu, cuda", True),
+    (["study", "ablation", "--split", "dev", "--images-jsonl", "x.jsonl"], "give one image source", True),
+    (["study", "ablation", "--coco-images", "."], "needs both --coco-images DIR and --coco-annotations", True),
+    (["study", "ablation", "--image-ids", "ids.txt"], "--image-ids selects COCO images", True),
+    (["study", "ablation", "--coco-images", ".", "--coco-annotations", "/nonexistent.json"],
+     "COCO annotations not found", True),
+    (["study", "ablation", "--images-jsonl", "/nonexistent.jsonl"], "annotated image list not found", True),
+    (["study", "ablation", "--shard", "2/2"], "need 0 <= i < N", True),
+    (["study", "ablation", "--event-token", "word"], "unknown --event-token", True),
+    (["study", "ablation", "--batch-size", "0"], "--batch-size", True),
+    (["study", "localization", "--merge", "/nonexistent/s0"], "holds no localization results", True),
+    (["tune", "--shard", "0/2"], "cannot be sharded", True),
+    (["tune", "--split", "test"], "uses the dev split", True),
+    (["reproduce", "--tuned", "/nonexistent.json"], "no such file", True),
+    (["reproduce", "--shard", "0/2"], "apply to a real checkpoint", True),
 ]
 
 

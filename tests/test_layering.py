@@ -51,6 +51,17 @@ def test_lower_layers_do_not_import_upper_ones():
             assert not bad, f"{m} imports {bad}"
 
 
+def test_image_sources_sit_below_the_studies():
+    """Sources feed events, studies, tuning and figures; they never import those."""
+    graph = _graph()
+    upper = ("dleaf_analysis.studies", "dleaf_analysis.report", "dleaf_analysis.figures", "dleaf_analysis.cli",
+             "dleaf_analysis.evaluation.runner", "dleaf_analysis.evaluation.tuning")
+    for m, deps in graph.items():
+        if m.startswith("dleaf_analysis.sources"):
+            bad = sorted(d for d in deps if d.startswith(upper))
+            assert not bad, f"{m} imports {bad}"
+
+
 def test_figures_only_plot():
     """Figures plot tidy tables made by the studies and evaluation: they neither decode, trace nor
     intervene themselves."""

@@ -149,7 +149,7 @@ def test_study_detector_rows_are_identical_across_processes(tmp_path):
         "import json; from dleaf_analysis.models import load_model; from dleaf_analysis.scenes import load_split;"
         "from dleaf_analysis.studies.runner import _detector_rows;"
         "lm = load_model(); s = load_split('dev', limit=1);"
-        "rows = _detector_rows(lm, s.image(0), '', '0:3', seed=0);"
+        "rows = _detector_rows(lm, s.image(0), [], '0:3', seed=0);"
         "print(json.dumps([r['score'] for r in rows if r['detector'] == 'random']))"
     )
     outs = []

@@ -12,14 +12,15 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from dleaf_analysis.evaluation.chair import chair_details, chair_summary
+from dleaf_analysis.evaluation.chair import chair_summary
 from dleaf_analysis.evaluation.pope import get_parser, pope_summary
 from dleaf_analysis.errors import DleafError
 from dleaf_analysis.evaluation.protocol import Protocol
-from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT, generate
+from dleaf_analysis.models.generation import generate
 from dleaf_analysis.models.loading import LoadedModel, load_model
 from dleaf_analysis.scenes import POPE_VARIANTS, ObjectStats, load_split, pope_questions
 from dleaf_analysis.settings import tuned_config
+from dleaf_analysis.sources import ImageSource, SceneSource, SourceError
 from dleaf_analysis.sweeps import ResultStore, run_items
 
 BENCHMARKS = ("chair", "pope")
@@ -103,7 +104,7 @@ def check_output_dir(out_dir: str | Path, protocol: dict, overwrite: bool = Fals
 
 def evaluate(
     benchmark: str,
-    split: str = "test",
+    split: str | ImageSource = "test",
     lm: LoadedModel | None = None,
     method: str = "greedy",
     method_config: dict | None = None,
@@ -117,11 +118,14 @@ def evaluate(
     out_dir: str | Path | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    tuned_file: str | Path | None = None,
 ) -> EvalResult:
-    """Evaluate ``method`` on ``benchmark`` ("chair" or "pope") over a scene split.
+    """Evaluate ``method`` on ``benchmark`` ("chair" or "pope") over a scene split, or with CHAIR
+    over any image source (COCO, an annotated JSONL folder: its prompt, caption length and matcher).
 
-    The method runs at its settings tuned on dev for this model (``data/tuned_methods.json``)
-    unless ``method_config`` overrides them; the protocol records the full config.
+    The method runs at its settings tuned for this model (``tuned_file``, default the shipped
+    ``data/tuned_methods.json``) unless ``method_config`` overrides them; the protocol records the
+    full config.
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
@@ -129,15 +133,24 @@ def evaluate(
 
     lm = lm or load_model()
     # settings tuned on dev for this model (if any), overridden by the caller's
-    m = get_method(method, {**tuned_config(method, lm.weights_hash), **(method_config or {})})
-    data = load_split(split, limit=limit)
-    images = [data.image(i) for i in range(len(data))]
+    m = get_method(method, {**tuned_config(method, lm.weights_hash, tuned_file), **(method_config or {})})
+    if isinstance(split, str):
+        data = load_split(split, limit=limit)
+        source: ImageSource = SceneSource(data)
+        split_name, split_hash = split, data.annotations_hash
+    else:
+        if benchmark == "pope":
+            raise SourceError("POPE on photos takes POPE's question files: use `dleaf pope-coco`")
+        source = split.limit(limit)
+        data = None
+        split_name, split_hash = source.kind, source.fingerprint
+    images = [source.image(i) for i in range(len(source))]
     common = dict(
-        split=split, split_hash=data.annotations_hash, model_id=lm.model_id, weights_hash=lm.weights_hash,
+        split=split_name, split_hash=split_hash, model_id=lm.model_id, weights_hash=lm.weights_hash,
         method=method, method_config={k: v for k, v in m.to_dict().items() if k != "method"},
         n_resamples=n_resamples, seed=seed,
     )
-    mnt = max_new_tokens or (32 if benchmark == "chair" else 3)
+    mnt = max_new_tokens or (source.max_new_tokens if benchmark == "chair" else 3)
     store = None
     if out_dir is not None:  # before any compute
         out = check_output_dir(out_dir, {"benchmark": benchmark, **common}, overwrite)
@@ -179,13 +192,16 @@ def evaluate(
         return [r["text"] for r in rows], [rec for r in rows for rec in r["log"]]
 
     if benchmark == "chair":
-        caps, logs = run([f"chair:{i}" for i in range(len(data))], images, [DEFAULT_CAPTION_PROMPT] * len(data),
-                         "captioning")
-        details = chair_details(caps, [s.name_set for s in data.scenes], data.world.classes)
-        details.insert(0, "image", range(len(data)))
+        n = len(source)
+        keys = [f"chair:{i}" if data is not None else f"chair:{source.key(i)}" for i in range(n)]
+        caps, logs = run(keys, images, [source.prompt] * n, "captioning")
+        details = source.chair_details(caps)
+        details.insert(0, "image", range(n))
+        if data is None:
+            details["item"] = [source.key(i) for i in range(n)]
         summary = chair_summary(details, n_resamples=n_resamples, seed=seed)
         summary.insert(0, "variant", "all")
-        protocol = Protocol(benchmark="chair", n_items=len(data), prompt=DEFAULT_CAPTION_PROMPT, max_new_tokens=mnt, **common)
+        protocol = Protocol(benchmark="chair", n_items=n, prompt=source.prompt, max_new_tokens=mnt, **common)
     else:
         parse = get_parser(answer_parser)
         stats = train_object_stats()

@@ -17,6 +17,7 @@ import pandas as pd
 from dleaf_analysis.evaluation.runner import evaluate
 from dleaf_analysis.models.loading import LoadedModel, load_model
 from dleaf_analysis.scenes import load_split
+from dleaf_analysis.sources import ImageSource, SourceError
 from dleaf_analysis.sweeps import ResultStore, run_sweep
 
 
@@ -58,6 +59,29 @@ SENSITIVITY: dict[str, list[dict]] = {
 }
 
 
+def _layer_pairs(n_layers: int) -> tuple[list[int], list[int]]:
+    """Two adjacent-layer pairs, in the lower and the upper half of the candidate layers 2..L-1
+    (``[2, 3]`` and ``[4, 5]`` on the 6-layer embedded model)."""
+    lo = min(2, n_layers - 1)
+    mid = max(lo, (lo + n_layers) // 2)
+    return (sorted({lo, min(lo + 1, n_layers - 1)}), sorted({mid, min(mid + 1, n_layers - 1)}))
+
+
+def grids_for(n_layers: int) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """``GRIDS`` and ``SENSITIVITY`` with their layer lists fitted to a model of ``n_layers``
+    (unchanged for the 6-layer embedded model)."""
+    if n_layers == 6:
+        return GRIDS, SENSITIVITY
+    a, b = _layer_pairs(n_layers)
+    grids = {**GRIDS, "pai": [{"alpha": c["alpha"], "layers": {None: None, "a": a, "b": b}[
+        None if c["layers"] is None else ("a" if c["layers"] == [2, 3] else "b")]} for c in GRIDS["pai"]]}
+    sens = {**SENSITIVITY, "layers": [{"layers": list(range(n_layers))},
+                                      {"layers": list(range(min(2, n_layers - 1), n_layers))}, {"layers": a},
+                                      {"layers": b}]}
+    dedup = lambda cs: list({json.dumps(c, sort_keys=True): c for c in cs}.values())  # noqa: E731
+    return {m: dedup(g) for m, g in grids.items()}, {p: dedup(v) for p, v in sens.items()}
+
+
 def _key(method: str, cfg: dict) -> str:
     return f"{method}:{json.dumps(cfg, sort_keys=True)}"
 
@@ -71,28 +95,48 @@ def tune(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    source: ImageSource | None = None,
+    exclude: ImageSource | None = None,
 ) -> dict:
-    """Run the grid on dev (resumable), then the sensitivity curves around D-LEAF's choice.
+    """Run the grid on dev (or on ``source``: held-out images of a real model) -- resumable --
+    then the sensitivity curves around D-LEAF's choice.
 
+    ``exclude``: the evaluation images; tuning refuses to run if ``source`` shares any of them.
     Returns ``{"chosen": {method: config}, "grid": DataFrame, "sensitivity": DataFrame}`` and
-    writes ``grid.csv``, ``sensitivity.csv`` and ``chosen.json`` in ``out_dir``.
+    writes ``grid.csv``, ``sensitivity.csv``, ``chosen.json`` and ``tuned_methods.json`` (the
+    settings file every command reads with ``--tuned``, keyed by the model's weights hash) in
+    ``out_dir``.
     """
+    from dleaf_analysis.models.adapters import ModelAdapter
+
     lm = lm or load_model()
     out = Path(out_dir)
-    split_hash = load_split("dev", limit=limit).annotations_hash
-    store = ResultStore(out / "grid", {"weights_hash": lm.weights_hash, "split": "dev", "split_hash": split_hash,
-                                       "limit": limit, "seed": seed,
-                                       "grids": {m: GRIDS[m] for m in methods}})
+    if source is None:
+        data: str | ImageSource = "dev"
+        ident = {"split": "dev", "split_hash": load_split("dev", limit=limit).annotations_hash}
+    else:
+        data = source.limit(limit)
+        data.check_model(lm)
+        if exclude is not None:
+            shared = {data.key(i) for i in range(len(data))} & {exclude.key(i) for i in range(len(exclude))}
+            if shared:
+                raise SourceError(f"{len(shared)} tuning images are also evaluation images (e.g. {sorted(shared)[:3]}): "
+                                  "tune on a held-out image list disjoint from the evaluation list")
+        ident = {"source": data.describe(), "images_hash": data.fingerprint}
+    grids, sensitivity = grids_for(ModelAdapter(lm.model).n_layers)
+    store = ResultStore(out / "grid", {"weights_hash": lm.weights_hash, **ident, "limit": limit, "seed": seed,
+                                       "grids": {m: grids[m] for m in methods}})
 
     def run_one(unit):
         method, cfg = unit
-        res = evaluate("chair", "dev", lm, method=method, method_config=cfg, limit=limit, seed=seed,
+        res = evaluate("chair", data, lm, method=method, method_config=cfg, limit=limit, seed=seed,
                        n_resamples=200, progress=False)
         s = res.summary.set_index("metric")["value"].to_dict()
         return [{"method": method, "config": json.dumps(cfg, sort_keys=True), **s}]
 
-    units = [(_key("greedy", {}), ("greedy", {}))] + [(_key(m, c), (m, c)) for m in methods for c in GRIDS[m]]
-    grid = run_sweep(units, run_one, store, progress=progress, desc="tuning on dev")
+    units = [(_key("greedy", {}), ("greedy", {}))] + [(_key(m, c), (m, c)) for m in methods for c in grids[m]]
+    grid = run_sweep(units, run_one, store, progress=progress, desc="tuning on " + ("dev" if source is None else
+                                                                                   f"{len(data)} held-out images"))
     greedy = grid[grid.method == "greedy"].iloc[0]
     chosen: dict[str, dict] = {}
     for m in methods:
@@ -102,8 +146,8 @@ def tune(
     # sensitivity of D-LEAF around its chosen config
     frames = []
     if "dleaf" in methods:
-        sstore = ResultStore(out / "sensitivity", {**store.manifest, "base": chosen["dleaf"], "curves": SENSITIVITY})
-        units = [(f"{p}:{json.dumps(v)}", (p, {**chosen["dleaf"], **v})) for p, vs in SENSITIVITY.items() for v in vs]
+        sstore = ResultStore(out / "sensitivity", {**store.manifest, "base": chosen["dleaf"], "curves": sensitivity})
+        units = [(f"{p}:{json.dumps(v)}", (p, {**chosen["dleaf"], **v})) for p, vs in sensitivity.items() for v in vs]
 
         def run_sens(unit):
             param, cfg = unit
@@ -114,9 +158,13 @@ def tune(
         frames.append(run_sweep(units, run_sens, sstore, progress=progress, desc="sensitivity"))
     sens = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     sens.to_csv(out / "sensitivity.csv", index=False)
-    result = {"chosen": chosen, "rule": f"lowest CHAIR_i with recall >= greedy - {max_recall_drop} (dev)",
+    where = "dev" if source is None else "held-out images"
+    result = {"chosen": chosen, "rule": f"lowest CHAIR_i with recall >= greedy - {max_recall_drop} ({where})",
               "greedy_dev": greedy[["CHAIR_s", "CHAIR_i", "recall"]].to_dict(), "limit": limit,
               "weights_hash": lm.weights_hash}
+    if source is not None:
+        result["tuning_images"] = [data.key(i) for i in range(len(data))]
     (out / "chosen.json").write_text(json.dumps(result, indent=1))
+    (out / "tuned_methods.json").write_text(json.dumps(result, indent=1))
     log(f"chosen settings: {json.dumps(chosen)}")
     return {"chosen": chosen, "grid": grid, "sensitivity": sens, "summary": result}

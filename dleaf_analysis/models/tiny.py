@@ -268,12 +268,12 @@ LLAVA15_TEMPLATE = (
     "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% else %}ASSISTANT: "
     "{% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-SUBWORD_OBJECTS = ("person", "dog", "cat", "frisbee", "car", "bench", "bicycle", "umbrella", "dining table", "horse",
+SUBWORD_OBJECTS = ("person", "dog", "cat", "frisbee", "car", "bench", "bicycle", "umbrella", "teddy bear", "horse",
                    "bird", "boat", "chair", "cup", "kite", "train", "truck", "pizza", "bowl", "clock")
-SUBWORD_CAPTION = "A person and a dog play with a frisbee near a dining table and a bicycle."
+SUBWORD_CAPTION = "A person and a dog play with a frisbee near a teddy bear and a bicycle."
 
 
-def subword_tokenizer(vocab_size: int = 160):
+def subword_tokenizer(vocab_size: int = 110):
     """A small SentencePiece-style BPE tokenizer (``▁`` word marker, like LLaVA-1.5's Llama
     tokenizer) trained with the ``tokenizers`` library on COCO's category names and caption
     words; with its small vocabulary most object words split into several sub-tokens."""
@@ -299,7 +299,8 @@ def subword_tokenizer(vocab_size: int = 160):
 def tiny_llava15_subword_dir(out_dir: str | Path, seed: int = 0, caption: str = SUBWORD_CAPTION,
                              steps: int = 400) -> Path:
     """A tiny ``LlavaForConditionalGeneration`` in the llava-hf LLaVA-1.5 layout (CLIP tower at
-    56 px: 16 image tokens; LLaVA-1.5's chat template) with a sub-word tokenizer
+    56 px: 16 image tokens; LLaVA-1.5's chat template; a 4-layer Llama, so that D-LEAF has
+    candidate layers 2 and 3) with a sub-word tokenizer
     (:func:`subword_tokenizer`), trained for a few seconds to answer every image with ``caption``
     -- so that its greedy captions mention COCO objects, several of them absent from any given
     image.  Saved to ``out_dir`` (returned)."""
@@ -313,7 +314,7 @@ def tiny_llava15_subword_dir(out_dir: str | Path, seed: int = 0, caption: str = 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                               image_size=56, patch_size=14)
-    text = _text_cfg(len(tok), hidden=64, layers=2, heads=4, bos_token_id=tok.bos_token_id,
+    text = _text_cfg(len(tok), hidden=64, layers=4, heads=4, bos_token_id=tok.bos_token_id,
                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                       vision_feature_layer=-1, vision_feature_select_strategy="default")

@@ -95,6 +95,20 @@ class ImageSource(ABC):
         """:attr:`fingerprint` of the selection before :meth:`shard` (the same for every shard)."""
         return getattr(self, "_unsharded", None) or self.fingerprint
 
+    def split_heldout(self, fraction: float) -> tuple["ImageSource", "ImageSource"]:
+        """``(held_out, rest)``: the items whose ``sha256(key)`` ranks in the lowest ``fraction``
+        (at least one) and the others, each in source order -- deterministic, disjoint, and
+        independent of the order of the image list."""
+        if not 0 < fraction < 1:
+            raise SourceError(f"held-out fraction {fraction} must be in (0, 1)")
+        n = max(1, round(fraction * len(self)))
+        if n >= len(self):
+            raise SourceError(f"{len(self)} images are too few to hold {n} out for tuning and evaluate on the rest")
+        ranked = sorted(range(len(self)), key=lambda i: hashlib.sha256(self.key(i).encode()).hexdigest())
+        held = set(ranked[:n])
+        return (self._select([x for i, x in enumerate(self._items) if i in held]),
+                self._select([x for i, x in enumerate(self._items) if i not in held]))
+
     # -- per item --------------------------------------------------------------------------------
     @abstractmethod
     def image(self, i: int):

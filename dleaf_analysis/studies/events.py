@@ -69,12 +69,16 @@ def as_source(source: ImageSource | Split) -> ImageSource:
 
 def word_ids(tokenizer, word: str) -> list[int]:
     """Token ids of ``word`` as it follows other text (after a space): ``tok("a " + word)`` minus
-    ``tok("a")`` -- so that SentencePiece's word-initial pieces are the ones compared."""
+    ``tok("a")`` -- so that SentencePiece's word-initial pieces are the ones compared -- without a
+    leading piece that is only the word boundary."""
     base = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a " + word, add_special_tokens=False)["input_ids"]
-    if full[: len(base)] != base:  # a tokenizer that merges across the space: take the word alone
-        return tokenizer(word, add_special_tokens=False)["input_ids"]
-    return full[len(base):]
+    ids = full[len(base):] if full[: len(base)] == base else tokenizer(word, add_special_tokens=False)["input_ids"]
+    # a bare word-boundary piece (SentencePiece's lone "▁") is not part of the word: a mention's span
+    # starts at its first piece with a character of the word, and so does the alternative
+    while len(ids) > 1 and not tokenizer.decode(ids[:1]).strip():
+        ids = ids[1:]
+    return ids
 
 
 def token_char_spans(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:

@@ -23,8 +23,8 @@ from dleaf_analysis.evaluation.chair import words
 from dleaf_analysis.interventions import DLeaf, fuse_heads, get_method
 from dleaf_analysis.models import caption
 from dleaf_analysis.models.loading import LoadedModel
-from dleaf_analysis.scenes import load_split
 from dleaf_analysis.settings import tuned_config
+from dleaf_analysis.sources import ImageSource, SceneSource
 from dleaf_analysis.tracing import trace_generation
 
 TOKEN_TYPES = ("real object", "hallucinated object", "non-object")
@@ -43,6 +43,26 @@ def mark_hallucinated(text: str, present: set, classes: set, upper: bool = False
                     for w in text.split())
 
 
+def mark_mentions(text: str, source: ImageSource, present: set, upper: bool = False) -> str:
+    """The caption with each mention (the source's matcher) of an object absent from the image in
+    brackets (``[WORD]`` if ``upper``); on the scene world the same as :func:`mark_hallucinated`."""
+    out = text
+    for m in sorted(source.mentions(text), key=lambda m: -m.start):
+        if m.object not in present:
+            w = text[m.start:m.end]
+            out = out[:m.start] + f"[{w.upper() if upper else w}]" + out[m.end:]
+    return out
+
+
+def _source(source: ImageSource | None, split: str, n_images: int | None) -> ImageSource:
+    return source.limit(n_images) if source is not None else SceneSource.load(split, limit=n_images)
+
+
+def _captions(lm, source: ImageSource, decode=None) -> list[str]:
+    imgs = [source.image(i) for i in range(len(source))]
+    return caption(lm, imgs, source.prompt, max_new_tokens=source.max_new_tokens, progress=False, decode=decode)
+
+
 def running_threshold(liae: torch.Tensor, k: float) -> torch.Tensor:
     """``mu + k sd`` of each layer over the steps before each step (``liae [S, L] -> [S, L]``; NaN at
     step 0): the threshold of D-LEAF's ``running`` rule, so ``liae > threshold`` exactly where
@@ -58,25 +78,25 @@ def running_threshold(liae: torch.Tensor, k: float) -> torch.Tensor:
     return thr
 
 
-def dleaf_example(lm: LoadedModel, n_images: int = 100, split: str = "test") -> pd.DataFrame:
-    """The first image of ``split`` whose D-LEAF caption has strictly fewer hallucinated objects than
+def dleaf_example(lm: LoadedModel, n_images: int = 100, split: str = "test", source: ImageSource | None = None,
+                  tuned_file=None) -> pd.DataFrame:
+    """The first image of ``split`` (or of ``source``) whose D-LEAF caption has strictly fewer hallucinated objects than
     its greedy caption (``example`` says whether one was found among the first ``n_images``).
     Rows: ``step, token, layer, liae, threshold, fired``; LIAE of the greedy trace, with D-LEAF's
     running threshold on the same steps (its rule applied to the greedy decoding, identical to
     D-LEAF's own decisions up to its first correction)."""
-    data = load_split(split, limit=n_images)
-    cfg = DLeaf(**tuned_config("dleaf", lm.weights_hash))
-    imgs = [data.image(i) for i in range(len(data))]
-    greedy = caption(lm, imgs, progress=False)
-    dleaf = caption(lm, imgs, progress=False, decode=cfg.generate)
-    classes = set(data.world.classes)
+    data = _source(source, split, n_images)
+    cfg = DLeaf(**tuned_config("dleaf", lm.weights_hash, tuned_file))
+    greedy = _captions(lm, data)
+    dleaf = _captions(lm, data, decode=cfg.generate)
 
     def hallucinated(c: str, i: int) -> set:
-        return {w for w in c.split() if w in classes and w not in data.scenes[i].name_set}
+        return {m.object for m in data.mentions(c) if m.object not in data.objects(i)}
 
     removed = [i for i in range(len(data)) if hallucinated(dleaf[i], i) < hallucinated(greedy[i], i)]
     pick = removed[0] if removed else 0
-    cache = trace_generation(lm, imgs[pick], backend="hooks")
+    cache = trace_generation(lm, data.image(pick), prompt=data.prompt, max_new_tokens=data.max_new_tokens,
+                             backend="hooks")
     liae = cache.liae(cfg.liae_variant).float()  # [S, L]
     S, L = liae.shape
     thr = running_threshold(liae, cfg.k)
@@ -86,43 +106,44 @@ def dleaf_example(lm: LoadedModel, n_images: int = 100, split: str = "test") -> 
              "fired": bool(layer in cand and st > 0 and liae[st, layer] > thr[st, layer])}
             for st in range(S) for layer in range(L)]
     df = pd.DataFrame(rows)
-    present = set(data.scenes[pick].name_set)
+    present = set(data.objects(pick))
     df["image"] = pick
     df["example"] = "D-LEAF removed a hallucinated object" if removed else \
         f"no test image among the first {len(data)} where D-LEAF removed a hallucinated object"
     df["greedy_caption"] = greedy[pick]
     df["dleaf_caption"] = dleaf[pick]
-    df["greedy_marked"] = mark_hallucinated(greedy[pick], present, classes)
-    df["dleaf_marked"] = mark_hallucinated(dleaf[pick], present, classes)
+    df["greedy_marked"] = mark_mentions(greedy[pick], data, present)
+    df["dleaf_marked"] = mark_mentions(dleaf[pick], data, present)
     df["present"] = ",".join(sorted(present))
     df["k"] = cfg.k
     return df
 
 
 def ambiguous_captions(lm: LoadedModel, n_images: int = 100, methods=("greedy", "pai", "dleaf"),
-                       n_examples: int = 3) -> pd.DataFrame:
+                       n_examples: int = 3, source: ImageSource | None = None, tuned_file=None) -> pd.DataFrame:
     """Captions by each method of up to ``n_examples`` partner-absent scenes (a strong partner of a
-    present object is absent) where greedy hallucinates, preferring scenes where D-LEAF differs
-    from greedy.  Rows: ``image, method, caption, marked, n_hallucinated, present``."""
-    data = load_split("test-partner-absent", limit=n_images)
-    imgs = [data.image(i) for i in range(len(data))]
-    caps = {m: caption(lm, imgs, progress=False, decode=get_method(m, tuned_config(m, lm.weights_hash)).generate)
+    present object is absent; or images of ``source``) where greedy hallucinates, preferring
+    images where D-LEAF differs from greedy.  Rows: ``image, method, caption, marked,
+    n_hallucinated, present``; ``attrs["images"]``: ``{image: picture}``."""
+    data = _source(source, "test-partner-absent", n_images)
+    caps = {m: _captions(lm, data, decode=get_method(m, tuned_config(m, lm.weights_hash, tuned_file)).generate)
             for m in methods}
-    classes = set(data.world.classes)
 
     def n_hall(c, i):
-        return sum(w in classes and w not in data.scenes[i].name_set for w in c.split())
+        return sum(m.object not in data.objects(i) for m in data.mentions(c))
 
     cand = [i for i in range(len(data)) if n_hall(caps["greedy"][i], i)]
     cand.sort(key=lambda i: (caps["dleaf"][i] == caps["greedy"][i], i))
     rows = []
     for i in cand[:n_examples]:
-        present = set(data.scenes[i].name_set)
+        present = set(data.objects(i))
         for m, cs in caps.items():
             rows.append({"image": i, "method": m, "caption": cs[i],
-                         "marked": mark_hallucinated(cs[i], present, classes, upper=True),
+                         "marked": mark_mentions(cs[i], data, present, upper=True),
                          "n_hallucinated": n_hall(cs[i], i), "present": ",".join(sorted(present))})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows, columns=["image", "method", "caption", "marked", "n_hallucinated", "present"])
+    df.attrs["images"] = {i: data.image(i) for i in cand[:n_examples]}
+    return df
 
 
 def correction_rates(details: pd.DataFrame, log: pd.DataFrame, classes: set) -> pd.DataFrame:
@@ -151,29 +172,40 @@ def correction_rates(details: pd.DataFrame, log: pd.DataFrame, classes: set) -> 
     return out
 
 
-def liae_by_token_type(lm: LoadedModel, n_images: int = 100, split: str = "test") -> pd.DataFrame:
-    """LIAE per layer of every generated token of the greedy captions of ``split``, with its
-    ``token_type`` (:func:`token_type`).  Rows: those of ``AttentionCache.liae_frame`` plus
-    ``image, token_type``."""
-    data = load_split(split, limit=n_images)
-    classes = set(data.world.classes)
+def liae_by_token_type(lm: LoadedModel, n_images: int = 100, split: str = "test",
+                       source: ImageSource | None = None) -> pd.DataFrame:
+    """LIAE per layer of every generated token of the greedy captions of ``split`` (or
+    ``source``), with its ``token_type``: every sub-token of an object mention (located in the
+    generated ids) is a real or hallucinated object token, the others non-object tokens.  Rows:
+    those of ``AttentionCache.liae_frame`` plus ``image, token_type``."""
+    from dleaf_analysis.studies.events import mention_spans
+
+    data = _source(source, split, n_images)
     frames = []
     for i in range(len(data)):
-        f = trace_generation(lm, data.image(i), backend="hooks").liae_frame()
+        c = trace_generation(lm, data.image(i), prompt=data.prompt, max_new_tokens=data.max_new_tokens, backend="hooks")
+        f = c.liae_frame()
+        _, found = mention_spans(data, lm.tokenizer, list(c.tokens))
+        types = ["non-object"] * c.n_steps
+        present = data.objects(i)
+        for m, a, b in found:
+            for k in range(a, min(b, c.n_steps)):
+                types[k] = "real object" if m.object in present else "hallucinated object"
         f["image"] = i
-        f["token_type"] = [token_type(t, data.scenes[i].name_set, classes) for t in f["token"]]
+        f["token_type"] = [types[s] for s in f["step"]]
         frames.append(f)
     return pd.concat(frames, ignore_index=True)
 
 
-def attention_grid(lm: LoadedModel, split: str = "test", image: int = 0) -> pd.DataFrame:
+def attention_grid(lm: LoadedModel, split: str = "test", image: int = 0, source: ImageSource | None = None) -> pd.DataFrame:
     """Image attention over the patch grid at one step of one greedy decoding: the candidate
     layer (2 and above) with the highest mean LIAE, its step of highest LIAE; the head of highest
     IAF ("best head"), and the head of lowest IAF before and after D-LEAF's fusion at gamma 1.
     Rows: ``panel, y, x, attention`` (normalised per panel) plus ``layer, step, token, head``;
     ``attrs["image"]`` is the image."""
-    img = load_split(split, limit=image + 1).image(image)
-    c = trace_generation(lm, img, backend="hooks")
+    data = _source(source, split, image + 1)
+    img = data.image(image)
+    c = trace_generation(lm, img, prompt=data.prompt, max_new_tokens=data.max_new_tokens, backend="hooks")
     layer = int(c.liae()[:, 2:].mean(0).argmax()) + 2
     step = int(c.liae()[:, layer].argmax())
     a = c.image_attn[step, layer]  # [H, n]

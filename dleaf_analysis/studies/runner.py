@@ -20,6 +20,7 @@ from scipy.stats import spearmanr
 
 from dleaf_analysis import diagnostics as D
 from dleaf_analysis.interventions import DLeaf
+from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT
 from dleaf_analysis.models.loading import LoadedModel, load_model
 from dleaf_analysis.scenes import Split
 from dleaf_analysis.seeding import derive_seed
@@ -262,7 +263,7 @@ def _calibration(lm: LoadedModel, data: ImageSource, cfg: DLeaf, out: Path, seed
     return StudyResult("calibration", pd.DataFrame(), tables, summary)
 
 
-def _detector_rows(lm, image, prefix_ids: list[int], key: str, seed: int, prompt: str) -> list[dict]:
+def _detector_rows(lm, image, prefix_ids: list[int], key: str, seed: int, prompt: str = DEFAULT_CAPTION_PROMPT) -> list[dict]:
     """Detector scores at the event's step: layers ``[L]`` and heads ``[L, H]``.  The trace covers
     every step of the generated prefix, so the running detectors (``liae-z``) see the same
     history as D-LEAF in decoding; the last step is the event's."""
