@@ -741,6 +741,10 @@ def figures(
     if tuned is None and (results / "tuning" / "tuned_methods.json").is_file():
         tuned = results / "tuning" / "tuned_methods.json"
     lm = _load(model, device, dtype) if (model is not None or device != "cpu" or dtype) else None  # lazily otherwise
+    if src is None and model is not None:  # the worked examples run on scene images
+        from dleaf_analysis.sources import SceneSource
+
+        SceneSource.load("test", limit=1).check_model(lm)
     entries = render_all(FigureContext(results=results, lm=lm, n_images=n_images, seed=seed, source=src,
                                        tuned_file=tuned), out or FIGURES_DIR, only=only, log=console.print)
     console.print(f"{len(entries)} figures written to {out or FIGURES_DIR}")

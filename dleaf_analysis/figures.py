@@ -57,7 +57,8 @@ class FigureContext:
     def table(self, relpath: str) -> pd.DataFrame:
         p = self.results / relpath
         if not p.is_file():
-            raise FileNotFoundError(f"{p} not found: run `dleaf reproduce` (or `--quick`) first, or pass --results")
+            raise FigureSkipped(f"{p} not found: run `dleaf reproduce` (or `--quick`) or the study that writes it "
+                                "first, or pass --results")
         return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
 
 
@@ -183,7 +184,7 @@ class Fig3:
         p = ctx.results / "chair-test-dleaf" / "interventions.jsonl"
         d = ctx.results / "chair-test-dleaf" / "details.jsonl"
         if not p.is_file() or not d.is_file():
-            raise FileNotFoundError(f"{p} not found: run `dleaf reproduce` first")
+            raise FigureSkipped(f"{p} not found: run `dleaf reproduce` first")
         from dleaf_analysis.scenes import World
         from dleaf_analysis.studies.examples import correction_rates
 

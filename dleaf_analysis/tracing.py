@@ -262,14 +262,21 @@ def trace_generation(
 
 
 # -- one forward pass --------------------------------------------------------------------
-def _forward_patterns(lm: LoadedModel, adapter: ModelAdapter, inputs: dict, backend: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Attention patterns ``[H, T, T]`` of every layer and the last position's logits ``[V]``
-    for one forward pass."""
+def _forward_patterns(lm: LoadedModel, adapter: ModelAdapter, inputs: dict, backend: str,
+                      rows_from: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Attention rows ``[H, T - rows_from, T]`` (queries ``rows_from..T-1``) of every layer and
+    the last position's logits ``[V]`` for one forward pass.  Each layer's rows are sliced as the
+    layer runs, so a trace of the last ``Q`` queries never holds more than ``[L, H, Q, T]``
+    (``rows_from=0``: the full ``[L, H, T, T]`` patterns, only when asked)."""
     if backend == "hooks":
         hooks.patterns(lm.model)  # raises if the hook point is missing
-        with friendly_errors():
-            logits, cache = lens.run_with_cache(lm, inputs, names=lambda n: n.endswith("attn.hook_pattern"))
-        return [cache[f"blocks.{l}.attn.hook_pattern"][0] for l in range(adapter.n_layers)], logits[0, -1]
+        saved: dict[int, torch.Tensor] = {}
+        with ExitStack() as st, friendly_errors(), torch.no_grad():
+            for l in range(adapter.n_layers):
+                st.enter_context(lens.hook(lm.model, f"blocks.{l}.attn.hook_pattern",
+                                           lambda p, l=l: saved.__setitem__(l, p[0, :, rows_from:].detach().clone())))
+            logits = lm.model(**inputs).logits
+        return [saved[l] for l in range(adapter.n_layers)], logits[0, -1]
     if backend == "nnsight":
         import nnsight
 
@@ -278,11 +285,12 @@ def _forward_patterns(lm: LoadedModel, adapter: ModelAdapter, inputs: dict, back
         with torch.no_grad(), friendly_errors(), wrapped.trace(**inputs):
             saved = nnsight.save([])
             for l in range(adapter.n_layers):
-                saved.append(layers[l].self_attn.pattern.output[0].detach())
+                saved.append(layers[l].self_attn.pattern.output[0][:, rows_from:].detach())
             logits = wrapped.output.logits[0, -1].save()
         return list(saved), logits
     if backend == "transformer-lens":
-        return _transformer_lens_patterns(lm, inputs)
+        pats, logits = _transformer_lens_patterns(lm, inputs)
+        return [p[:, rows_from:] for p in pats], logits
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
@@ -330,9 +338,9 @@ def trace_forward(
         tok(continuation, add_special_tokens=False)["input_ids"] if continuation else [])
     if cont:
         inputs = append_ids(inputs, cont)
-    pats, logits = _forward_patterns(lm, adapter, inputs, backend)
     P = layout.prompt_length
-    R = torch.stack([p[:, P - 1:, :] for p in pats]).permute(2, 0, 1, 3)  # [Q, L, H, K]
+    pats, logits = _forward_patterns(lm, adapter, inputs, backend, rows_from=0 if full_patterns else P - 1)
+    R = torch.stack([p[:, -(inputs["input_ids"].shape[1] - P + 1):, :] for p in pats]).permute(2, 0, 1, 3)  # [Q, L, H, K]
     Q = R.shape[0]
     img, mass, ent = layout.summarize(R, (P - 1 + torch.arange(Q))[:, None].expand(Q, R.shape[1]))
     tokens = cont + [int(logits.argmax())]  # the last query predicts the next token: its argmax

@@ -175,6 +175,14 @@ def test_a_scene_split_is_refused_on_a_model_that_cannot_express_it(lm, tmp_path
         run_study("ablation", "dev", limit=2, lm=lm, out=tmp_path)
 
 
+@pytest.mark.parametrize("command", [["tune", "--limit", "1"], ["figures", "--only", "fig1_dleaf_workflow"],
+                                     ["reproduce", "--quick"], ["study", "dpo", "--split", "test", "--limit", "1"]])
+def test_scene_commands_refuse_a_model_that_cannot_express_the_scene(model_dir, tmp_path, command):
+    r = run(*command, "--model", model_dir, "--out", tmp_path)
+    assert r.exit_code == 2, r.output
+    assert "--coco-images" in r.output and "--images-jsonl" in r.output
+
+
 def test_batch_size_bounds_copies_without_changing_maps(lm, coco, events):
     from dleaf_analysis.studies import causal
 
@@ -208,7 +216,7 @@ def test_every_study_runs_on_coco_and_resumes(model_dir, tmp_path, study):
 
 @pytest.mark.parametrize("study", ["localization", "calibration"])
 def test_shards_merge_to_the_unsharded_result(model_dir, tmp_path, study):
-    common = ["--model", model_dir, *COCO_ARGS, "--json"]
+    common = ["--model", model_dir, *COCO_ARGS, "--json", "--limit", "3" if study == "calibration" else "6"]
     assert run("study", study, *common, "--out", tmp_path / "all").exit_code == 0
     for i in range(2):
         r = run("study", study, *common, "--shard", f"{i}/2", "--out", tmp_path / f"s{i}")

@@ -240,3 +240,22 @@ def test_streamed_trace_memory_does_not_grow_with_steps(tmp_path, backend):
     kept, streamed = growth(False), growth(True)
     assert kept > 0.8 * 80 * per_step, (kept, per_step)
     assert streamed < 0.2 * 80 * per_step, (streamed, kept, per_step)
+
+
+@pytest.mark.parametrize("backend", ["hooks", "nnsight"])
+def test_forward_trace_keeps_only_the_query_rows(embedded, image, backend):
+    """A forward trace over a continuation slices each layer's rows as the layer runs: the patterns
+    it holds are ``[L, H, Q, T]`` (the prompt's last query and the continuation's), not the full
+    ``[L, H, T, T]``; the rows equal the full patterns' rows."""
+    from dleaf_analysis.tracing import _forward_patterns
+
+    adapter = ModelAdapter(embedded.model)
+    inputs = dict(PromptBuilder(embedded.processor).inputs([image], ["describe the image ."], embedded.image_size))
+    T = inputs["input_ids"].shape[1]
+    full, _ = _forward_patterns(embedded, adapter, inputs, backend)
+    rows, _ = _forward_patterns(embedded, adapter, inputs, backend, rows_from=T - 3)
+    assert [tuple(r.shape) for r in rows] == [(adapter.n_heads, 3, T)] * adapter.n_layers
+    for f, r in zip(full, rows):
+        torch.testing.assert_close(r, f[:, T - 3:])
+    c = trace_forward(embedded, image, continuation_ids=[5, 6], backend=backend)
+    assert c.full_patterns is None and c.n_steps == 3

@@ -112,6 +112,9 @@ def tune(
     lm = lm or load_model()
     out = Path(out_dir)
     if source is None:
+        from dleaf_analysis.sources import SceneSource
+
+        SceneSource.load("dev", limit=1).check_model(lm)
         data: str | ImageSource = "dev"
         ident = {"split": "dev", "split_hash": load_split("dev", limit=limit).annotations_hash}
     else:

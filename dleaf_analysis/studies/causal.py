@@ -23,7 +23,7 @@ Maps (``[L, H]`` for heads, ``[L]`` for layers):
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import torch
@@ -188,6 +188,21 @@ def _patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head, ba
 GRADIENTS = ("full", "direct")
 
 
+@contextmanager
+def frozen_parameters(model):
+    """The model's parameters stop requiring gradients for the block (restored after): a backward
+    to activations then keeps no layer inputs for weight gradients (on a 7B model, most of the
+    memory of a backward)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
 def attribution_patching(lm, inputs: dict, tok: int, pref: int, clean_z, cf_z, gradient: str = "full") -> np.ndarray:
     """``[L, H]``: ``sum_pos (z_cf - z_clean) . dm/dz`` from one forward and one backward pass.
 
@@ -213,7 +228,7 @@ def attribution_patching(lm, inputs: dict, tok: int, pref: int, clean_z, cf_z, g
     with ExitStack() as st:
         for l in range(L):
             st.enter_context(_z_flat(lm.model, l, lambda x, l=l: capture(x, l)))
-        with torch.enable_grad():
+        with torch.enable_grad(), frozen_parameters(lm.model):
             m = logit_diff(lm.model(**inputs).logits, tok, pref).sum()
             grads = torch.autograd.grad(m, [leaves[l] for l in range(L)])
     res = np.zeros((L, H))

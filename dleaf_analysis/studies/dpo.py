@@ -103,7 +103,10 @@ def _grad_at(lm, inputs: dict, layer: int, win: int, lose: int) -> torch.Tensor:
         holder["x"] = x
         return torch.cat([hs[:, :-1], x[:, None]], 1)
 
-    with lens.hook(lm.model, f"blocks.{layer}.hook_resid_post", leaf), torch.enable_grad():
+    from dleaf_analysis.studies.causal import frozen_parameters
+
+    with lens.hook(lm.model, f"blocks.{layer}.hook_resid_post", leaf), torch.enable_grad(), \
+            frozen_parameters(lm.model):
         m = -logit_diff(lm.model(**inputs).logits, lose, win).sum()  # log p(win) - log p(lose)
         (g,) = torch.autograd.grad(m, [holder["x"]])
     return g[0]
