@@ -147,6 +147,7 @@ class Fig2:
         df = examples.ambiguous_captions(ctx.model(), ctx.n_images, source=ctx.source, tuned_file=ctx.tuned_file)
         if not len(df):
             raise FigureSkipped(f"greedy hallucinated on none of the first {ctx.n_images} images")
+        df.attrs["title"] = "Partner-absent scenes" if ctx.is_scene else "Images where greedy hallucinates"
         return df
 
     @staticmethod
@@ -166,7 +167,7 @@ class Fig2:
             for k, (_, row) in enumerate(df[df.image == i].iterrows()):
                 ax.text(0, 0.7 - 0.25 * k, f"{labels[row['method']]:>14}: " + row["marked"], fontsize=9, va="top",
                         family="monospace", color="firebrick" if row["n_hallucinated"] else "black")
-        fig.suptitle("Images where greedy hallucinates: hallucinated objects in [CAPS]")
+        fig.suptitle(f"{df.attrs.get('title', 'Partner-absent scenes')}: hallucinated objects in [CAPS]")
         fig.tight_layout()
         return fig
 
