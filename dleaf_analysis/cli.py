@@ -766,7 +766,8 @@ def reproduce(
     tuned: Optional[Path] = TunedOpt(),
     tune_fraction: float = typer.Option(0.25, "--tune-fraction", min=0.01, max=0.99,
                                         help="share of the images held out for tuning (without --tuned)"),
-    shard: Optional[str] = ShardOpt("i/N: only every N-th evaluation image from i (needs --tuned)"),
+    shard: Optional[str] = ShardOpt("i/N: only every N-th evaluation image from i (needs --tuned); each shard "
+                                    "writes its own report; merge its studies with `dleaf study NAME --merge`"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="at most N intervened copies per "
                                                                                 "forward in the studies"),
     device: str = DeviceOpt(),

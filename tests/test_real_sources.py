@@ -104,6 +104,27 @@ def test_preferred_is_present_unmentioned_and_never_the_cue(coco, events):
         assert ev.preferred_id != ev.token_id
 
 
+def test_span_event_token_sums_the_span_log_probabilities(lm, coco):
+    """``event_token="span"``: the margin is the summed log-probability of the mention's sub-tokens
+    minus that of the preferred word's, each teacher-forced after the same prefix (checked by hand)."""
+    ev = find_events(lm, coco, event_token="span", progress=False)
+    ev = ev[(ev.kind == "hallucinated") & ev.preferred.notna()].iloc[0]
+    assert len(ev.span_ids) > 1
+
+    def span_logprob(tokens):
+        inputs = lm.inputs([coco.image(int(ev.image))], [coco.prompt], list(ev.prefix_ids) + list(tokens))
+        with torch.no_grad():
+            lp = lm.model(**inputs).logits[0].float().log_softmax(-1)
+        start = inputs["input_ids"].shape[1] - len(tokens)
+        return sum(float(lp[start - 1 + k, t]) for k, t in enumerate(tokens))
+
+    want = span_logprob(list(ev.span_ids)) - span_logprob(word_ids(lm.tokenizer, ev.preferred))
+    assert ev.margin == pytest.approx(want, abs=1e-4)
+    first = find_events(lm, coco, progress=False)
+    assert not np.allclose(first.margin.dropna().to_numpy()[:3], find_events(
+        lm, coco, event_token="span", progress=False).margin.dropna().to_numpy()[:3])
+
+
 def test_mentions_are_located_in_the_generated_ids_not_a_retokenisation(lm, coco):
     """An unusual segmentation of "a dog" (the word in single letters): the span is where the
     generated pieces are, which re-tokenising the decoded text would not find."""

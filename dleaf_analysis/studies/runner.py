@@ -222,7 +222,9 @@ def merge_study(study: str, dirs: list[str | Path], out: str | Path) -> StudyRes
 
         tables = calibration_tables(rows, out)
         return StudyResult(study, pd.DataFrame(), tables, json.loads((out / "summary.json").read_text()))
-    events = pd.concat([pd.read_parquet(d / "events.parquet") for d in dirs], ignore_index=True)
+    # `image` is each event's position within its shard; `item` (the image's key) identifies it
+    events = pd.concat([pd.read_parquet(d / "events.parquet").assign(shard=m.get("shard", [0, 1])[0])
+                        for d, m in zip(dirs, manifests)], ignore_index=True)
     events.to_parquet(out / "events.parquet")
     sums = [json.loads((d / "summary.json").read_text()) for d in dirs]
     summary = {k: sum(x.get(k, 0) for x in sums) for k in ("n_images", "n_object_tokens", "n_hallucinated",
