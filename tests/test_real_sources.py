@@ -197,7 +197,8 @@ def test_a_scene_split_is_refused_on_a_model_that_cannot_express_it(lm, tmp_path
 
 
 @pytest.mark.parametrize("command", [["tune", "--limit", "1"], ["figures", "--only", "fig1_dleaf_workflow"],
-                                     ["reproduce", "--quick"], ["study", "dpo", "--split", "test", "--limit", "1"]])
+                                     ["reproduce", "--quick"], ["study", "dpo", "--split", "test", "--limit", "1"],
+                                     ["evaluate", "--split", "test", "--limit", "1"]])
 def test_scene_commands_refuse_a_model_that_cannot_express_the_scene(model_dir, tmp_path, command):
     r = run(*command, "--model", model_dir, "--out", tmp_path)
     assert r.exit_code == 2, r.output

@@ -137,6 +137,7 @@ def evaluate(
     if isinstance(split, str):
         data = load_split(split, limit=limit)
         source: ImageSource = SceneSource(data)
+        source.check_model(lm)  # its captions are scored on the scene's class words
         split_name, split_hash = split, data.annotations_hash
     else:
         if benchmark == "pope":
