@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from dleaf_analysis.interventions import DLeaf
-from dleaf_analysis.models.inputs import PromptBuilder
 from dleaf_analysis.models.loading import LoadedModel, load_model
 from dleaf_analysis.settings import tuned_config
 
@@ -53,13 +52,6 @@ def _probe_image(lm: LoadedModel, seed: int):
         return load_split("dev", limit=1).image(0)
     rng = np.random.default_rng(seed)
     return (rng.random((lm.image_size, lm.image_size, 3)) * 255).astype(np.uint8)
-
-
-def _inputs(lm: LoadedModel, image, prompt: str) -> dict:
-    size = lm.image_size if lm.is_embedded else None
-    inputs = PromptBuilder(lm.processor).inputs([image], [prompt], size)
-    p = next(lm.model.parameters())
-    return {k: (v.to(p.device, p.dtype) if k == "pixel_values" else v.to(p.device)) for k, v in inputs.items()}
 
 
 def _decode(lm: LoadedModel, inputs: dict, n: int, method: DLeaf | None) -> tuple[list[int], list[tuple], float]:
@@ -101,7 +93,7 @@ def check_device(model: str | Path | None = None, device: str = "cuda", dtype: s
     prompt = prompt or ("describe the image ." if ref.is_embedded else "Please describe this image in detail.")
     image = _probe_image(ref, seed)
     cfg = tuned_config("dleaf", ref.weights_hash)
-    r_in, t_in = _inputs(ref, image, prompt), _inputs(tgt, image, prompt)
+    r_in, t_in = ref.inputs([image], [prompt]), tgt.inputs([image], [prompt])
     with torch.no_grad():
         r_logits = ref.model(**r_in).logits[0, -1].float()
         t_logits = tgt.model(**t_in).logits[0, -1].float().cpu()

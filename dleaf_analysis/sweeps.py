@@ -23,6 +23,28 @@ class SweepMismatchError(DleafError, RuntimeError):
     """The output directory belongs to a different model, data or protocol."""
 
 
+class ShardMismatchError(DleafError, ValueError):
+    """Shard directories that do not make one whole run."""
+
+
+def check_shards(dirs: list[Path], manifests: list[dict], local: tuple[str, ...] = ("shard",)) -> dict:
+    """The manifest the shard directories ``dirs`` share (equal but for the ``local`` keys, which
+    each shard may set for itself), after checking that their shards are distinct and make the
+    whole set ``0..N-1``."""
+    base = {k: v for k, v in manifests[0].items() if k not in local}
+    for d, m in zip(dirs[1:], manifests[1:]):
+        this = {k: v for k, v in m.items() if k not in local}
+        if this != base:
+            diff = sorted(k for k in set(base) | set(this) if base.get(k) != this.get(k))
+            raise ShardMismatchError(f"these shard directories come from different runs: {d} differs from {dirs[0]} "
+                                     "in " + ", ".join(diff))
+    shards = sorted(tuple(m.get("shard", (0, 1))) for m in manifests)
+    n = shards[0][1]
+    if shards != [(i, n) for i in range(n)]:
+        raise ShardMismatchError(f"incomplete or repeated shards: have {shards}, need 0..{n - 1} of {n}")
+    return base
+
+
 class ResultStore:
     """Append-only JSONL store of finished units, keyed by ``key``."""
 

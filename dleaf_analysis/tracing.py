@@ -24,7 +24,7 @@ from dleaf_analysis import hooks, lens
 from dleaf_analysis.cache import KEY_GROUPS, AttentionCache, CacheWriter
 from dleaf_analysis.models.adapters import ModelAdapter
 from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT
-from dleaf_analysis.models.inputs import InputError, PromptBuilder, append_ids
+from dleaf_analysis.models.inputs import InputError, append_ids
 from dleaf_analysis.models.loading import LoadedModel
 
 BACKENDS = ("nnsight", "hooks", "transformer-lens")
@@ -77,15 +77,12 @@ def _prepare(lm: LoadedModel, image, prompt: str, inputs: dict | None = None):
     adapter = ModelAdapter(lm.model)
     hooks.install(lm.model)
     if inputs is None:
-        size = lm.image_size if lm.is_embedded else None  # real checkpoints' processors resize any image
-        inputs = PromptBuilder(lm.processor).inputs([image], [prompt], size)
+        inputs = lm.inputs([image], [prompt])  # real checkpoints' processors resize any image
     if inputs["input_ids"].shape[0] != 1:
         raise InputError("traces take one sequence at a time (batch size 1)")
     inputs = dict(inputs)
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
-    device = next(lm.model.parameters()).device
-    dtype = next(lm.model.parameters()).dtype
-    inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+    inputs = lm.to_device(inputs)
     layout = KeyLayout.from_inputs(inputs["input_ids"][0].cpu(), inputs["attention_mask"][0].cpu(), adapter)
     return adapter, inputs, layout
 

@@ -163,36 +163,42 @@ class CocoChair:
     def objects(self) -> set[str]:
         return set(self.tables["mscoco_objects"])
 
-    def caption_to_words(self, caption: str) -> tuple[list[str], list[str], list[str]]:
-        """``(object words, their categories, all words after merging)`` of one caption."""
+    def _merged(self, caption: str) -> tuple[list[str], list[tuple[str, int, int]]]:
+        """NLTK's tokens of the lowercased caption and the merged words: ``(lemma or two-word object,
+        first token, last token)``, as CHAIR reads them (tag, lemmatise, join the two-word objects)."""
         words = word_tokenize(caption.lower())
-        if self.tagger == "perceptron":
-            tags = [t for _, t in perceptron_tagger().tag(words)]
-        else:
-            tags = ["NN"] * len(words)
-        words = [lemmatize(w, _wordnet_pos(t)) for w, t in zip(words, tags)]
+        tags = [t for _, t in perceptron_tagger().tag(words)] if self.tagger == "perceptron" else ["NN"] * len(words)
+        lemmas = [lemmatize(w, _wordnet_pos(t)) for w, t in zip(words, tags)]
         merged, i = [], 0
         dw = self.tables["double_word_dict"]
-        while i < len(words):
-            pair = " ".join(words[i:i + 2])
+        while i < len(lemmas):
+            pair = " ".join(lemmas[i:i + 2])
             if pair in dw:
-                merged.append(dw[pair])
+                merged.append((dw[pair], i, i + 1))
                 i += 2
             else:
-                merged.append(words[i])
+                merged.append((lemmas[i], i, i))
                 i += 1
-        obj_words = merged
-        if "toilet" in obj_words and "seat" in obj_words:
-            obj_words = [w for w in obj_words if w != "seat"]
-        obj_words = [w for w in obj_words if w in self.objects]
+        return words, merged
+
+    def _object_entries(self, merged: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+        """The merged words that name a COCO object (CHAIR ignores "seat" next to "toilet")."""
+        names = {w for w, _, _ in merged}
+        drop_seat = "toilet" in names and "seat" in names
+        return [m for m in merged if m[0] in self.objects and not (drop_seat and m[0] == "seat")]
+
+    def caption_to_words(self, caption: str) -> tuple[list[str], list[str], list[str]]:
+        """``(object words, their categories, all words after merging)`` of one caption."""
+        _, merged = self._merged(caption)
+        obj_words = [w for w, _, _ in self._object_entries(merged)]
         inv = self.tables["inverse_synonym_dict"]
-        return obj_words, [inv[w] for w in obj_words], merged
+        return obj_words, [inv[w] for w in obj_words], [w for w, _, _ in merged]
 
     def mentions(self, caption: str) -> list[tuple[str, int, int]]:
         """``(category, start, end)`` of every object mention of :meth:`caption_to_words`, with
         the characters ``caption[start:end]`` it was read from (a two-word object spans both)."""
         text = caption.lower()
-        words = word_tokenize(text)
+        words, merged = self._merged(caption)
         spans, pos = [], 0
         for w in words:  # align NLTK's tokens with the text (its quotes are rewritten as `` and '')
             j = text.find(w, pos)
@@ -203,23 +209,9 @@ class CocoChair:
                 continue
             spans.append((j, j + len(w)))
             pos = j + len(w)
-        tags = [t for _, t in perceptron_tagger().tag(words)] if self.tagger == "perceptron" else ["NN"] * len(words)
-        lemmas = [lemmatize(w, _wordnet_pos(t)) for w, t in zip(words, tags)]
-        merged, i = [], 0
-        dw = self.tables["double_word_dict"]
-        while i < len(lemmas):
-            pair = " ".join(lemmas[i:i + 2])
-            if pair in dw:
-                merged.append((dw[pair], spans[i], spans[i + 1]))
-                i += 2
-            else:
-                merged.append((lemmas[i], spans[i], spans[i]))
-                i += 1
-        names = [m[0] for m in merged]
-        if "toilet" in names and "seat" in names:
-            merged = [m for m in merged if m[0] != "seat"]
         inv = self.tables["inverse_synonym_dict"]
-        return [(inv[w], a[0], b[1]) for w, a, b in merged if w in self.objects and a is not None and b is not None]
+        return [(inv[w], spans[a][0], spans[b][1]) for w, a, b in self._object_entries(merged)
+                if spans[a] is not None and spans[b] is not None]
 
     def details(self, captions: pd.DataFrame) -> pd.DataFrame:
         """Per-caption table for a frame with ``image_id`` and ``caption`` columns (unknown ids raise)."""

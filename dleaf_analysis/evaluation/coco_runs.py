@@ -21,7 +21,7 @@ from dleaf_analysis.evaluation.coco_chair import COCO_DIR, CocoChair, CocoDataEr
 from dleaf_analysis.evaluation.pope import get_parser, pope_summary
 from dleaf_analysis.models.generation import generate
 from dleaf_analysis.models.loading import LoadedModel
-from dleaf_analysis.sweeps import ResultStore, run_items
+from dleaf_analysis.sweeps import ResultStore, check_shards, run_items
 
 POPE_VERSIONS = {"current": COCO_DIR / "pope", "opera": COCO_DIR / "pope" / "opera_snapshot"}
 CHAIR_PROMPT = "Please describe this image in detail."  # OPERA's chair_eval.py
@@ -181,18 +181,7 @@ def merge_runs(dirs: list[str | Path]) -> pd.DataFrame:
         manifests.append(m)
         store = ResultStore(d, m)
         frames.append(store.frame().drop(columns=["key"], errors="ignore"))
-    local = ("shard", "images_dir")  # shards may run on machines with their own image folders
-    base = {k: v for k, v in manifests[0].items() if k not in local}
-    for d, m in zip(dirs[1:], manifests[1:]):
-        this = {k: v for k, v in m.items() if k not in local}
-        if this != base:
-            diff = sorted(k for k in set(base) | set(this) if base.get(k) != this.get(k))
-            raise ValueError(f"these shard directories come from different runs: {d} differs from {dirs[0]} in "
-                             + ", ".join(diff))
-    shards = sorted(tuple(m["shard"]) for m in manifests)
-    n = shards[0][1]
-    if shards != [(i, n) for i in range(n)]:
-        raise ValueError(f"incomplete or repeated shards: have {shards}, need 0..{n - 1} of {n}")
+    check_shards(dirs, manifests, local=("shard", "images_dir"))  # shards may have their own image folders
     for d, m, f in zip(dirs, manifests, frames):
         total = m.get("n_questions", m.get("n_images"))
         i, k = m["shard"]

@@ -11,7 +11,6 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from dleaf_analysis.models.inputs import PromptBuilder
 from dleaf_analysis.models.loading import LoadedModel
 
 DEFAULT_CAPTION_PROMPT = "describe the image ."
@@ -37,17 +36,12 @@ def generate(
     ``decode(lm, inputs, **kwargs) -> ids [B, T]`` replaces ``model.generate`` (how decoding
     methods and interventions plug in; see :mod:`dleaf_analysis.interventions`).
     """
-    builder = PromptBuilder(lm.processor)
     out: list = []
     tok = lm.tokenizer
-    device = next(lm.model.parameters()).device
-    dtype = next(lm.model.parameters()).dtype
     g = torch.Generator().manual_seed(seed)
     starts = range(0, len(images), batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress or len(starts) <= 1):
-        size = lm.image_size if lm.is_embedded else None  # real checkpoints' processors resize any image
-        inputs = builder.inputs(images[s : s + batch_size], prompts[s : s + batch_size], size)
-        inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+        inputs = lm.inputs(images[s : s + batch_size], prompts[s : s + batch_size])  # on the model's device
         if do_sample:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
         kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=lm.pad_token_id, **generate_kwargs)

@@ -67,6 +67,10 @@ class LoadedModel:
         inputs = dict(PromptBuilder(self.processor).inputs(images, prompts, self.input_size))
         if continuation_ids:
             inputs = append_ids(inputs, continuation_ids)
+        return self.to_device(inputs)
+
+    def to_device(self, inputs) -> dict:
+        """``inputs`` on the model's device, ``pixel_values`` in its dtype."""
         p = next(self.model.parameters())
         return {k: (v.to(p.device, p.dtype) if k == "pixel_values" else v.to(p.device)) for k, v in inputs.items()}
 

@@ -137,7 +137,7 @@ def find_events(lm: LoadedModel, source: ImageSource | Split, limit: int | None 
         mentioned: list[str] = []
         logp = None
         if any(m.object not in present for m, _, _ in found):
-            logp = _step_logprobs(lm, source.image(i), prompt, ids)
+            logp = _forward_logprobs(lm, source.image(i), prompt, ids)
         for m, j, e in found:
             kind = "grounded" if m.object in present else "hallucinated"
             ev = Event(i, kind, m.object, None, j, tok.decode(ids[:j], skip_special_tokens=True), None, cap,
@@ -173,10 +173,6 @@ def _forward_logprobs(lm: LoadedModel, image, prompt: str, ids: list[int]) -> to
     with torch.no_grad():
         logits = lm.model(**inputs).logits
     return logits[0, P - 1 : P - 1 + len(ids)].float().log_softmax(-1).cpu()
-
-
-def _step_logprobs(lm: LoadedModel, image, prompt: str, ids: list[int]) -> torch.Tensor:
-    return _forward_logprobs(lm, image, prompt, ids)
 
 
 def _span_logprob(lm: LoadedModel, image, prompt: str, prefix_ids: list[int], span: list[int]) -> float:

@@ -27,7 +27,7 @@ from dleaf_analysis.seeding import derive_seed
 from dleaf_analysis.sources import ImageSource, SceneSource, SourceError
 from dleaf_analysis.studies import causal, dpo, localization
 from dleaf_analysis.studies.events import as_source, event_inputs, find_events
-from dleaf_analysis.sweeps import ResultStore, run_sweep
+from dleaf_analysis.sweeps import ResultStore, check_shards, run_sweep
 from dleaf_analysis.errors import DleafError
 
 STUDIES = ("ablation", "patching", "localization", "dpo", "calibration")
@@ -197,18 +197,7 @@ def merge_study(study: str, dirs: list[str | Path], out: str | Path) -> StudyRes
         if not (d / "manifest.json").is_file():
             raise SourceError(f"{d} holds no {study} results (no manifest.json)")
         manifests.append(json.loads((d / "manifest.json").read_text()))
-    local = ("shard", "source")  # shards may read images from their own folders
-    base = {k: v for k, v in manifests[0].items() if k not in local}
-    for d, m in zip(dirs[1:], manifests[1:]):
-        this = {k: v for k, v in m.items() if k not in local}
-        if this != base:
-            diff = sorted(k for k in set(base) | set(this) if base.get(k) != this.get(k))
-            raise SourceError(f"these shard directories come from different runs: {d} differs from {dirs[0]} in "
-                              + ", ".join(diff))
-    shards = sorted(tuple(m.get("shard", (0, 1))) for m in manifests)
-    n = shards[0][1]
-    if shards != [(i, n) for i in range(n)]:
-        raise SourceError(f"incomplete or repeated shards: have {shards}, need 0..{n - 1} of {n}")
+    base = check_shards(dirs, manifests, local=("shard", "source"))  # shards may read their own image folders
     for d in dirs:
         if not (d / "summary.json").is_file():
             raise SourceError(f"the shard in {d} has not finished; resume it (run the same command again) first")
@@ -244,8 +233,9 @@ def _write_tables(out: Path, tables: dict[str, pd.DataFrame], summary: dict) -> 
 
 def _source_manifest(data: ImageSource) -> dict:
     """What identifies the images of a run (scene splits keep their historical keys)."""
-    if isinstance(data, SceneSource):
-        return {"split": data.name, "split_hash": data.split.annotations_hash}
+    if isinstance(data, SceneSource):  # a shard records which (unsharded runs keep their historical manifest)
+        return {"split": data.name, "split_hash": data.split.annotations_hash,
+                **({"shard": list(data._shard)} if data._shard != (0, 1) else {})}
     return {"source": data.describe(), "images_hash": data.unsharded_fingerprint, "shard": list(data._shard)}
 
 
