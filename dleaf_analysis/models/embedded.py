@@ -23,14 +23,21 @@ from transformers import (
 from dleaf_analysis.scenes.world import World
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-PROMPT_WORDS = ["user", ":", "assistant"]
-# LLaVA-1.5-style template, word-level: "<s> user : <image> {prompt} assistant :"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}user : "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} "
-    "{% endif %}{% endfor %}{% else %}assistant : {% for c in message['content'] %}{{ c['text'] }} "
-    "{% endfor %}</s> {% endif %}{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
-)
+PROMPT_WORDS = ["system", "user", ":", "assistant"]
+
+
+def chat_template(system_prompt: str) -> str:
+    """LLaVA-1.5-style template, word-level, with a system prompt first (a message of role
+    ``system`` replaces the default): ``<s> system : {system} user : <image> {prompt} assistant :``."""
+    text = "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+    return (
+        "{% if messages[0]['role'] != 'system' %}system : " + system_prompt + " {% endif %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}system : " + text +
+        "{% elif message['role'] == 'user' %}user : " + text +
+        "{% else %}assistant : " + text + "</s> {% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+    )
 
 
 @dataclass
@@ -52,10 +59,10 @@ class EmbeddedModelConfig:
     vision_heads: int = 4
     vision_feature_layer: int = -2
     text_hidden: int = 128
-    text_layers: int = 6
+    text_layers: int = 8
     text_heads: int = 4
     text_intermediate: int = 256
-    max_positions: int = 256
+    max_positions: int = 384
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +70,7 @@ class EmbeddedModelConfig:
 
 def build_tokenizer(world: World) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the world's words (one token per word or punctuation)."""
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + PROMPT_WORDS + world.words)}
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIAL_TOKENS + PROMPT_WORDS + world.words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -78,7 +85,7 @@ def build_tokenizer(world: World) -> PreTrainedTokenizerFast:
         add_bos_token=True,
     )
     fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template(world.system_prompt)
     return fast
 
 
@@ -98,7 +105,7 @@ def build_processor(world: World, cfg: EmbeddedModelConfig) -> LlavaProcessor:
         patch_size=cfg.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template(world.system_prompt),
     )
 
 

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from dleaf_analysis.models.loading import LoadedModel
 
-DEFAULT_CAPTION_PROMPT = "describe the image ."
+DEFAULT_CAPTION_PROMPT = "describe the image in detail ."
+DEFAULT_MAX_NEW_TOKENS = 144  # captions: the embedded model's descriptions run 70-136 tokens
 
 
 def generate(

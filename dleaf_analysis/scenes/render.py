@@ -80,7 +80,7 @@ def render(world: World, scene: Scene) -> np.ndarray:
         img[y0 : y0 + h, x0 : x0 + w] = (r, g, b)
     for obj in scene.objects:
         cls = spec["classes"][obj.name]
-        colour = np.clip(np.asarray(spec["colours"][cls["colour"]]) + np.asarray(obj.jitter), 0, 255)
+        colour = np.clip(np.asarray(spec["colours"][world.colour_of(obj)]) + np.asarray(obj.jitter), 0, 255)
         m = glyph_mask(cls["shape"], obj.size)
         t = texture_mask(cls["texture"], obj.size) & m
         x0, y0, x1, y1 = obj.box

@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import pandas as pd
@@ -35,9 +35,11 @@ class SplitDef:
 
 SPLITS: dict[str, SplitDef] = {
     "train": SplitDef(seed=1000, size=20000),
-    "dev": SplitDef(seed=2000, size=300),
+    "dev": SplitDef(seed=2000, size=1000),  # tuning
+    "confirm": SplitDef(seed=2500, size=500),  # confirms a tuned choice before it ships
     "test": SplitDef(seed=3000, size=500),
     "test-partner-absent": SplitDef(seed=4000, size=300, kind="partner_absent"),
+    "replication": SplitDef(seed=5000, size=2000),  # fresh images: every headline is repeated here
 }
 
 
@@ -179,6 +181,12 @@ class ObjectStats:
                     if a != b:
                         co[(a, b)] += 1
         return cls(dict(freq), dict(co))
+
+
+@lru_cache(maxsize=2)
+def train_object_stats() -> ObjectStats:
+    """Class frequencies and co-occurrences of the train split (POPE popular/adversarial)."""
+    return ObjectStats.from_scenes(load_split("train").scenes)
 
 
 def pope_questions(split: Split, variant: str, stats: ObjectStats, n_per_image: int = 3, seed: int = 0) -> pd.DataFrame:
