@@ -8,7 +8,10 @@ Layout (one image + prompt, one generated sequence):
 - ``mass [S, L, H, 4]``: attention mass on the key groups ``system`` (prompt tokens before the
   image), ``image``, ``prompt`` (prompt tokens after the image) and ``generated``;
 - ``row_entropy [S, L, H]``: normalised entropy of the whole attention row (all keys);
-- ``tokens [S]``: the token predicted at each step; ``query_positions [S]``.
+- ``tokens [S]``: the token predicted at each step; ``query_positions [S]``;
+- ``extras {name: [S, L, H, ...]}``: the step fields registered with :func:`register_field` (a
+  detector that needs more than the fields above registers the summary it reads; traces compute
+  every registered field, and caches store and load them).
 
 Memory is O(S x L x H x n): never O(T^2), except for the optional ``full_patterns
 [L, H, T, T]`` of one forward pass, kept only when asked for.
@@ -20,6 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -29,6 +33,19 @@ from dleaf_analysis.errors import DleafError
 
 KEY_GROUPS = ("system", "image", "prompt", "generated")
 FORMAT_VERSION = 1
+
+# name -> fn(rows [..., H, K] float, key_group [K] long, query_positions [...]) -> [..., H, *]
+STEP_FIELDS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+_BUILTIN_FIELDS = ("image_attn", "mass", "row_entropy")
+
+
+def register_field(name: str, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """Register a per-step summary of the attention rows that traces compute and caches keep
+    (``cache.extras[name]``, ``[S, L, H, ...]``).  ``fn(rows [..., H, K], key_group [K], query_positions [...])``:
+    ``key_group`` is 0 system, 1 image, 2 prompt, 3 generated, -1 padding (see :data:`KEY_GROUPS`)."""
+    if name in _BUILTIN_FIELDS:
+        raise ValueError(f"{name!r} is a built-in cache field")
+    STEP_FIELDS[name] = fn
 
 
 class CacheFileError(DleafError, RuntimeError):
@@ -47,6 +64,16 @@ class AttentionCache:
     prompt_length: int
     meta: dict = field(default_factory=dict)
     full_patterns: torch.Tensor | None = None  # [L, H, T, T], forward traces only, on request
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # registered step fields, [S, L, H, ...]
+
+    def field(self, name: str) -> torch.Tensor:
+        """A step field by name (built-in or registered), ``[S, L, H, ...]``."""
+        if name in _BUILTIN_FIELDS:
+            return getattr(self, name)
+        if name not in self.extras:
+            raise CacheFileError(f"this cache has no field {name!r} (fields: {list(_BUILTIN_FIELDS) + sorted(self.extras)}); "
+                                 "it was traced before the field was registered: trace again")
+        return self.extras[name]
 
     # -- layout --------------------------------------------------------------------------
     @property
@@ -121,7 +148,8 @@ class AttentionCache:
         """Write a cache directory (``index.json`` + step shards)."""
         w = CacheWriter(path, self.meta_for_disk(), dtype=dtype, shard_steps=shard_steps)
         for s in range(self.n_steps):
-            w.append(self.image_attn[s], self.mass[s], self.row_entropy[s], self.tokens[s], self.token_strs[s], self.query_positions[s])
+            w.append(self.image_attn[s], self.mass[s], self.row_entropy[s], self.tokens[s], self.token_strs[s],
+                     self.query_positions[s], {k: v[s] for k, v in self.extras.items()})
         if self.full_patterns is not None:
             w.full_patterns = self.full_patterns
         return w.close()
@@ -164,6 +192,8 @@ class AttentionCache:
             image_positions=meta.pop("image_positions"),
             prompt_length=meta.pop("prompt_length"),
             meta=meta,
+            extras={k: torch.cat([p["extras"][k] for p in parts]).float()
+                    for k in (parts[0].get("extras", {}) if parts else {})},
         )
         fp = path / "full_patterns.pt"
         if fp.is_file():
@@ -199,10 +229,11 @@ class CacheWriter:
         self.full_patterns: torch.Tensor | None = None
 
     def append(self, image_attn: torch.Tensor, mass: torch.Tensor, row_entropy: torch.Tensor, token: int,
-               token_str: str, position: int) -> None:
-        """One step: ``image_attn [L, H, n]``, ``mass [L, H, 4]``, ``row_entropy [L, H]``."""
+               token_str: str, position: int, extras: dict[str, torch.Tensor] | None = None) -> None:
+        """One step: ``image_attn [L, H, n]``, ``mass [L, H, 4]``, ``row_entropy [L, H]``, registered fields."""
         cast = lambda t: t.detach().to("cpu", self.dtype)  # noqa: E731
-        self.buf.append((cast(image_attn), cast(mass), token, position, cast(row_entropy)))
+        self.buf.append((cast(image_attn), cast(mass), token, position, cast(row_entropy),
+                         {k: cast(v) for k, v in (extras or {}).items()}))
         self.token_strs.append(token_str)
         self.n_steps += 1
         if len(self.buf) >= self.shard_steps:
@@ -218,6 +249,7 @@ class CacheWriter:
             "row_entropy": torch.stack([b[4] for b in self.buf]),
             "tokens": torch.tensor([b[2] for b in self.buf]),
             "query_positions": torch.tensor([b[3] for b in self.buf]),
+            "extras": {k: torch.stack([b[5][k] for b in self.buf]) for k in self.buf[0][5]},
         }, self.path / name)
         f = self.path / name
         self.shards.append({"file": name, "steps": len(self.buf), "bytes": f.stat().st_size, "sha256": _sha(f)})

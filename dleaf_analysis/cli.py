@@ -354,7 +354,7 @@ def diagnose(
     as_json: bool = JsonOpt(),
 ) -> None:
     """LIAE per layer per step, IAF per head and the uniform detectors for one image."""
-    from dleaf_analysis import diagnostics as D
+    from dleaf_analysis import detectors
     from dleaf_analysis.cache import AttentionCache
     from dleaf_analysis.tracing import trace_generation
 
@@ -363,7 +363,7 @@ def diagnose(
     else:
         img, _ = _image_arg(image, split, index)
         c = trace_generation(_load(model, device, dtype), img, prompt)
-    table = D.diagnose(c, seed=seed)
+    table = detectors.diagnose(c, seed=seed)
     heads = c.to_frame()
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -645,10 +645,15 @@ def train_model(
     seed: int = SeedOpt(),
     vision_steps: Optional[int] = typer.Option(None),
     full_steps: Optional[int] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (weights are bitwise reproducible for a fixed count)"),
+    card: bool = typer.Option(True, help="evaluate the model card after training"),
     card_limit: Optional[int] = typer.Option(None, min=1, help="evaluate the card on the first N images of each split"),
     as_json: bool = JsonOpt(),
 ) -> None:
-    """Train the embedded model from the world spec and a seed; write weights and model card."""
+    """Train the embedded model from the world spec and a seed; write weights and model card.
+
+    Resumable: checkpoints go to OUT/checkpoints after every stage and every few hundred steps;
+    the same command started again continues where a killed run stopped, to the same weights."""
     from dleaf_analysis.model_card import finalize_card
     from dleaf_analysis.models.training import TrainConfig, save_embedded, train_embedded
     from dleaf_analysis.paths import EMBEDDED_MODEL_DIR
@@ -659,12 +664,16 @@ def train_model(
         cfg.vision_steps = vision_steps
     if full_steps is not None:
         cfg.full_steps = full_steps
-    model, processor, history = train_embedded(cfg, log=console.print)
+    if threads is not None:
+        cfg.threads = threads
+    model, processor, history = train_embedded(cfg, log=console.print, checkpoint_dir=Path(out) / "checkpoints")
     save_embedded(model, processor, out, {"train": cfg.to_dict(), "history": history})
-    card = finalize_card(out, limit=card_limit, progress=not as_json)
-    if as_json:
-        sys.stdout.write(json.dumps(card["metrics"], indent=1, default=str) + "\n")
-    console.print(f"model written to {out} ({history['wall_time_s']} s of training); card: {out / 'MODEL_CARD.md'}")
+    console.print(f"model written to {out} ({history['wall_time_s']} s of training)")
+    if card:
+        result = finalize_card(out, limit=card_limit, progress=not as_json)
+        if as_json:
+            sys.stdout.write(json.dumps(result["metrics"], indent=1, default=str) + "\n")
+        console.print(f"card: {out / 'MODEL_CARD.md'}")
 
 
 @app.command()

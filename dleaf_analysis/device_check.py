@@ -62,11 +62,11 @@ def _decode(lm: LoadedModel, inputs: dict, n: int, method: DLeaf | None) -> tupl
     sync()
     t0 = time.perf_counter()
     with torch.no_grad():
-        ids = method.generate(lm, inputs, **kw) if method is not None else lm.model.generate(**inputs, **kw)
+        ids, record = method.decode(lm, inputs, **kw) if method is not None else (lm.model.generate(**inputs, **kw), None)
     sync()
     dt = (time.perf_counter() - t0) / n
     new = ids[0, inputs["input_ids"].shape[1]:].tolist()
-    log = [(int(r["step"]), int(r["layer"])) for r in getattr(method, "log", [])] if method is not None else []
+    log = [(int(r["step"]), int(r["layer"])) for r in record.log] if record is not None else []
     return new, sorted(log), dt
 
 

@@ -1,4 +1,5 @@
-"""LIAE, IAF and the uniform detectors: pure functions of attention rows.
+"""LIAE, IAF and the uniform statistics: pure functions of attention rows (the registered
+detectors built on them are in :mod:`dleaf_analysis.detectors`).
 
 Definitions follow ``docs/method.md``.  Notation: ``a[..., h, k]`` is the post-softmax
 attention of the current query over all key positions ``k`` (leading dims: steps, layers, ...),
@@ -131,81 +132,3 @@ def running_z(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     z = (x - mu) / var.sqrt().clamp_min(eps)
     z[0] = 0
     return z
-
-
-# -- detectors over a cache: tidy tables -----------------------------------------------------
-LAYER_DETECTORS = ("liae", "liae-z", "liae-mean-entropy", "image-mass", "image-mass-z", "row-entropy", "all-layers",
-                   "random")
-HEAD_DETECTORS = ("iaf", "iaf-focused-mass", "head-image-mass-inverse", "random")
-
-
-def layer_scores(cache, detector: str, seed: int = 0) -> torch.Tensor:
-    """Per-step layer scores ``[S, L]``; higher = more suspect.
-
-    ``liae`` / ``liae-mean-entropy``: LIAE variants (high entropy = not looking);
-    ``liae-z``: LIAE against the layer's own running mean and std over the steps so far
-    (:func:`running_z`: the statistic D-LEAF's running threshold compares, so the detector
-    D-LEAF actually uses);
-    ``image-mass``: minus the mean image attention mass (low mass = suspect, PAI-style);
-    ``image-mass-z``: the running z-score of ``image-mass``;
-    ``row-entropy``: entropy of the whole attention row, head-averaged;
-    ``all-layers``: every layer equally (no localisation); ``random``: seeded uniform noise.
-    """
-    S, L = cache.n_steps, cache.n_layers
-    if detector == "liae":
-        return cache.liae("mean-map")
-    if detector == "liae-z":
-        return running_z(cache.liae("mean-map"))
-    if detector == "liae-mean-entropy":
-        return cache.liae("mean-entropy")
-    if detector == "image-mass":
-        return -layer_image_mass(cache.image_attn.float())
-    if detector == "image-mass-z":
-        return running_z(-layer_image_mass(cache.image_attn.float()))
-    if detector == "row-entropy":
-        return cache.row_entropy.float().mean(-1)
-    if detector == "all-layers":
-        return torch.ones(S, L)
-    if detector == "random":
-        return torch.rand(S, L, generator=torch.Generator().manual_seed(seed))
-    raise ValueError(f"unknown layer detector {detector!r}; choose one of {LAYER_DETECTORS}")
-
-
-def head_scores(cache, detector: str, seed: int = 0) -> torch.Tensor:
-    """Per-step head scores ``[S, L, H]``; higher = more focused on the image (better head).
-
-    ``iaf`` / ``iaf-focused-mass``: IAF variants; ``head-image-mass-inverse`` is a strawman
-    kept for symmetry checks (minus the mass); ``random``: seeded noise.
-    """
-    if detector == "iaf":
-        return cache.iaf("mass")
-    if detector == "iaf-focused-mass":
-        return cache.iaf("focused-mass")
-    if detector == "head-image-mass-inverse":
-        return -cache.iaf("mass")
-    if detector == "random":
-        g = torch.Generator().manual_seed(seed)
-        return torch.rand(cache.n_steps, cache.n_layers, cache.n_heads, generator=g)
-    raise ValueError(f"unknown head detector {detector!r}; choose one of {HEAD_DETECTORS}")
-
-
-def diagnose(cache, seed: int = 0) -> "pd.DataFrame":
-    """Tidy table of every layer detector: ``step, token, layer, detector, score, rank``
-    (rank 0 = the most suspect layer at that step)."""
-    import pandas as pd
-
-    frames = []
-    for det in LAYER_DETECTORS:
-        sc = layer_scores(cache, det, seed)
-        rank = sc.argsort(-1, descending=True).argsort(-1)
-        S, L = sc.shape
-        frames.append(pd.DataFrame({
-            "step": torch.arange(S).repeat_interleave(L).numpy(),
-            "layer": torch.arange(L).repeat(S).numpy(),
-            "detector": det,
-            "score": sc.reshape(-1).numpy(),
-            "rank": rank.reshape(-1).numpy(),
-        }))
-    df = pd.concat(frames, ignore_index=True)
-    tokens = pd.DataFrame({"step": range(cache.n_steps), "token": cache.token_strs})
-    return tokens.merge(df, on="step")

@@ -7,14 +7,18 @@ but routes the post-softmax probabilities ``[B, H, Q, K]`` through a named ident
 (nnsight or plain torch hooks), ablation, patching and D-LEAF all read and write attention
 there; nothing copies an attention forward.
 
-Edits are applied by *pattern editors*: callables ``f(pattern, layer) -> pattern`` kept in a
+Edits are applied by *pattern editors*: callables ``f(pattern, ctx) -> pattern`` kept in a
 list on the model (``attach_editor``), run in order inside the identity module's forward.
-nnsight and ``register_forward_hook`` see the edited pattern like any module output.
+``ctx`` is an :class:`EditContext`: the layer, the decoding step (counted for the editor by the
+hook point: 0 is the prefill, each later forward one more) and the image key positions of the
+inputs the editor was attached for.  nnsight and ``register_forward_hook`` see the edited
+pattern like any module output.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -27,7 +31,65 @@ from dleaf_analysis.models.adapters import ModelAdapter, UnsupportedModelError
 
 IMPLEMENTATION = "dleaf"
 _UNSUPPORTED_KWARGS = ("s_aux", "sinks")  # attention sinks (gpt-oss style)
-PatternEditor = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclass
+class EditContext:
+    """What a pattern editor is told each time it runs.
+
+    ``layer``: the language-model layer; ``step``: the decoding step of this attachment (0 =
+    the first forward, i.e. the prefill; each later forward adds one); ``image_mask [B, P]``:
+    the image-token positions of the prompt the editor was attached for (``None`` if attached
+    without inputs).  :meth:`image_keys` and :meth:`image_positions` derive what editors need
+    from it once per attachment, never once per step.
+    """
+
+    layer: int = 0
+    step: int = -1
+    image_mask: torch.Tensor | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def image_keys(self, K: int, device: torch.device | None = None) -> torch.Tensor:
+        """``[B, K]`` bool: which of ``K`` key positions are image tokens (generated keys are text)."""
+        if self.image_mask is None:
+            raise RuntimeError("this editor was attached without inputs: pass inputs= to attach_editor")
+        key = ("keys", K, str(device))
+        if key not in self._cache:
+            m = self.image_mask
+            if K > m.shape[1]:
+                m = torch.cat([m, torch.zeros(m.shape[0], K - m.shape[1], dtype=torch.bool, device=m.device)], 1)
+            self._cache[key] = m[:, :K].to(device) if device is not None else m[:, :K]
+        return self._cache[key]
+
+    def image_positions(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pos [B, n], valid [B, n])``: each sequence's image key positions in order, padded to
+        the largest count (see :func:`image_positions`)."""
+        key = ("pos", str(device))
+        if key not in self._cache:
+            pos, valid = image_positions(self.image_mask)
+            self._cache[key] = (pos.to(device), valid.to(device)) if device is not None else (pos, valid)
+        return self._cache[key]
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the sequences hold different numbers of image tokens."""
+        if "ragged" not in self._cache:
+            self._cache["ragged"] = not bool(self.image_positions()[1].all())
+        return self._cache["ragged"]
+
+
+PatternEditor = Callable[[torch.Tensor, EditContext], torch.Tensor]
+
+
+def image_positions(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``img [B, K]`` bool -> key positions of each sequence's image tokens, in order, padded to the
+    largest count ``n``: ``pos [B, n]`` (padding points at key 0) and ``valid [B, n]``.  Sequences
+    may hold different numbers of image tokens (LLaVA-NeXT anyres, mixed image sizes)."""
+    counts = img.sum(-1)
+    n = int(counts.max()) if img.shape[0] else 0  # one host read per call, never per step
+    order = torch.argsort((~img).to(torch.int8), dim=-1, stable=True)[:, :n]  # image positions first, in order
+    valid = torch.arange(n, device=img.device)[None] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
 
 
 class AttentionPattern(nn.Identity):
@@ -47,7 +109,7 @@ class AttentionPattern(nn.Identity):
 
     def forward(self, pattern: torch.Tensor) -> torch.Tensor:
         for edit in self._editors:
-            pattern = edit(pattern, self.layer)
+            pattern = edit(pattern, self.layer)  # an _Attached: counts steps, passes the context
         return pattern
 
     def extra_repr(self) -> str:
@@ -76,7 +138,7 @@ def dleaf_attention_forward(
         raise UnsupportedModelError(
             f"{type(module).__name__} calls attention with {unsupported}, which the dleaf hook point does not "
             "implement; this text model is not supported")
-    n_rep = getattr(module, "num_key_value_groups", 1)
+    n_rep = getattr(module, "num_key_value_groups", 1)  # GQA (the family's `gqa` attribute)
     key_states = repeat_kv(key, n_rep)
     value_states = repeat_kv(value, n_rep)
     pattern = getattr(module, "pattern", None)
@@ -151,8 +213,8 @@ def install(model: nn.Module) -> list[AttentionPattern]:
         editors = []
         model._dleaf_editors = editors  # plain attribute: not a parameter or buffer
     patterns = []
-    for l, layer in enumerate(adapter.layers):
-        attn = layer.self_attn
+    for l in range(adapter.n_layers):
+        attn = adapter.attention(l)
         if not isinstance(getattr(attn, "pattern", None), AttentionPattern):
             attn.pattern = AttentionPattern(l, editors)
         patterns.append(attn.pattern)
@@ -183,16 +245,35 @@ def patterns(model: nn.Module) -> list[AttentionPattern]:
     """The installed ``pattern`` modules, one per language-model layer."""
     if not is_installed(model):
         raise RuntimeError("the dleaf hook point is not installed; call dleaf_analysis.hooks.install(model)")
-    return [layer.self_attn.pattern for layer in ModelAdapter(model).layers]
+    ad = ModelAdapter(model)
+    return [ad.attention(l).pattern for l in range(ad.n_layers)]
+
+
+class _Attached:
+    """One attached editor with its own context (step counter, image positions)."""
+
+    def __init__(self, editor: PatternEditor, image_mask: torch.Tensor | None) -> None:
+        self.editor = editor
+        self.ctx = EditContext(image_mask=image_mask)
+
+    def __call__(self, pattern: torch.Tensor, layer: int) -> torch.Tensor:
+        if layer == 0:
+            self.ctx.step += 1
+        self.ctx.layer = layer
+        return self.editor(pattern, self.ctx)
 
 
 @contextmanager
-def attach_editor(model: nn.Module, editor: PatternEditor) -> Iterator[PatternEditor]:
-    """Apply ``editor(pattern, layer)`` inside every layer's hook point for the block's duration."""
+def attach_editor(model: nn.Module, editor: PatternEditor, inputs: dict | None = None) -> Iterator[EditContext]:
+    """Apply ``editor(pattern, ctx)`` inside every layer's hook point for the block's duration;
+    ``inputs`` (the model inputs it edits) give the context its image positions.  Yields the
+    context (its ``step`` is the last step run)."""
     install(model)
+    mask = ModelAdapter(model).image_mask(inputs["input_ids"]) if inputs is not None else None
+    attached = _Attached(editor, mask)
     editors = model._dleaf_editors
-    editors.append(editor)
+    editors.append(attached)
     try:
-        yield editor
+        yield attached.ctx
     finally:
-        editors.remove(editor)
+        editors.remove(attached)

@@ -63,9 +63,9 @@ def hook(model, name: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) ->
             z = x.view(*x.shape[:-1], H, d)
             new = fn(z)
             return None if new is None else (new.reshape(x.shape),) + tuple(args[1:])
-        handle = block.self_attn.o_proj.register_forward_pre_hook(pre)
+        handle = ad.output_projection(layer).register_forward_pre_hook(pre)
     elif point == "attn.hook_result":
-        handle = block.self_attn.o_proj.register_forward_hook(lambda m, i, o: fn(o))
+        handle = ad.output_projection(layer).register_forward_hook(lambda m, i, o: fn(o))
     else:  # hook_resid_post: the decoder layer's output (a tensor, or a tuple whose first item it is)
         def post(m, i, o):
             h = o[0] if isinstance(o, tuple) else o
@@ -126,65 +126,115 @@ def run_with_cache(lm, inputs: dict, names: list[str] | Callable[[str], bool] | 
 
 
 PER = ("head", "layer", "position")
+Source = "ActivationCache | Callable[[torch.Tensor, int, int], torch.Tensor]"
 
 
-def patch(lm, inputs: dict, source: ActivationCache, metric: Callable[[torch.Tensor], torch.Tensor],
-          point: str = "attn.hook_z", per: str = "head") -> np.ndarray:
-    """Activation patching: for each component, run ``inputs`` with that component's value at
-    ``point`` taken from ``source`` (a cache of another run with the same positions) and return
-    ``metric(logits) - metric(clean logits)``.  ``metric`` maps logits ``[B, T, V]`` to ``[B]``.
+def _chunks(n: int, batch_size: int | None) -> list[list[int]]:
+    """``0..n-1`` in consecutive chunks of at most ``batch_size`` (all at once if ``None``)."""
+    bs = n if batch_size is None else max(1, int(batch_size))
+    return [list(range(s, min(n, s + bs))) for s in range(0, n, bs)]
 
-    ``per="head"`` (``attn.hook_z`` only): ``[L, H]``, the heads of a layer batched in one forward;
-    ``per="layer"``: ``[L]``; ``per="position"``: ``[L, T]`` (the whole point at one position).
+
+def _replacement(source, point: str, layer: int, index: int, current: torch.Tensor) -> torch.Tensor:
+    """The new value of one copy's layer: from a cache of another run, or computed by ``source``."""
+    if callable(source):
+        return source(current, layer, index)
+    return source[f"blocks.{layer}.{point}"][0]
+
+
+def patch(lm, inputs: dict, source, metric: Callable[[torch.Tensor], torch.Tensor], point: str = "attn.hook_z",
+          per: str = "head", batch_size: int | None = None, positions: list[int] | None = None,
+          base: float | None = None) -> np.ndarray:
+    """The patching engine: for each component, run ``inputs`` with that component's value at
+    ``point`` replaced, and return ``metric(logits) - metric(clean logits)``; ``metric`` maps logits
+    ``[B, T, V]`` to ``[B]``.  Components are batched as copies of the one input sequence (at most
+    ``batch_size`` copies per forward).
+
+    ``source``: an :class:`ActivationCache` of another run with the same positions (activation
+    patching), or ``fn(value, layer, index) -> value`` computing the replacement of one component
+    from the copy's current value (ablation: zeros, a mean; a corrected attention row).  ``value`` is
+    the copy's whole value at ``point`` (``hook_z``: ``[T, H, d]``; ``hook_pattern``: ``[H, Q, K]``),
+    so that a replacement may depend on the other heads; ``index`` is the head (``per="head"``), the
+    position (``per="position"``) or ``-1`` (``per="layer"``), and the result is that component's new
+    value (a head: ``[T, d]`` / ``[Q, K]``; a layer: the whole value; a position: its row).
+
+    ``per="head"`` (``hook_z``, ``hook_pattern``): ``[L, H]``, the heads of a layer as copies of one
+    forward; ``per="layer"``: ``[L]``, the layers as copies of one forward (copy ``b`` edits layer
+    ``b``); ``per="position"``: ``[L, T]``.  ``positions`` (``per="head"`` / ``"layer"``): replace
+    only these positions (query rows for ``hook_pattern``; e.g. ``[-1]``: the last query), every
+    position by default.
     """
     if per not in PER:
         raise ValueError(f"per must be one of {PER}, got {per!r}")
-    if per == "head" and point != "attn.hook_z":
-        raise ValueError("per='head' patches head outputs: use point='attn.hook_z'")
+    if per == "head" and point not in ("attn.hook_z", "attn.hook_pattern"):
+        raise ValueError("per='head' patches head outputs or patterns: use point='attn.hook_z' or 'attn.hook_pattern'")
     model = lm.model if hasattr(lm, "model") else lm
     ad = ModelAdapter(model)
     L, H = ad.n_layers, ad.n_heads
-    B = inputs["input_ids"].shape[0]
-    if B != 1:
+    if inputs["input_ids"].shape[0] != 1:
         raise ValueError("patch takes one sequence (batch size 1); the components are batched internally")
-    with torch.no_grad():
-        base = float(metric(model(**inputs).logits)[0])
+    if base is None:
+        with torch.no_grad():
+            base = float(metric(model(**inputs).logits)[0])
     T = inputs["input_ids"].shape[1]
-    n = {"head": H, "layer": 1, "position": T}[per]
-    rep = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
-    out = np.zeros((L, n))
-    for l in range(L):
-        src = source[f"blocks.{l}.{point}"]
+    pos = slice(None) if positions is None else list(positions)
+    pattern = point == "attn.hook_pattern"
 
-        def edit(v, src=src):
-            v = v.clone()
-            if per == "head":
-                for h in range(H):
-                    v[h, :, h] = src[0, :, h]
-            elif per == "layer":
-                v[:] = src
-            else:  # position t of copy t; a pattern's query axis is dim 2, the others' positions dim 1
-                for t in range(T):
-                    if point == "attn.hook_pattern":
-                        v[t, :, t] = src[0, :, t]
+    def rep(n: int) -> dict:
+        return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
+
+    def run(copies: dict, n: int) -> np.ndarray:
+        with ExitStack() as st, torch.no_grad():
+            for l, edit in copies.items():
+                st.enter_context(hook(model, f"blocks.{l}.{point}", edit))
+            return (metric(model(**rep(n)).logits) - base).float().cpu().numpy()
+
+    if per == "layer":
+        out = np.zeros(L)
+        for ls in _chunks(L, batch_size):
+            def make(b: int, l: int):
+                def edit(v):
+                    v = v.clone()
+                    if pattern:
+                        v[b][:, pos] = _replacement(source, point, l, -1, v[b])[:, pos]
                     else:
-                        v[t, t] = src[0, t]
-            return v
-        with hook(model, f"blocks.{l}.{point}", edit), torch.no_grad():
-            out[l] = (metric(model(**rep).logits) - base).float().cpu().numpy()
-    return out[:, 0] if per == "layer" else out
+                        v[b][pos] = _replacement(source, point, l, -1, v[b])[pos]
+                    return v
+                return edit
+            out[ls] = run({l: make(b, l) for b, l in enumerate(ls)}, len(ls))
+        return out
+    n = H if per == "head" else T
+    out = np.zeros((L, n))
+    for idx in _chunks(n, batch_size):
+        for l in range(L):
+            def edit(v, l=l, idx=idx):
+                v = v.clone()
+                for b, j in enumerate(idx):
+                    if per == "head" and pattern:  # v [B, H, Q, K]; the head's rows [Q, K]
+                        new = source(v[b], l, j) if callable(source) else source[f"blocks.{l}.{point}"][0, j]
+                        v[b, j][pos] = new[pos]
+                    elif per == "head":  # v [B, T, H, d]; the head's output [T, d]
+                        new = source(v[b], l, j) if callable(source) else source[f"blocks.{l}.{point}"][0, :, j]
+                        v[b, :, j][pos] = new[pos]
+                    elif pattern:  # one query row of every head
+                        v[b, :, j] = source(v[b], l, j) if callable(source) else source[f"blocks.{l}.{point}"][0, :, j]
+                    else:
+                        v[b, j] = source(v[b], l, j) if callable(source) else source[f"blocks.{l}.{point}"][0, j]
+                return v
+            out[l, idx] = run({l: edit}, len(idx))
+    return out
 
 
-def patch_head(lm, inputs, source, metric) -> np.ndarray:
+def patch_head(lm, inputs, source, metric, batch_size: int | None = None) -> np.ndarray:
     """``[L, H]``: each head's output (every position) from ``source``."""
-    return patch(lm, inputs, source, metric, "attn.hook_z", "head")
+    return patch(lm, inputs, source, metric, "attn.hook_z", "head", batch_size)
 
 
-def patch_layer(lm, inputs, source, metric, point: str = "attn.hook_result") -> np.ndarray:
+def patch_layer(lm, inputs, source, metric, point: str = "attn.hook_result", batch_size: int | None = None) -> np.ndarray:
     """``[L]``: a layer's whole value at ``point`` (default the attention output) from ``source``."""
-    return patch(lm, inputs, source, metric, point, "layer")
+    return patch(lm, inputs, source, metric, point, "layer", batch_size)
 
 
-def patch_position(lm, inputs, source, metric, point: str = "hook_resid_post") -> np.ndarray:
+def patch_position(lm, inputs, source, metric, point: str = "hook_resid_post", batch_size: int | None = None) -> np.ndarray:
     """``[L, T]``: the value at ``point`` at one position from ``source``."""
-    return patch(lm, inputs, source, metric, point, "position")
+    return patch(lm, inputs, source, metric, point, "position", batch_size)

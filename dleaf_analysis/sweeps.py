@@ -17,6 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from dleaf_analysis.errors import DleafError
+from dleaf_analysis.runs import ManifestMismatchError, check_same_run
 
 
 class SweepMismatchError(DleafError, RuntimeError):
@@ -59,12 +60,10 @@ class ResultStore:
         if mpath.is_file():
             old = json.loads(mpath.read_text())
             if old != manifest:
-                diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-                what = "; ".join(f"{k}: this run has {_short(manifest.get(k))}, the directory has {_short(old.get(k))}"
-                                 for k in diff)
-                raise SweepMismatchError(
-                    f"{self.dir} holds results of a different run ({what}); "
-                    "use another --out directory or delete this one")
+                try:
+                    check_same_run(self.dir, old, manifest)
+                except ManifestMismatchError as e:
+                    raise SweepMismatchError(str(e)) from None
         else:
             tmp = mpath.with_suffix(".tmp")
             tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from dleaf_analysis import detectors  # noqa: F401  (registers the step fields detectors read)
 from dleaf_analysis import hooks, lens
-from dleaf_analysis.cache import KEY_GROUPS, AttentionCache, CacheWriter
+from dleaf_analysis.cache import KEY_GROUPS, STEP_FIELDS, AttentionCache, CacheWriter
 from dleaf_analysis.models.adapters import ModelAdapter
 from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT
 from dleaf_analysis.models.inputs import InputError, append_ids
@@ -55,11 +56,12 @@ class KeyLayout:
             group[attention_mask == 0] = -1
         return cls(pos, group, P)
 
-    def summarize(self, rows: torch.Tensor, query_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def summarize(self, rows: torch.Tensor, query_positions: torch.Tensor) -> tuple:
         """Attention rows ``[..., H, K]`` of queries at absolute ``query_positions [...]`` (keys
         beyond a query's own position must be zero, e.g. right padding) -> image attention
-        ``[..., H, n]``, masses per key group ``[..., H, 4]``, and the normalised entropy of each
-        whole row over the non-padding keys it can see ``[..., H]``."""
+        ``[..., H, n]``, masses per key group ``[..., H, 4]``, the normalised entropy of each
+        whole row over the non-padding keys it can see ``[..., H]``, and every registered step
+        field (:func:`~dleaf_analysis.cache.register_field`) as a dict."""
         rows = rows.float()
         K = rows.shape[-1]
         group = torch.cat([self.group_of, torch.full((max(0, K - self.prompt_length),), 3, dtype=torch.long)])[:K]
@@ -69,7 +71,7 @@ class KeyLayout:
         n_keys = (group >= 0).cumsum(0)[query_positions].float()  # [...]
         plogp = torch.where(rows > 0, rows * torch.log(rows.clamp_min(1e-12)), torch.zeros_like(rows))
         ent = -plogp.sum(-1) / torch.log(n_keys.clamp_min(2)).unsqueeze(-1)
-        return img, mass, ent
+        return img, mass, ent, {name: fn(rows, group, query_positions) for name, fn in STEP_FIELDS.items()}
 
 
 def _prepare(lm: LoadedModel, image, prompt: str, inputs: dict | None = None):
@@ -171,7 +173,8 @@ def trace_generation(
     def record(summary: tuple, tok: int) -> None:
         """A finished step: to disk (``stream_to``) or to the in-memory list."""
         if live is not None:
-            live.append(*summary, tok, lm.token_strs([tok])[0], live.n_steps + layout.prompt_length - 1)
+            img, mass, ent, extras = summary
+            live.append(img, mass, ent, tok, lm.token_strs([tok])[0], live.n_steps + layout.prompt_length - 1, extras)
         else:
             summaries.append(summary)
 
@@ -229,7 +232,7 @@ def trace_generation(
                 picked = nnsight.save([])
                 for _ in tracer.iter[:max_new_tokens]:
                     # this body runs as each step executes: summarise the step's rows now, keep the summary
-                    rows = torch.stack([layers[l].self_attn.pattern.output[0, :, -1, :].detach()
+                    rows = torch.stack([getattr(layers[l], adapter.family.attention).pattern.output[0, :, -1, :].detach()
                                         for l in range(L)]).float().cpu()  # [L, H, K]
                     tok = int(head.output[0, -1].argmax())  # the greedy token
                     q = torch.full((L,), layout.prompt_length - 1 + n_done(), dtype=torch.long)
@@ -243,8 +246,10 @@ def trace_generation(
     H, n = adapter.n_heads, len(layout.image_positions)
     if summaries:
         img_all, mass_all, ent_all = (torch.stack([x[i] for x in summaries]) for i in range(3))
+        extras = {k: torch.stack([x[3][k] for x in summaries]) for k in summaries[0][3]}
     else:
         img_all, mass_all, ent_all = torch.zeros(0, L, H, n), torch.zeros(0, L, H, len(KEY_GROUPS)), torch.zeros(0, L, H)
+        extras = {}
     return AttentionCache(
         image_attn=img_all,
         mass=mass_all,
@@ -255,6 +260,7 @@ def trace_generation(
         image_positions=layout.image_positions.tolist(),
         prompt_length=layout.prompt_length,
         meta=meta,
+        extras=extras,
     )
 
 
@@ -282,7 +288,7 @@ def _forward_patterns(lm: LoadedModel, adapter: ModelAdapter, inputs: dict, back
         with torch.no_grad(), friendly_errors(), wrapped.trace(**inputs):
             saved = nnsight.save([])
             for l in range(adapter.n_layers):
-                saved.append(layers[l].self_attn.pattern.output[0][:, rows_from:].detach())
+                saved.append(getattr(layers[l], adapter.family.attention).pattern.output[0][:, rows_from:].detach())
             logits = wrapped.output.logits[0, -1].save()
         return list(saved), logits
     if backend == "transformer-lens":
@@ -339,11 +345,11 @@ def trace_forward(
     pats, logits = _forward_patterns(lm, adapter, inputs, backend, rows_from=0 if full_patterns else P - 1)
     R = torch.stack([p[:, -(inputs["input_ids"].shape[1] - P + 1):, :] for p in pats]).permute(2, 0, 1, 3)  # [Q, L, H, K]
     Q = R.shape[0]
-    img, mass, ent = layout.summarize(R, (P - 1 + torch.arange(Q))[:, None].expand(Q, R.shape[1]))
+    img, mass, ent, extras = layout.summarize(R, (P - 1 + torch.arange(Q))[:, None].expand(Q, R.shape[1]))
     tokens = cont + [int(logits.argmax())]  # the last query predicts the next token: its argmax
     return AttentionCache(
         image_attn=img, mass=mass, row_entropy=ent, tokens=tokens, token_strs=lm.token_strs(tokens),
         query_positions=[P - 1 + s for s in range(len(tokens))], image_positions=layout.image_positions.tolist(),
         prompt_length=P, meta=_meta(lm, adapter, prompt, backend, "forward"),
-        full_patterns=torch.stack([p.float() for p in pats]) if full_patterns else None,
+        full_patterns=torch.stack([p.float() for p in pats]) if full_patterns else None, extras=extras,
     )

@@ -8,7 +8,7 @@ recall  = ground-truth objects mentioned / ground-truth objects.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,17 +25,19 @@ def words(caption: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", caption.lower())
 
 
-def object_mentions(caption: str, vocabulary: Iterable[str]) -> list[str]:
-    """Object words of a caption in order, repeats kept."""
-    vocab = set(vocabulary)
-    return [w for w in words(caption) if w in vocab]
+def object_mentions(caption: str, vocabulary: Iterable[str] | Mapping[str, str]) -> list[str]:
+    """Objects a caption mentions, in order, repeats kept.  ``vocabulary``: the object words, or a
+    mapping from every object word (e.g. singular and plural) to its object."""
+    vocab = dict(vocabulary) if isinstance(vocabulary, Mapping) else {w: w for w in vocabulary}
+    return [vocab[w] for w in words(caption) if w in vocab]
 
 
-def chair_details(captions: Sequence[str], ground_truth: Sequence[Iterable[str]], vocabulary: Iterable[str]) -> pd.DataFrame:
+def chair_details(captions: Sequence[str], ground_truth: Sequence[Iterable[str]],
+                  vocabulary: Iterable[str] | Mapping[str, str]) -> pd.DataFrame:
     """Per-caption CHAIR table: mentions, hallucinated, covered ground truth and counts."""
     if len(captions) != len(ground_truth):
         raise ValueError(f"{len(captions)} captions but {len(ground_truth)} ground-truth sets")
-    vocab = list(vocabulary)
+    vocab = dict(vocabulary) if isinstance(vocabulary, Mapping) else list(vocabulary)
     rows = []
     for i, (cap, gt) in enumerate(zip(captions, ground_truth)):
         gt = set(gt)

@@ -1,63 +1,106 @@
-"""``evaluate(...)``: run a method on a benchmark split under one saved protocol."""
+"""``evaluate(benchmark, source, lm, ...)``: a method on CHAIR or POPE over any image source, under
+one saved manifest (:mod:`dleaf_analysis.runs`).
+
+The scene world, COCO (``CocoSource``, its POPE questions from POPE's files) and annotated
+folders go through the same path: the source gives the images, the prompt and caption length,
+the mention matcher and ground truth, and the POPE questions.  With ``out_dir`` every finished
+item is recorded as it goes (keyed by the item, so a run resumes after a crash, also with another
+batch size); the final tables are written atomically and ``protocol.json`` (the manifest) last.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
+from dleaf_analysis import runs
+from dleaf_analysis.errors import DleafError
 from dleaf_analysis.evaluation.chair import chair_summary
 from dleaf_analysis.evaluation.pope import get_parser, pope_summary
-from dleaf_analysis.errors import DleafError
-from dleaf_analysis.evaluation.protocol import Protocol
 from dleaf_analysis.models.generation import generate
 from dleaf_analysis.models.loading import LoadedModel, load_model
-from dleaf_analysis.scenes import POPE_VARIANTS, ObjectStats, load_split, pope_questions
+from dleaf_analysis.runs import BENCHMARKS, POPE_VARIANTS, EvalConfig
 from dleaf_analysis.settings import tuned_config
-from dleaf_analysis.sources import ImageSource, SceneSource, SourceError
+from dleaf_analysis.sources import ImageSource, as_source
 from dleaf_analysis.sweeps import ResultStore, run_items
 
-BENCHMARKS = ("chair", "pope")
+__all__ = ["BENCHMARKS", "EvalResult", "Protocol", "ProtocolMismatchError", "evaluate", "check_output_dir"]
 
 
 class ProtocolMismatchError(DleafError, RuntimeError):
     """The output directory cannot take this run's results (another run's, or not writable)."""
 
 
-@lru_cache(maxsize=2)
-def train_object_stats() -> ObjectStats:
-    """Class frequencies and co-occurrences of the train split (POPE popular/adversarial)."""
-    return ObjectStats.from_scenes(load_split("train").scenes)
+class Protocol:
+    """Read-only view of an evaluation's manifest with the names a reader wants
+    (``prompt``, ``weights_hash``, ...); ``to_dict()`` is the manifest itself."""
+
+    def __init__(self, manifest: dict, n_items: int) -> None:
+        self.manifest = {**manifest, "n_items": n_items}
+
+    def __getattr__(self, name: str):
+        m = self.__dict__["manifest"]
+        for section in ("config", "model", "source"):
+            if name in m.get(section, {}):
+                return m[section][name]
+        alias = {"model_id": ("model", "id"), "split": ("source", "name"), "split_hash": ("source", "hash")}
+        if name in alias:
+            a, b = alias[name]
+            return m[a].get(b, m[a].get("split"))
+        if name in m:
+            return m[name]
+        raise AttributeError(name)
+
+    def to_dict(self) -> dict:
+        return dict(self.manifest)
+
+    def describe(self) -> str:
+        """A one-paragraph human-readable summary."""
+        c, mo, s = self.manifest["config"], self.manifest["model"], self.manifest["source"]
+        parts = [
+            f"{c['benchmark']} on {s.get('split') or s.get('kind')} ({self.manifest['n_items']} items, data {s['hash']})",
+            f"model {mo['id']} (weights {mo['weights_hash']}, files {mo['files_hash']}, {mo['dtype']} on {mo['device']})",
+            f"method {c['method']} {json.dumps(c['method_config'], sort_keys=True) if c['method_config'] else ''}".strip(),
+            f"greedy decoding, max {c['max_new_tokens']} new tokens, prompt {c['prompt']!r}",
+        ]
+        if c["benchmark"] == "pope":
+            parts.append(f"answer parser {c['answer_parser']}")
+        parts.append(f"bootstrap {c['n_resamples']}, seed {c['seed']}")
+        return "; ".join(parts)
 
 
 @dataclass
 class EvalResult:
-    """Summary (one row per metric, with CI), per-item details, and the protocol."""
+    """Summary (one row per metric, with CI), per-item details, the manifest, and what the method did."""
 
     protocol: Protocol
     summary: pd.DataFrame
     details: pd.DataFrame
-    interventions: pd.DataFrame | None = None  # what the method did (D-LEAF: layers fired, heads corrected)
+    interventions: pd.DataFrame | None = None  # D-LEAF: layers fired, heads corrected (one row per firing)
+
+    @property
+    def manifest(self) -> dict:
+        return self.protocol.to_dict()
 
     def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
-        """Write ``protocol.json``, ``summary.csv``, ``details.jsonl`` (and ``interventions.jsonl``)
-        atomically (each to a temporary name, then renamed).  A directory holding another run's
-        results is refused unless ``overwrite``."""
-        out = check_output_dir(out_dir, self.protocol.to_dict(), overwrite)
+        """Write ``summary.csv``, ``details.jsonl`` (and ``interventions.jsonl``) and ``protocol.json``
+        atomically: every file is written in full to a temporary name before any is renamed."""
+        out = check_output_dir(out_dir, self.manifest, overwrite)
         writes = [("summary.csv", lambda f: self.summary.to_csv(f, index=False)),
                   ("details.jsonl", lambda f: self.details.to_json(f, orient="records", lines=True))]
         if self.interventions is not None and len(self.interventions):
             writes.append(("interventions.jsonl",
                            lambda f: self.interventions.to_json(f, orient="records", lines=True)))
-        writes.append(("protocol.json", self.protocol.save))  # renamed last
+        writes.append(("protocol.json", lambda f: Path(f).write_text(json.dumps(self.manifest, indent=1) + "\n")))
         tmps = [(out / f".{name}.tmp", out / name) for name, _ in writes]
-        try:  # every file is written in full before any is renamed into place
+        try:
             for (_, write), (tmp, _) in zip(writes, tmps):
                 write(tmp)
         except BaseException:
@@ -69,7 +112,10 @@ class EvalResult:
         return out
 
     def to_json(self) -> str:
-        return json.dumps({"protocol": self.protocol.to_dict(), "summary": self.summary.to_dict(orient="records")}, indent=1)
+        from dleaf_analysis.tables import json_safe
+
+        return json.dumps(json_safe({"protocol": self.manifest, "summary": self.summary.to_dict(orient="records")}),
+                          indent=1)
 
     def metric(self, name: str, variant: str | None = None) -> float:
         s = self.summary
@@ -78,10 +124,9 @@ class EvalResult:
         return float(s.loc[s["metric"] == name, "value"].iloc[0])
 
 
-def check_output_dir(out_dir: str | Path, protocol: dict, overwrite: bool = False) -> Path:
+def check_output_dir(out_dir: str | Path, manifest: dict, overwrite: bool = False) -> Path:
     """Create ``out_dir`` and check it before any compute: writable, and not holding the results
-    of a run with another protocol (unless ``overwrite``).  ``protocol`` may be partial: only the
-    fields it has are compared."""
+    of another run (unless ``overwrite``)."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -92,18 +137,16 @@ def check_output_dir(out_dir: str | Path, protocol: dict, overwrite: bool = Fals
     old_file = out / "protocol.json"
     if old_file.is_file() and not overwrite:
         old = json.loads(old_file.read_text())
-        new = json.loads(json.dumps(protocol, default=str))
-        diff = [k for k in new if k in old and old[k] != new[k]]
-        if diff:
-            what = "; ".join(f"{k}: this run has {json.dumps(new[k])[:60]}, the directory has {json.dumps(old[k])[:60]}"
-                             for k in diff)
-            raise ProtocolMismatchError(f"{out} holds the results of another run ({what}); use another --out "
-                                        "directory or --overwrite")
+        new = {k: v for k, v in manifest.items() if k != "n_items"}
+        try:
+            runs.check_same_run(out, {k: v for k, v in old.items() if k != "n_items"}, new)
+        except runs.ManifestMismatchError as e:
+            raise ProtocolMismatchError(str(e).replace("delete this one", "use --overwrite")) from None
     return out
 
 
 def evaluate(
-    benchmark: str,
+    benchmark: str = "chair",
     split: str | ImageSource = "test",
     lm: LoadedModel | None = None,
     method: str = "greedy",
@@ -119,67 +162,66 @@ def evaluate(
     progress: bool = True,
     overwrite: bool = False,
     tuned_file: str | Path | None = None,
+    tuned_any: bool = False,
 ) -> EvalResult:
-    """Evaluate ``method`` on ``benchmark`` ("chair" or "pope") over a scene split, or with CHAIR
-    over any image source (COCO, an annotated JSONL folder: its prompt, caption length and matcher).
+    """Evaluate ``method`` on ``benchmark`` ("chair" or "pope") over an image source (a scene split
+    name, a split, or any :class:`~dleaf_analysis.sources.ImageSource`).
 
     The method runs at its settings tuned for this model (``tuned_file``, default the shipped
-    ``data/tuned_methods.json``) unless ``method_config`` overrides them; the protocol records the
-    full config.
+    ``data/tuned_methods.json``; a file tuned for another model is refused unless ``tuned_any``)
+    unless ``method_config`` overrides them; the manifest records the full config.
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
     from dleaf_analysis.interventions import get_method
+    from dleaf_analysis.models.adapters import ModelAdapter
 
     lm = lm or load_model()
-    # settings tuned on dev for this model (if any), overridden by the caller's
-    m = get_method(method, {**tuned_config(method, lm.weights_hash, tuned_file), **(method_config or {})})
-    if isinstance(split, str):
-        data = load_split(split, limit=limit)
-        source: ImageSource = SceneSource(data)
-        source.check_model(lm)  # its captions are scored on the scene's class words
-        split_name, split_hash = split, data.annotations_hash
-    else:
-        if benchmark == "pope":
-            raise SourceError("POPE on photos takes POPE's question files: use `dleaf pope-coco`")
-        source = split.limit(limit)
-        data = None
-        split_name, split_hash = source.kind, source.fingerprint
-    images = [source.image(i) for i in range(len(source))]
-    common = dict(
-        split=split_name, split_hash=split_hash, model_id=lm.model_id, weights_hash=lm.weights_hash,
-        method=method, method_config={k: v for k, v in m.to_dict().items() if k != "method"},
-        n_resamples=n_resamples, seed=seed,
-    )
+    source = as_source(split, limit)
+    source.check_model(lm)  # e.g. the scene world's class words must be tokens of the model
+    ad = ModelAdapter(lm.model)
+    m = get_method(method, {**tuned_config(method, lm.weights_hash, tuned_file, strict=tuned_file is not None
+                                           and not tuned_any), **(method_config or {})})
+    m.validate(ad.n_layers, ad.n_heads)  # ranges against this model, before any output is written
+    prompt = source.prompt
     mnt = max_new_tokens or (source.max_new_tokens if benchmark == "chair" else 3)
+    config = EvalConfig(benchmark=benchmark, method=method,
+                        method_config={k: v for k, v in m.to_dict().items() if k != "method"}, seed=seed,
+                        max_new_tokens=mnt, answer_parser=answer_parser,
+                        pope_variants=tuple(pope_variants), n_resamples=n_resamples)
+    manifest = runs.manifest(config, lm.record(), source.record())
+    manifest["config"]["prompt"] = prompt if benchmark == "chair" else "(the POPE question)"
+    if benchmark == "pope":
+        questions = source.pope_questions(pope_variants, seed=seed)
+        if not len(questions):
+            raise ProtocolMismatchError(f"no POPE questions on the {len(source)} images of {source!r}")
+        manifest["source"]["questions_hash"] = hashlib.sha256(
+            questions[["key", "question", "label"]].to_json(orient="values").encode()).hexdigest()[:16]
     store = None
     if out_dir is not None:  # before any compute
-        out = check_output_dir(out_dir, {"benchmark": benchmark, **common}, overwrite)
+        out = check_output_dir(out_dir, manifest, overwrite)
         partial = out / ".partial"  # finished items of an interrupted run, keyed by item
         if overwrite and partial.exists():
             shutil.rmtree(partial)
-        store = ResultStore(partial, {"benchmark": benchmark, **common, "max_new_tokens": mnt,
-                                      "answer_parser": answer_parser if benchmark == "pope" else None,
-                                      "pope_variants": list(pope_variants) if benchmark == "pope" else None})
-    batch_log: list[dict] = []  # D-LEAF's firings of the batch being decoded
+        store = ResultStore(partial, manifest)
 
-    def run(keys: list[str], imgs: list, prompts: list[str], desc: str) -> tuple[list[str], list[dict]]:
+    def run(keys: list[str], images: list, prompts: list[str], desc: str) -> tuple[list[str], list[dict]]:
         """Decode every item (resumable when there is an output directory); returns the texts in
         item order and the intervention log with ``item`` = the item's position in ``keys``."""
         current: list[int] = []
+        batch_log: list[dict] = []
 
         def decode(lm_, inputs, **kw):
-            ids = m.generate(lm_, inputs, **kw)
-            for rec in getattr(m, "log", []):
+            ids, record = m.decode(lm_, inputs, **kw)
+            for rec in record.log:
                 rec = dict(rec)
-                item = current[rec.pop("batch")]  # the row within the batch -> the item
-                batch_log.append({**rec, "item": item})
+                batch_log.append({**rec, "item": current[rec.pop("batch")]})  # the row within the batch -> the item
             return ids
 
         def fn(batch: list[int]) -> list[list[dict]]:
             current[:] = batch
             batch_log.clear()
-            texts = generate(lm, [imgs[i] for i in batch], [prompts[i] for i in batch], max_new_tokens=mnt,
+            texts = generate(lm, [images[i] for i in batch], [prompts[i] for i in batch], max_new_tokens=mnt,
                              batch_size=len(batch), seed=seed, progress=False, decode=decode)
             return [[{"text": t, "log": [r for r in batch_log if r["item"] == i]}] for i, t in zip(batch, texts)]
 
@@ -192,26 +234,24 @@ def evaluate(
             rows = run_items(items, fn, store, batch_size=batch_size, progress=progress, desc=desc).to_dict("records")
         return [r["text"] for r in rows], [rec for r in rows for rec in r["log"]]
 
+    images = [source.image(i) for i in range(len(source))]
     if benchmark == "chair":
         n = len(source)
-        keys = [f"chair:{i}" if data is not None else f"chair:{source.key(i)}" for i in range(n)]
-        caps, logs = run(keys, images, [source.prompt] * n, "captioning")
+        caps, logs = run([f"chair:{source.key(i)}" for i in range(n)], images, [prompt] * n, "captioning")
         details = source.chair_details(caps)
         details.insert(0, "image", range(n))
-        if data is None:
-            details["item"] = [source.key(i) for i in range(n)]
+        details["item"] = [source.key(i) for i in range(n)]
         summary = chair_summary(details, n_resamples=n_resamples, seed=seed)
         summary.insert(0, "variant", "all")
-        protocol = Protocol(benchmark="chair", n_items=n, prompt=source.prompt, max_new_tokens=mnt, **common)
+        n_items = n
     else:
         parse = get_parser(answer_parser)
-        stats = train_object_stats()
         frames, summaries, logs = [], [], []
-        for variant in pope_variants:
-            q = pope_questions(data, variant, stats, seed=seed)
-            ans, lg = run([f"pope:{variant}:{j}" for j in range(len(q))], [images[i] for i in q["image"]],
-                          list(q["question"]), f"POPE {variant}")
+        for variant in dict.fromkeys(questions["variant"]):
+            q = questions[questions["variant"] == variant].reset_index(drop=True)
+            ans, lg = run(list(q["key"]), [images[i] for i in q["item"]], list(q["question"]), f"POPE {variant}")
             logs += lg
+            q["image"] = q["item"]
             q["answer"] = ans
             q["prediction"] = [parse(a) for a in ans]
             s = pope_summary(q["label"], q["prediction"], groups=q["image"], n_resamples=n_resamples, seed=seed)
@@ -220,11 +260,10 @@ def evaluate(
             summaries.append(s)
         details = pd.concat(frames, ignore_index=True)
         summary = pd.concat(summaries, ignore_index=True)
-        protocol = Protocol(benchmark="pope", n_items=len(data), prompt=data.world.spec["question_template"],
-                            max_new_tokens=mnt, answer_parser=answer_parser, pope_variants=list(pope_variants), **common)
+        n_items = len(source)
     summary.insert(0, "method", method)
     summary.insert(0, "benchmark", benchmark)
-    result = EvalResult(protocol, summary, details, pd.DataFrame(logs))
+    result = EvalResult(Protocol(manifest, n_items), summary, details, pd.DataFrame(logs))
     if out_dir is not None:
         result.save(out_dir, overwrite=overwrite)
         shutil.rmtree(Path(out_dir) / ".partial", ignore_errors=True)

@@ -1,5 +1,6 @@
-"""Per-architecture adapters: where the language-model layers are, which input positions
-hold image tokens.  Supported: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, InstructBLIP."""
+"""What the analysis needs to know about one model object, read from its registered family
+(:mod:`dleaf_analysis.models.families`): where the language-model layers are, their attention
+and output-projection modules, which input positions hold image tokens."""
 
 from __future__ import annotations
 
@@ -8,34 +9,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dleaf_analysis.errors import DleafError
+from dleaf_analysis.models.families import FAMILIES, Family, UnsupportedModelError, family_for
 
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "instructblip": "InstructBlipForConditionalGeneration",
-}
+SUPPORTED_MODEL_TYPES: dict[str, str] = {k: f.hf_class for k, f in FAMILIES.items()}
 
-
-class UnsupportedModelError(DleafError, TypeError):
-    pass
+__all__ = ["SUPPORTED_MODEL_TYPES", "ModelAdapter", "UnsupportedModelError"]
 
 
 @dataclass
 class ModelAdapter:
-    """What the analysis needs to know about one model object."""
+    """The family-specific facts about one model object."""
 
     model: nn.Module
 
     def __post_init__(self) -> None:
-        mt = getattr(self.model.config, "model_type", None)
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModelError(
-                f"{type(self.model).__name__} (model_type {mt!r}) is not supported; supported classes: "
-                + ", ".join(sorted(SUPPORTED_MODEL_TYPES.values()))
-            )
-        self.model_type: str = mt
+        self.family: Family = family_for(getattr(self.model.config, "model_type", None))
+        self.model_type: str = self.family.model_type
 
     @property
     def text_config(self):
@@ -44,19 +33,19 @@ class ModelAdapter:
     @property
     def language_model(self) -> nn.Module:
         """The decoder stack (the module whose ``.layers`` are the LM layers)."""
-        inner = getattr(self.model, "model", None)
-        lm = getattr(inner, "language_model", None) if inner is not None else None
-        if lm is None:
-            lm = getattr(self.model, "language_model", None)
-        if lm is not None and not hasattr(lm, "layers") and hasattr(lm, "model"):
-            lm = lm.model
-        if lm is None or not hasattr(lm, "layers"):
-            raise UnsupportedModelError(f"cannot find the language-model layers of {type(self.model).__name__}")
-        return lm
+        return self.family.decoder_of(self.model)
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.language_model.layers
+        return getattr(self.language_model, self.family.layers)
+
+    def attention(self, layer: int) -> nn.Module:
+        """Layer ``layer``'s attention module (where the hook point sits)."""
+        return getattr(self.layers[layer], self.family.attention)
+
+    def output_projection(self, layer: int) -> nn.Module:
+        """Layer ``layer``'s attention output projection (its input: the heads' outputs ``[B, T, H * d]``)."""
+        return getattr(self.attention(layer), self.family.output_projection)
 
     @property
     def n_layers(self) -> int:
@@ -74,7 +63,7 @@ class ModelAdapter:
     @property
     def image_token_id(self) -> int:
         cfg = self.model.config
-        for key in ("image_token_id", "image_token_index"):
+        for key in self.family.image_token_keys:
             v = getattr(cfg, key, None)
             if v is not None:
                 return int(v)

@@ -77,13 +77,14 @@ class PromptBuilder:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.plain_format = None
         if not (getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)):
-            from dleaf_analysis.models.processors import PLAIN_FORMATS
+            from dleaf_analysis.models.families import FAMILIES
 
             kind = type(processor).__name__.removesuffix("Processor").lower()
-            if kind not in PLAIN_FORMATS:
+            fam = FAMILIES.get(kind)
+            if fam is None or fam.plain_prompt is None:
                 raise InputError(f"{type(processor).__name__} has no chat template and no known plain prompt format; "
                                  "add a chat_template.jinja to the model directory")
-            self.plain_format = PLAIN_FORMATS[kind]
+            self.plain_format = fam.plain_prompt
 
     def chat(self, prompt: str) -> str:
         """The prompt text in the model's chat template, with one image placeholder (or, for a

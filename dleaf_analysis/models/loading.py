@@ -26,6 +26,7 @@ class LoadedModel:
     path: Path
     model_id: str
     weights_hash: str
+    files_hash: str = ""  # config, processor, tokenizer and chat-template files (see :func:`files_hash`)
 
     @classmethod
     def wrap(cls, model: torch.nn.Module, processor=None, model_id: str | None = None) -> "LoadedModel":
@@ -34,8 +35,16 @@ class LoadedModel:
         for k, v in sorted(model.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().float().numpy().tobytes())
+        cfg = hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:16]
         return cls(model=model.eval(), processor=processor, path=Path("."), model_id=model_id or type(model).__name__,
-                   weights_hash=h.hexdigest()[:16])
+                   weights_hash=h.hexdigest()[:16], files_hash=cfg)
+
+    def record(self) -> dict:
+        """What identifies this model in a run's manifest: id, weights hash, a hash of its other files,
+        and the dtype and device kind it runs in (both change numbers)."""
+        p = next(self.model.parameters())
+        return {"id": self.model_id, "weights_hash": self.weights_hash, "files_hash": self.files_hash,
+                "dtype": str(p.dtype).replace("torch.", ""), "device": p.device.type}
 
     @property
     def tokenizer(self):
@@ -83,6 +92,21 @@ class LoadedModel:
         return gc.pad_token_id if gc.pad_token_id is not None else gc.eos_token_id
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+NOT_MODEL_FILES = ("model_card.json", "MODEL_CARD.md", "loss_curve.png", "previous_model.json")
+
+
+def files_hash(path: Path) -> str:
+    """sha256 (16 hex) over every file of a model directory but its weights and card: config,
+    generation config, processor, tokenizer and chat template (editing any of them changes results)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix not in WEIGHT_SUFFIXES
+                    and p.name not in NOT_MODEL_FILES and not p.name.endswith(".index.json")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def weights_hash(path: Path) -> str:
     """sha256 (16 hex) over the directory's weight files, in name order."""
     files = sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin")))
@@ -108,7 +132,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from dleaf_analysis.models.adapters import SUPPORTED_MODEL_TYPES
+    from dleaf_analysis.models.families import FAMILIES
 
     path = Path(path) if path is not None else EMBEDDED_MODEL_DIR
     if not path.is_dir():
@@ -124,11 +148,12 @@ def load_model(
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    if config.model_type not in FAMILIES:
         raise ModelLoadError(
             f"model type {config.model_type!r} in {path} is not supported; supported: "
-            f"{sorted(SUPPORTED_MODEL_TYPES)}"
+            f"{sorted(FAMILIES)}"
         )
+    family = FAMILIES[config.model_type]
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
@@ -137,10 +162,8 @@ def load_model(
         model = AutoModelForImageTextToText.from_pretrained(
             path, local_files_only=True, dtype=dtype, device_map=device_map, attn_implementation="eager"
         )
-        if config.model_type == "qwen2_vl":  # its video processor needs torchvision; images only
-            from dleaf_analysis.models.processors import load_qwen2_vl_processor
-
-            processor = load_qwen2_vl_processor(path)
+        if family.load_processor is not None:  # e.g. Qwen2-VL: images only (its video processor needs torchvision)
+            processor = family.load_processor(path)
         else:
             processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except Exception as e:
@@ -152,4 +175,5 @@ def load_model(
     card = path / "model_card.json"
     if card.is_file():
         model_id = json.loads(card.read_text()).get("model_id", model_id)
-    return LoadedModel(model=model, processor=processor, path=path, model_id=model_id, weights_hash=wh)
+    return LoadedModel(model=model, processor=processor, path=path, model_id=model_id, weights_hash=wh,
+                       files_hash=files_hash(path))

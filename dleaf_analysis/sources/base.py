@@ -84,11 +84,35 @@ class ImageSource(ABC):
         """Every ``n``-th item starting at ``i`` (``0 <= i < n``)."""
         if not 0 <= i < n:
             raise SourceError(f"shard {i}/{n}: need 0 <= i < N")
+        if self._shard != (0, 1):
+            raise SourceError("this source is already a shard; shard the whole source instead")
         new = self._select(self._items[i::n])
         new._shard = (i, n)
         new._unsharded = self.fingerprint
         new._parent = self
         return new
+
+    @property
+    def shard_spec(self) -> tuple[int, int]:
+        """``(i, n)``: this selection is shard ``i`` of ``n`` (``(0, 1)``: not sharded)."""
+        return self._shard
+
+    @property
+    def parent(self) -> "ImageSource":
+        """The unsharded source this shard was taken from (itself if not a shard)."""
+        return getattr(self, "_parent", self)
+
+    def record(self) -> dict:
+        """What identifies the images of a run in its manifest: the description, a hash of the
+        unsharded selection, the shard and the number of items."""
+        return {**self.describe(), "hash": self.unsharded_fingerprint, "shard": list(self._shard),
+                "n_items": len(self.parent)}
+
+    def pope_questions(self, variants: Sequence[str], seed: int = 0) -> pd.DataFrame:
+        """POPE questions on this source's images: one row per question with ``item`` (position in the
+        source), ``key`` (stable), ``variant``, ``object``, ``label`` (yes/no) and ``question``."""
+        raise SourceError(f"{type(self).__name__} has no POPE questions; POPE runs on a scene split or on COCO "
+                          "with POPE's question files (dleaf pope-coco)")
 
     @property
     def unsharded_fingerprint(self) -> str:

@@ -1,4 +1,4 @@
-"""CHAIR for COCO (Rohrbach et al. 2018), faithful to the Python-3 port used by OPERA, PAI and
+"""CHAIR's matcher for COCO (Rohrbach et al. 2018): which objects a caption mentions, faithful to the Python-3 port used by OPERA, PAI and
 "Devils in Middle Layers" (lower-case; NLTK word tokenisation; NLTK perceptron POS tags;
 WordNet lemmatisation by part of speech; two-word merging; the toilet-seat rule; synonyms).
 
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from dleaf_analysis.evaluation.chair import chair_summary
 from dleaf_analysis.paths import DATA_DIR
 from dleaf_analysis.errors import DleafError
 
@@ -267,17 +266,3 @@ def read_captions(path: str | Path, image_id_key: str = "image_id", caption_key:
     df = pd.DataFrame({"image_id": [int(r[image_id_key]) for r in ok], "caption": [str(r[caption_key]) for r in ok]})
     df.attrs["skipped_missing_keys"] = len(recs) - len(ok)
     return df
-
-
-def chair_score(captions: pd.DataFrame, scorer: CocoChair, n_resamples: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(summary, details)``: CHAIR_s, CHAIR_i, recall (percent), length (words), bootstrap CIs.
-    Captions of images not in the ground truth are skipped and counted in ``summary.attrs``."""
-    known = captions["image_id"].isin(scorer.gt.keys())
-    details = scorer.details(captions[known])
-    summary = chair_summary(details, n_resamples=n_resamples, seed=seed)  # same statistics as on scenes
-    summary.attrs.update({"skipped_unknown_image_ids": int((~known).sum()),
-                          "skipped_missing_keys": captions.attrs.get("skipped_missing_keys", 0),
-                          "hallucinated_mentions": int(details["n_hallucinated"].sum()),
-                          "mentions": int(details["n_mentions"].sum()),
-                          "tagger": scorer.tagger})
-    return summary, details

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT
+from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_NEW_TOKENS
 from dleaf_analysis.scenes import Split, load_split, render
 from dleaf_analysis.sources.base import ImageSource, Mention, SourceError
 
@@ -18,13 +18,13 @@ class SceneSource(ImageSource):
 
     kind = "scene"
     prompt = DEFAULT_CAPTION_PROMPT
-    max_new_tokens = 32
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS
 
     def __init__(self, split: Split) -> None:
         super().__init__(range(len(split)))
         self.split = split
         self.world = split.world
-        self._classes = set(split.world.classes)
+        self._words = split.world.object_words  # singular and plural -> class
 
     @classmethod
     def load(cls, name: str, limit: int | None = None) -> "SceneSource":
@@ -55,8 +55,8 @@ class SceneSource(ImageSource):
 
     def mentions(self, text: str) -> list[Mention]:
         # the embedded tokenizer's words (as evaluation.chair.words), with their character spans
-        return [Mention(m.group(0).lower(), m.start(), m.end(), m.group(0))
-                for m in re.finditer(r"\w+|[^\w\s]", text) if m.group(0).lower() in self._classes]
+        return [Mention(self._words[m.group(0).lower()], m.start(), m.end(), m.group(0))
+                for m in re.finditer(r"\w+|[^\w\s]", text) if m.group(0).lower() in self._words]
 
     def cue(self, i: int, obj: str) -> str | None:
         """A present strong partner of ``obj`` (the world's co-occurrence rule), else a present
@@ -70,10 +70,26 @@ class SceneSource(ImageSource):
     def chair_details(self, captions):
         from dleaf_analysis.evaluation.chair import chair_details
 
-        return chair_details(captions, self.object_sets(), self.world.classes)
+        return chair_details(captions, self.object_sets(), self.world.object_words)
 
     def describe(self) -> dict:
         return {"kind": "scene", "split": self.split.name, "split_hash": self.split.annotations_hash}
+
+    def pope_questions(self, variants, seed: int = 0):
+        """The scene world's POPE questions (random / popular / adversarial negatives from the train
+        split's statistics), on this selection's images."""
+        import pandas as pd
+
+        from dleaf_analysis.scenes import pope_questions
+        from dleaf_analysis.scenes.splits import Split, train_object_stats
+
+        sel = Split(self.split.name, self.split.definition, self.world, [self.scene(i) for i in range(len(self))])
+        frames = []
+        for v in variants:
+            q = pope_questions(sel, v, train_object_stats(), seed=seed).rename(columns={"image": "item"})
+            q["key"] = [f"pope:{v}:{self.key(i)}:{o}" for i, o in zip(q["item"], q["object"])]
+            frames.append(q)
+        return pd.concat(frames, ignore_index=True)
 
     def check_model(self, lm) -> None:
         """The scene world's class names must be single tokens of the model's vocabulary."""

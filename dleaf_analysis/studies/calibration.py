@@ -37,114 +37,26 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dleaf_analysis import diagnostics as D
-from dleaf_analysis import hooks
+from dleaf_analysis import detectors, hooks
 from dleaf_analysis.evaluation.chair import chair_paired
-from dleaf_analysis.interventions import DLeaf, image_key_mask, fuse_heads, get_method
+from dleaf_analysis.interventions import DLeaf, get_method
+from dleaf_analysis.interventions.faults import FAULT_KINDS, Fault, FaultEditor, damage  # noqa: F401 (re-exported)
 from dleaf_analysis.models.adapters import ModelAdapter
 from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT, new_token_ids
 from dleaf_analysis.models.loading import LoadedModel
 from dleaf_analysis.seeding import derive_seed
 from dleaf_analysis.sources import ImageSource
-from dleaf_analysis.sweeps import ResultStore, run_sweep
+from dleaf_analysis.studies.base import Study, register
 
-FAULT_KINDS = ("diffuse", "drain")
-CALIBRATION_DETECTORS = ("liae", "liae-z", "image-mass", "image-mass-z", "row-entropy", "layer-profile")
+BASELINE = "layer-profile"  # the layer's mean LIAE over unfaulted steps: a fixed ordering
 RECOVERY_METHODS = ("dleaf", "uniform", "pai", "oracle")
 
 
-@dataclass(frozen=True)
-class Fault:
-    """A planted attention fault (see the module doc)."""
-
-    kind: str
-    layer: int
-    heads: tuple[int, ...]
-    strength: float = 1.0
-    step_fraction: float = 1.0
-    seed: int = 0
-
-    def validate(self, n_layers: int, n_heads: int) -> "Fault":
-        if self.kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r}; choose one of {FAULT_KINDS}")
-        if not 0 <= self.layer < n_layers:
-            raise ValueError(f"fault layer {self.layer} out of range; the model has layers 0..{n_layers - 1}")
-        if not self.heads or any(not 0 <= h < n_heads for h in self.heads) or len(self.heads) >= n_heads:
-            raise ValueError(f"fault heads {self.heads} must be a non-empty proper subset of 0..{n_heads - 1}")
-        if not (0 < self.strength <= 1 and 0 < self.step_fraction <= 1):
-            raise ValueError("fault strength and step_fraction must be in (0, 1]")
-        return self
-
-    @property
-    def key(self) -> str:
-        return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}, sort_keys=True)
-
-    def active_steps(self, item: int, n_steps: int = 256) -> np.ndarray:
-        """``bool [n_steps]``: the decoding steps at which the fault acts on image ``item``."""
-        rng = np.random.default_rng(derive_seed(self.seed, self.key, item))
-        return rng.random(n_steps) < self.step_fraction
-
-
-def damage(row: torch.Tensor, img: torch.Tensor, kind: str, strength: float) -> torch.Tensor:
-    """The damaged attention row: ``row [B, H, K]``, ``img [B, K]`` bool -> ``[B, H, K]``."""
-    imgf = img[:, None, :].to(row.dtype)
-    mass = (row * imgf).sum(-1, keepdim=True)  # [B, H, 1]
-    n = imgf.sum(-1, keepdim=True).clamp_min(1)
-    if kind == "diffuse":
-        new_img = (1 - strength) * row + strength * mass / n
-        return torch.where(img[:, None, :], new_img, row)
-    text_mass = (row * (1 - imgf)).sum(-1, keepdim=True).clamp_min(1e-12)
-    scale = 1 + strength * mass / text_mass
-    return torch.where(img[:, None, :], (1 - strength) * row, row * scale)
-
-
-class FaultEditor:
-    """Pattern editor that plants ``fault`` during decoding of a batch of ``items`` (image ids).
-
-    With ``oracle``, D-LEAF's fusion (``oracle_cfg``: gamma, fusion variant) is applied right
-    after the damage, exactly at the faulted steps and heads, toward the best intact head.
-    ``every_call``: act on every call (teacher-forced analyses), not per decoding step.
-    """
-
-    def __init__(self, fault: Fault, adapter: ModelAdapter, inputs: dict, items: list[int],
-                 oracle_cfg: DLeaf | None = None, every_call: bool = False) -> None:
-        self.fault, self.adapter, self.inputs = fault, adapter, inputs
-        self.active = torch.from_numpy(np.stack([fault.active_steps(i) for i in items]))  # [B, S]
-        self.oracle_cfg, self.every_call = oracle_cfg, every_call
-        self.step = -1
-
-    def __call__(self, pattern: torch.Tensor, layer: int) -> torch.Tensor:
-        if layer == 0:
-            self.step += 1
-        f = self.fault
-        if layer != f.layer:
-            return pattern
-        B, H, _, K = pattern.shape
-        act = torch.ones(B, dtype=torch.bool) if self.every_call else self.active[:, min(self.step, self.active.shape[1] - 1)]
-        act = act.to(pattern.device)
-        head_mask = torch.zeros(H, dtype=torch.bool, device=pattern.device)
-        head_mask[list(f.heads)] = True
-        sel = act[:, None] & head_mask[None, :]  # [B, H]
-        row = pattern[:, :, -1, :]
-        img = image_key_mask(self.inputs, self.adapter, K).to(pattern.device)
-        if img.shape[0] != B:  # batched copies of one input (causal maps)
-            img = img[:1].expand(B, -1)
-        new = torch.where(sel[..., None], damage(row.float(), img, f.kind, f.strength).to(row.dtype), row)
-        if self.oracle_cfg is not None:
-            iaf = (new.float() * img[:, None, :]).sum(-1).masked_fill(head_mask[None, :], -1.0)  # intact heads only
-            key_img = img if self.oracle_cfg.fusion == "image" else None
-            new = fuse_heads(new, sel, iaf.argmax(-1), self.oracle_cfg.gamma, key_img)
-        pattern = pattern.clone()
-        pattern[:, :, -1, :] = new
-        return pattern
-
-
-def _captions(lm: LoadedModel, images: list, items: list[int], fault: Fault | None, method: str = "greedy",
+def captions_with_fault(lm: LoadedModel, images: list, items: list[int], fault: Fault | None, method: str = "greedy",
               method_config: dict | None = None, max_new_tokens: int = 32, batch_size: int = 16,
               prompt: str = DEFAULT_CAPTION_PROMPT) -> tuple[list[str], list[list[int]]]:
     """Greedy captions (and their generated ids) with ``fault`` planted and ``method`` decoding
     (``oracle``: the fault's oracle fusion)."""
-    adapter = ModelAdapter(lm.model)
     oracle = method == "oracle"
     m = get_method("greedy" if oracle else method, None if oracle else method_config)
     oracle_cfg = DLeaf(**{k: v for k, v in (method_config or {}).items() if k in DLeaf.__dataclass_fields__}) if oracle else None
@@ -155,8 +67,8 @@ def _captions(lm: LoadedModel, images: list, items: list[int], fault: Fault | No
             if fault is None:
                 ids = m.generate(lm, inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.pad_token_id)
             else:
-                ed = FaultEditor(fault, adapter, inputs, items[i:i + batch_size], oracle_cfg)
-                with hooks.attach_editor(lm.model, ed):  # the fault first: the method sees the damaged pattern
+                ed = FaultEditor(fault, items[i:i + batch_size], oracle_cfg)
+                with hooks.attach_editor(lm.model, ed, inputs):  # the fault first: the method sees the damaged pattern
                     ids = m.generate(lm, inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=lm.pad_token_id)
         gen = new_token_ids(ids[:, inputs["input_ids"].shape[1]:].tolist(), lm)
@@ -165,12 +77,11 @@ def _captions(lm: LoadedModel, images: list, items: list[int], fault: Fault | No
     return out, out_ids
 
 
-def _traces(lm: LoadedModel, images: list, items: list[int], fault: Fault | None, max_new_tokens: int,
+def traces_with_fault(lm: LoadedModel, images: list, items: list[int], fault: Fault | None, max_new_tokens: int,
             prompt: str = DEFAULT_CAPTION_PROMPT):
     """Per image: ``(layer scores {detector: [S, L]}, IAF [S, L, H], active steps [S])``."""
     from dleaf_analysis.tracing import trace_generation
 
-    adapter = ModelAdapter(lm.model)
     out = []
     for img, item in zip(images, items):
         inputs = lm.inputs([img], [prompt])
@@ -178,11 +89,11 @@ def _traces(lm: LoadedModel, images: list, items: list[int], fault: Fault | None
             c = trace_generation(lm, None, inputs=inputs, max_new_tokens=max_new_tokens, backend="hooks")
             act = np.zeros(c.n_steps, bool)
         else:
-            ed = FaultEditor(fault, adapter, inputs, [item])
-            with hooks.attach_editor(lm.model, ed):
+            ed = FaultEditor(fault, [item])
+            with hooks.attach_editor(lm.model, ed, inputs):
                 c = trace_generation(lm, None, inputs=inputs, max_new_tokens=max_new_tokens, backend="hooks")
             act = ed.active[0, : c.n_steps].numpy()
-        scores = {d: D.layer_scores(c, d).float().numpy() for d in CALIBRATION_DETECTORS if d != "layer-profile"}
+        scores = {d.name: d.suspect(c).float().numpy() for d in detectors.select("layer")}
         out.append((scores, c.iaf("mass").float().numpy(), act))
     return out
 
@@ -210,53 +121,54 @@ def default_faults(n_layers: int, n_heads: int, seed: int = 0) -> list[Fault]:
     return grid
 
 
-def run_calibration(
-    lm: LoadedModel,
-    source: ImageSource,
-    out: str | Path,
-    manifest: dict,
-    faults: list[Fault] | None = None,
-    dleaf_config: dict | None = None,
-    methods: dict[str, dict] | None = None,
-    max_new_tokens: int | None = None,
-    n_causal_events: int = 4,
-    seed: int = 0,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    fault_shard: tuple[int, int] = (0, 1),
-) -> dict[str, pd.DataFrame]:
-    """Run the calibration grid (resumable: one unit per fault) on the images of ``source``
-    (its prompt, caption length, ground truth and CHAIR matcher); returns tidy tables
-    ``faults``, ``detection``, ``iaf``, ``recovery``, ``causal`` and writes them (and
-    ``summary.json``) to ``out``.  ``fault_shard=(i, N)``: this process runs every N-th fault
-    from i on every image (merge the shards with ``dleaf study calibration --merge``)."""
-    adapter = ModelAdapter(lm.model)
-    hooks.install(lm.model)
-    L, H = adapter.n_layers, adapter.n_heads
-    faults = faults or default_faults(L, H, seed)
-    for f in faults:
-        f.validate(L, H)
-    dcfg = DLeaf(**{**(dleaf_config or {})})
-    methods = methods or {}
-    images = [source.image(i) for i in range(len(source))]
-    prompt = source.prompt
-    max_new_tokens = max_new_tokens or source.max_new_tokens
-    items = list(range(len(images)))
-    out = Path(out)
-    store = ResultStore(out, {**manifest, "study": "calibration", "faults": [f.key for f in faults],
-                              "dleaf": dcfg.to_dict(), "methods": methods, "max_new_tokens": max_new_tokens,
-                              "seed": seed, "shard": list(fault_shard)})
-    log(f"calibration: unfaulted captions and traces of {len(images)} images")
-    clean_caps, _ = _captions(lm, images, items, None, max_new_tokens=max_new_tokens, prompt=prompt)
-    clean_det = source.chair_details(clean_caps)
-    clean_tr = _traces(lm, images, items, None, max_new_tokens, prompt)
-    cand = dcfg.candidate_layers(L)
-    profile = np.mean([s["liae"].mean(0) for s, _, _ in clean_tr], axis=0)  # [L] layer profile (unfaulted)
+def fault_from_dict(d: dict) -> Fault:
+    return Fault(d["kind"], int(d["layer"]), tuple(int(h) for h in d["heads"]), float(d.get("strength", 1.0)),
+                 float(d.get("step_fraction", 1.0)), int(d.get("seed", 0)))
 
-    def unit(fault_key: str) -> list[dict]:
-        f = next(x for x in faults if x.key == fault_key)
+
+@register
+class Calibration(Study):
+    name = "calibration"
+    description = ("Planted faults of known place, strength and timing: their harm, whether each registered layer "
+                   "detector sees them (per-step AUROC, top-1 hit), IAF's choice of heads, recovery by D-LEAF, uniform "
+                   "fusion, PAI and an oracle, and the causal maps on the faulted captions.")
+    uses_events = False
+    shard_axis = "units"  # shards split the fault grid (paired statistics stay paired) and run on every image
+    figures = ("calibration",)
+    default_options = {"faults": None, "n_causal_events": 4, "max_new_tokens": None}
+
+    def prepare(self, ctx) -> None:
+        lm, source = ctx.lm, ctx.source
+        hooks.install(lm.model)
+        ad = ModelAdapter(lm.model)
+        L, H = ad.n_layers, ad.n_heads
+        faults = ([fault_from_dict(d) for d in ctx.options["faults"]] if ctx.options["faults"]
+                  else default_faults(L, H, ctx.seed))
+        for f in faults:
+            f.validate(L, H, allow_all_heads=True)
+        images = [source.image(i) for i in range(len(source))]
+        items = list(range(len(images)))
+        mnt = ctx.options["max_new_tokens"] or source.max_new_tokens
+        ctx.log(f"calibration: unfaulted captions and traces of {len(images)} images")
+        clean_caps, _ = captions_with_fault(lm, images, items, None, max_new_tokens=mnt, prompt=source.prompt)
+        clean_tr = traces_with_fault(lm, images, items, None, mnt, source.prompt)
+        cand = ctx.dleaf.candidate_layers(L)
+        ctx.extra.update(
+            faults=faults, images=images, items=items, max_new_tokens=mnt, L=L, H=H, cand=cand, clean_tr=clean_tr,
+            clean_det=source.chair_details(clean_caps),
+            profile=np.mean([s["liae"].mean(0) for s, _, _ in clean_tr], axis=0),  # [L] unfaulted layer profile
+            methods={"dleaf": {k: v for k, v in ctx.config.dleaf.items()}, **ctx.config.methods})
+
+    def units(self, ctx):
+        return [(f.key, f) for f in ctx.extra["faults"]]
+
+    def unit(self, ctx, f: Fault) -> list[dict]:
+        lm, source, seed, x = ctx.lm, ctx.source, ctx.seed, ctx.extra
+        images, items, max_new_tokens, prompt = x["images"], x["items"], x["max_new_tokens"], source.prompt
+        clean_det, clean_tr, profile, cand, H = x["clean_det"], x["clean_tr"], x["profile"], x["cand"], x["H"]
+        dcfg, methods, n_causal_events, fault_key = ctx.dleaf, x["methods"], ctx.options["n_causal_events"], f.key
         rows: list[dict] = []
-        caps, cap_ids = _captions(lm, images, items, f, max_new_tokens=max_new_tokens, prompt=prompt)
+        caps, cap_ids = captions_with_fault(lm, images, items, f, max_new_tokens=max_new_tokens, prompt=prompt)
         det = source.chair_details(caps)
         harm = chair_paired(clean_det, det, n_resamples=500, seed=seed).set_index("metric")
         base = {"fault": fault_key, "kind": f.kind, "layer": f.layer, "heads": list(f.heads), "strength": f.strength,
@@ -266,11 +178,11 @@ def run_calibration(
                      "drecall": harm.loc["recall", "diff"], "drecall_low": harm.loc["recall", "ci_low"],
                      "drecall_high": harm.loc["recall", "ci_high"]})
         # detection and IAF, per step
-        tr = _traces(lm, images, items, f, max_new_tokens, prompt)
+        tr = traces_with_fault(lm, images, items, f, max_new_tokens, prompt)
         faulted = np.zeros(H, bool)
         faulted[list(f.heads)] = True
-        for d in CALIBRATION_DETECTORS:
-            if d == "layer-profile":
+        for d in [det.name for det in detectors.select("layer")] + [BASELINE]:
+            if d == BASELINE:
                 pos = np.concatenate([np.full(int(a.sum()), profile[f.layer]) for _, _, a in tr])
                 neg = np.full(sum(len(s["liae"]) for s, _, _ in clean_tr), profile[f.layer])
                 top1 = [float(cand[int(np.argmax(profile[cand]))] == f.layer)] * max(1, len(pos))
@@ -293,7 +205,7 @@ def run_calibration(
         # recovery under the fault
         for name in RECOVERY_METHODS:
             cfg = {k: v for k, v in dcfg.to_dict().items() if k != "method"} if name == "oracle" else methods.get(name, {})
-            mcaps, _ = _captions(lm, images, items, f, name, cfg, max_new_tokens=max_new_tokens, prompt=prompt)
+            mcaps, _ = captions_with_fault(lm, images, items, f, name, cfg, max_new_tokens=max_new_tokens, prompt=prompt)
             mdet = source.chair_details(mcaps)
             vs_clean = chair_paired(clean_det, mdet, n_resamples=500, seed=seed).set_index("metric")
             vs_fault = chair_paired(det, mdet, n_resamples=500, seed=seed).set_index("metric")
@@ -309,23 +221,18 @@ def run_calibration(
         rows += _causal_rows(lm, source, images, cap_ids, f, base, n_causal_events)
         return rows
 
-    mine = faults[fault_shard[0]::fault_shard[1]]
-    units = [(f.key, f.key) for f in mine]
-    df = run_sweep(units, unit, store, progress=progress, desc=f"calibration over {len(mine)} faults")
-    return calibration_tables(df, out)
+    def finalize(self, ctx, events, rows, summary):
+        tables = calibration_tables(rows)
+        summary.update(calibration_summary(tables))
+        return tables
 
 
-def calibration_tables(df: pd.DataFrame, out: str | Path) -> dict[str, pd.DataFrame]:
-    """Tidy tables from the calibration's per-fault rows; written (with ``summary.json``) to ``out``."""
-    out = Path(out)
+def calibration_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Tidy tables from the calibration's per-fault rows."""
     tables = {}
     for name in ("faults", "detection", "iaf", "recovery", "causal"):
         t = df[df["table"] == name] if "table" in df else df.iloc[:0]
-        t = t.reindex(columns=_TABLE_COLUMNS[name])
-        tables[name] = t.reset_index(drop=True)
-        if len(t):
-            t.to_csv(out / f"{name}.csv", index=False)
-    (out / "summary.json").write_text(json.dumps(calibration_summary(tables), indent=1, default=float))
+        tables[name] = t.reindex(columns=_TABLE_COLUMNS[name]).reset_index(drop=True)
     return tables
 
 
@@ -368,7 +275,7 @@ def _causal_rows(lm, source: ImageSource, images: list, cap_ids: list[list[int]]
         if not pref:
             continue
         inputs = lm.inputs([images[i]], [source.prompt], ids[:j] or None)
-        with hooks.attach_editor(lm.model, FaultEditor(f, adapter, inputs, [i], every_call=True)):
+        with hooks.attach_editor(lm.model, FaultEditor(f, [i], every_call=True), inputs):
             maps = causal.causal_maps(lm, inputs, ids[j], pref[0], None, kinds=("ablation",))
         row = {**base, "table": "causal", "image": i}
         for name in ("correct_layer", "layer_zero"):
@@ -379,12 +286,12 @@ def _causal_rows(lm, source: ImageSource, images: list, cap_ids: list[list[int]]
 
 def calibration_summary(tables: dict[str, pd.DataFrame]) -> dict:
     """Plain numbers per fault: harm, best detector by AUROC, D-LEAF's and the oracle's recovery."""
-    out = {}
+    out = {"faults": {}}
     det, rec = tables.get("detection", pd.DataFrame()), tables.get("recovery", pd.DataFrame())
     for _, f in tables.get("faults", pd.DataFrame()).iterrows():
         d = det[det.fault == f.fault] if len(det) else det
         r = rec[rec.fault == f.fault].set_index("method") if len(rec) else rec
-        out[f.fault] = {
+        out["faults"][f.fault] = {
             "dCHAIR_s": f.dCHAIR_s, "drecall": f.drecall,
             "auroc": dict(zip(d.detector, d.auroc)) if len(d) else {},
             "recovery_CHAIR_s": dict(r["recovery_CHAIR_s"]) if len(r) else {},

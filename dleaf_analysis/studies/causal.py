@@ -38,16 +38,6 @@ HEAD_MAPS = ("head_zero", "head_mean", "correct_head", "patch_head", "patch_head
 LAYER_MAPS = ("layer_zero", "correct_layer", "patch_layer")
 
 
-def _rep(inputs: dict, n: int) -> dict:
-    return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
-
-
-def _chunks(n: int, batch_size: int | None) -> list[list[int]]:
-    """``0..n-1`` in consecutive chunks of at most ``batch_size`` (all at once if ``None``)."""
-    bs = n if batch_size is None else max(1, int(batch_size))
-    return [list(range(s, min(n, s + bs))) for s in range(0, n, bs)]
-
-
 def _z_flat(model, layer: int, fn):
     """``lens.hook`` on head outputs, with ``fn`` seeing them concatenated: ``[B, T, H * d]``
     (``o_proj``'s input)."""
@@ -67,120 +57,76 @@ def _metric(lm, inputs: dict, tok: int, pref: int) -> torch.Tensor:
 
 def causal_maps(lm, inputs: dict, token_id: int, preferred_id: int, cf_inputs: dict | None = None,
                 kinds: tuple[str, ...] = ("ablation", "patching"), batch_size: int | None = None) -> dict:
-    """Maps for one event (see module doc).  ``kinds``: "ablation" (ablation and correction maps)
+    """Maps for one event (see module doc), every one through the one patching engine
+    (:func:`dleaf_analysis.lens.patch`).  ``kinds``: "ablation" (ablation and correction maps)
     and/or "patching" (patching and attribution maps, which need ``cf_inputs``: the
     counterfactual run's inputs, same positions).  ``batch_size``: at most this many intervened
     copies per forward (default: all heads of a layer, or all layers, at once); it bounds memory
     on large models.  Returns ``{name: array}`` plus the clean (and counterfactual) metric values."""
-    adapter = ModelAdapter(lm.model)
     hooks.install(lm.model)
-    L, H, d = adapter.n_layers, adapter.n_heads, adapter.head_dim
-    tok, pref = token_id, preferred_id
-    base = float(_metric(lm, inputs, tok, pref)[0])
+    base = float(_metric(lm, inputs, token_id, preferred_id)[0])
     out: dict = {"m_clean": base}
-    clean_z = head_outputs(lm, inputs)
-
-    def per_head(edit_fn, src_inputs, ref: float) -> np.ndarray:
-        """For each layer: batches of copies, copy b edited at head ``hs[b]`` by ``edit_fn(x_h, l, h)``."""
-        res = np.zeros((L, H))
-        for hs in _chunks(H, batch_size):
-            rep = _rep(src_inputs, len(hs))
-            for l in range(L):
-                def fn(x, l=l, hs=hs):
-                    x = x.clone()
-                    for b, h in enumerate(hs):
-                        sl = slice(h * d, (h + 1) * d)
-                        x[b, :, sl] = edit_fn(x[b, :, sl], l, h)
-                    return x
-                with _z_flat(lm.model, l, fn):
-                    res[l, hs] = (_metric(lm, rep, tok, pref) - ref).cpu().numpy()
-        return res
-
+    metric = lambda logits: logit_diff(logits, token_id, preferred_id)  # noqa: E731
     if "ablation" in kinds:
-        out.update(_ablation_maps(lm, inputs, tok, pref, base, per_head, batch_size))
+        out.update(_ablation_maps(lm, inputs, metric, base, batch_size))
     if "patching" in kinds and cf_inputs is not None:
-        out.update(_patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head, batch_size))
+        out.update(_patching_maps(lm, inputs, cf_inputs, token_id, preferred_id, metric, base, batch_size))
     return out
 
 
-def _ablation_maps(lm, inputs, tok, pref, base, per_head, batch_size=None) -> dict:
+def _fused_last_row(pattern: torch.Tensor, img: torch.Tensor, head: int | None = None) -> torch.Tensor:
+    """D-LEAF's fusion at gamma = 1 on the last query row of one copy's pattern ``[H, Q, K]``:
+    below-mean heads toward the best (``head=None``: the layer's correction), or only ``head``
+    (``correct_head``; nothing if it is the best).  Returns the new last rows ``[H, K]``."""
+    row = pattern[None, :, -1, :]  # [1, H, K]
+    iaf = D.iaf(image_columns(row.float(), img[None, : row.shape[-1]]))
+    best = iaf.argmax(-1)
+    if head is None:
+        sel = DLeaf(gamma=1.0).select_heads(iaf)
+    else:
+        heads = torch.arange(row.shape[1], device=row.device)
+        sel = (heads == head)[None] & (heads[None] != best[:, None])
+    return fuse_heads(row, sel, best, 1.0)[0]
+
+
+def _ablation_maps(lm, inputs, metric, base, batch_size=None) -> dict:
     adapter = ModelAdapter(lm.model)
-    L, H = adapter.n_layers, adapter.n_heads
-    out = {}
-    out["head_zero"] = per_head(lambda x, l, h: torch.zeros_like(x), inputs, base)
-    out["head_mean"] = per_head(lambda x, l, h: x.mean(0, keepdim=True).expand_as(x), inputs, base)
-
-    # layer_zero: batches of copies, copy b has layer ls[b]'s attention output zeroed
-    out["layer_zero"] = np.zeros(L)
-    for ls in _chunks(L, batch_size):
-        with ExitStack() as st:
-            for b, l in enumerate(ls):
-                def zero(o, b=b):
-                    o = o.clone()
-                    o[b] = 0
-                    return o
-                st.enter_context(lens.hook(lm.model, f"blocks.{l}.attn.hook_result", zero))
-            out["layer_zero"][ls] = (_metric(lm, _rep(inputs, len(ls)), tok, pref) - base).cpu().numpy()
-
-    # correction alone: fusion in one layer (copy b: layer ls[b]), gamma = 1, last query row
     img = adapter.image_mask(inputs["input_ids"])[0]
-    sel_cfg = DLeaf(gamma=1.0)
-    out["correct_layer"] = np.zeros(L)
-    for ls in _chunks(L, batch_size):
-        def correct_layer_editor(pattern, layer, ls=ls):
-            if layer not in ls:
-                return pattern
-            b = ls.index(layer)
-            row = pattern[b:b + 1, :, -1, :]
-            iaf = D.iaf(image_columns(row.float(), img[None, : row.shape[-1]]))
-            sel = sel_cfg.select_heads(iaf)
-            pattern = pattern.clone()
-            pattern[b:b + 1, :, -1, :] = fuse_heads(row, sel, iaf.argmax(-1), 1.0)
-            return pattern
+    kw = dict(batch_size=batch_size, base=base)
+    out = {
+        "head_zero": lens.patch(lm, inputs, lambda v, l, h: torch.zeros_like(v[:, h]), metric, "attn.hook_z", "head", **kw),
+        "head_mean": lens.patch(lm, inputs, lambda v, l, h: v[:, h].mean(0, keepdim=True).expand_as(v[:, h]), metric,
+                                "attn.hook_z", "head", **kw),
+        "layer_zero": lens.patch(lm, inputs, lambda v, l, i: torch.zeros_like(v), metric, "attn.hook_result", "layer",
+                                 **kw),
+    }
 
-        with hooks.attach_editor(lm.model, correct_layer_editor):
-            out["correct_layer"][ls] = (_metric(lm, _rep(inputs, len(ls)), tok, pref) - base).cpu().numpy()
+    # correction alone: D-LEAF's fusion (gamma = 1) on the last query row, in one layer or of one head
+    def correct_layer(v, l, i):
+        new = v.clone()
+        new[:, -1, :] = _fused_last_row(v, img)
+        return new
 
-    res = np.zeros((L, H))
-    for hs in _chunks(H, batch_size):
-        repH = _rep(inputs, len(hs))
-        for l in range(L):
-            def correct_head_editor(pattern, layer, l=l, hs=hs):
-                if layer != l:
-                    return pattern
-                row = pattern[:, :, -1, :]
-                iaf = D.iaf(image_columns(row.float(), img[None].expand(row.shape[0], -1)))
-                best = iaf.argmax(-1)
-                heads = torch.arange(H, device=row.device)
-                sel = heads[None] == torch.tensor(hs, device=row.device)[:, None]  # copy b corrects head hs[b]
-                pattern = pattern.clone()
-                pattern[:, :, -1, :] = fuse_heads(row, sel & (heads[None] != best[:, None]), best, 1.0)
-                return pattern
-            with hooks.attach_editor(lm.model, correct_head_editor):
-                res[l, hs] = (_metric(lm, repH, tok, pref) - base).cpu().numpy()
-    out["correct_head"] = res
+    out["correct_layer"] = lens.patch(lm, inputs, correct_layer, metric, "attn.hook_pattern", "layer",
+                                      positions=[-1], **kw)
+    out["correct_head"] = lens.patch(lm, inputs, lambda v, l, h: _fused_last_row(v, img, h)[h][None].expand(
+        v.shape[1], -1), metric, "attn.hook_pattern", "head", positions=[-1], **kw)
     return out
 
 
-def _patching_maps(lm, inputs, cf_inputs, tok, pref, base, clean_z, per_head, batch_size=None) -> dict:
-    adapter = ModelAdapter(lm.model)
-    L, d = adapter.n_layers, adapter.head_dim
-    cf_z = head_outputs(lm, cf_inputs)
+def _patching_maps(lm, inputs, cf_inputs, tok, pref, metric, base, batch_size=None) -> dict:
+    _, clean = lens.run_with_cache(lm, inputs, names=lambda n: n.endswith("attn.hook_z"))
+    _, cf = lens.run_with_cache(lm, cf_inputs, names=lambda n: n.endswith("attn.hook_z"))
     m_cf = float(_metric(lm, cf_inputs, tok, pref)[0])
+    kw = dict(batch_size=batch_size)
     out = {"m_cf": m_cf}
-    out["patch_head"] = per_head(lambda x, l, h: cf_z[l][:, h * d:(h + 1) * d], inputs, base)
+    out["patch_head"] = lens.patch(lm, inputs, cf, metric, "attn.hook_z", "head", base=base, **kw)
     # restoring a carrier head into the counterfactual raises m: negate so "carries" is negative everywhere
-    out["patch_head_reverse"] = -per_head(lambda x, l, h: clean_z[l][:, h * d:(h + 1) * d], cf_inputs, m_cf)
-    out["patch_layer"] = np.zeros(L)
-    for ls in _chunks(L, batch_size):
-        with ExitStack() as st:  # copy b: layer ls[b]'s attention output from the counterfactual run
-            for b, l in enumerate(ls):
-                def patch(x, b=b, l=l):
-                    x = x.clone()
-                    x[b] = cf_z[l]
-                    return x
-                st.enter_context(_z_flat(lm.model, l, patch))
-            out["patch_layer"][ls] = (_metric(lm, _rep(inputs, len(ls)), tok, pref) - base).cpu().numpy()
+    out["patch_head_reverse"] = -lens.patch(lm, cf_inputs, clean, metric, "attn.hook_z", "head", base=m_cf, **kw)
+    out["patch_layer"] = lens.patch(lm, inputs, cf, metric, "attn.hook_z", "layer", base=base, **kw)
+    L = len(clean.values)
+    clean_z = [clean[f"blocks.{l}.attn.hook_z"][0].flatten(-2) for l in range(L)]
+    cf_z = [cf[f"blocks.{l}.attn.hook_z"][0].flatten(-2) for l in range(L)]
     out["attribution_head"] = attribution_patching(lm, inputs, tok, pref, clean_z, cf_z)
     return out
 

@@ -25,7 +25,8 @@ from dleaf_analysis import diagnostics as D
 from dleaf_analysis import hooks, lens
 from dleaf_analysis.interventions import DLeaf, fuse_heads, image_columns
 from dleaf_analysis.models.adapters import ModelAdapter
-from dleaf_analysis.studies.events import logit_diff
+from dleaf_analysis.studies.base import Study, register
+from dleaf_analysis.studies.events import event_inputs, logit_diff
 
 
 def _resid(lm, inputs: dict, editor=None) -> list[torch.Tensor]:
@@ -37,7 +38,7 @@ def _resid(lm, inputs: dict, editor=None) -> list[torch.Tensor]:
             st.enter_context(lens.hook(lm.model, f"blocks.{l}.hook_resid_post",
                                        lambda h, l=l: got.__setitem__(l, h[0, -1].detach().clone())))
         if editor is not None:
-            st.enter_context(hooks.attach_editor(lm.model, editor))
+            st.enter_context(hooks.attach_editor(lm.model, editor, inputs))
         with torch.no_grad():
             lm.model(**inputs)
     return [got[l] for l in range(adapter.n_layers)]
@@ -48,9 +49,9 @@ def forced_decoding_log(lm, inputs: dict, continuation_ids: list[int], cfg: DLea
     ``continuation_ids`` fed one at a time with the KV cache, exactly as ``generate`` steps, with
     D-LEAF's editor attached (its corrections apply to the later steps as in decoding).  One
     firing rule: the editor that decodes is the one that decides here."""
-    cfg = type(cfg).from_dict({**cfg.to_dict(), "record": True})  # a fresh copy that logs
+    cfg = type(cfg).from_dict({**cfg.to_dict(), "record": True})  # a copy that logs
     model = lm.model
-    with torch.no_grad(), cfg.attach(lm, inputs):
+    with torch.no_grad(), cfg.attach(lm, inputs) as record:
         out = model(**inputs, use_cache=True)
         past, am = out.past_key_values, inputs["attention_mask"]
         for t in continuation_ids:
@@ -58,7 +59,7 @@ def forced_decoding_log(lm, inputs: dict, continuation_ids: list[int], cfg: DLea
             ids = torch.tensor([[int(t)]], device=inputs["input_ids"].device)
             out = model(input_ids=ids, attention_mask=am, past_key_values=past, use_cache=True)
             past = out.past_key_values
-    return list(cfg.log)
+    return list(record.log)
 
 
 def fired_layers(lm, inputs: dict, prefix_ids: list[int], cfg: DLeaf) -> list[int]:
@@ -71,8 +72,8 @@ def fired_layers(lm, inputs: dict, prefix_ids: list[int], cfg: DLeaf) -> list[in
 def _fusion_editor(layers: list[int], img: torch.Tensor, gamma: float, cfg: DLeaf, rng: np.random.Generator | None):
     """D-LEAF's correction in ``layers`` on the last row; with ``rng``: the same number of
     randomly chosen heads fused toward a random other head (the null)."""
-    def edit(pattern, layer):
-        if layer not in layers:
+    def edit(pattern, ctx):
+        if ctx.layer not in layers:
             return pattern
         row = pattern[:, :, -1, :]
         iaf = D.iaf(image_columns(row.float(), img[None, : row.shape[-1]]), cfg.iaf_variant)
@@ -165,3 +166,30 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
                     "null_mean": mn, "null_ci_low": lon, "null_ci_high": hin, "n": len(both),
                     "alternative": better, "wilcoxon_p": float(p)})
     return pd.DataFrame(out)
+
+
+@register
+class DPOAlignment(Study):
+    name = "dpo"
+    description = ("Theorem 1, measured: does D-LEAF's correction move the residual stream along the DPO gradient "
+                   "and toward the counterfactual (cue removed), more than fusing random heads in the same layers?")
+    needs_cue = True
+    figures = ("dpo",)
+
+    def unit(self, ctx, ev: dict) -> list[dict]:
+        inputs = event_inputs(ctx.lm, ctx.source, ev)
+        cf = event_inputs(ctx.lm, ctx.source, ev, counterfactual=True)
+        prompt_inputs = event_inputs(ctx.lm, ctx.source, ev, prefix=False)
+        layers = fired_layers(ctx.lm, prompt_inputs, [int(t) for t in ev["prefix_ids"]], ctx.dleaf)
+        if not layers:
+            return [{"event": ev["key"], "fired": False}]
+        rows = alignment(ctx.lm, inputs, cf, int(ev["token_id"]), int(ev["preferred_id"]), ctx.dleaf, layers,
+                         seed=ctx.seed)
+        return [{"event": ev["key"], "fired": True, **r} for r in rows]
+
+    def finalize(self, ctx, events, rows, summary):
+        fired = rows[rows["fired"].astype(bool)] if len(rows) else rows
+        summary["n_events_fired"] = int(fired.event.nunique()) if len(fired) else 0
+        summary["n_events_not_fired"] = int(rows[~rows["fired"].astype(bool)].event.nunique()) if len(rows) else 0
+        kept = fired.drop(columns=["fired", "key"], errors="ignore")
+        return {"events": events, "dpo": kept, "dpo_summary": summarize(kept) if len(kept) else pd.DataFrame()}

@@ -28,8 +28,7 @@ import torch
 
 from dleaf_analysis.models.generation import caption_ids
 from dleaf_analysis.models.loading import LoadedModel
-from dleaf_analysis.scenes import Split
-from dleaf_analysis.sources import ImageSource, SceneSource
+from dleaf_analysis.sources import ImageSource
 
 EVENT_TOKENS = ("first", "span")
 
@@ -60,11 +59,6 @@ class Event:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def as_source(source: ImageSource | Split) -> ImageSource:
-    """An image source (a scene :class:`Split` is wrapped)."""
-    return SceneSource(source) if isinstance(source, Split) else source
 
 
 def word_ids(tokenizer, word: str) -> list[int]:
@@ -104,7 +98,7 @@ def mention_spans(source: ImageSource, tokenizer, ids: list[int]) -> tuple[str, 
     return text, out
 
 
-def find_events(lm: LoadedModel, source: ImageSource | Split, limit: int | None = None, prompt: str | None = None,
+def find_events(lm: LoadedModel, source: ImageSource, limit: int | None = None, prompt: str | None = None,
                 max_new_tokens: int | None = None, progress: bool = True,
                 generated: list[list[int]] | None = None, event_token: str = "first") -> pd.DataFrame:
     """Events from greedy captions of the first ``limit`` images of ``source`` (or of the given
@@ -121,7 +115,6 @@ def find_events(lm: LoadedModel, source: ImageSource | Split, limit: int | None 
     """
     if event_token not in EVENT_TOKENS:
         raise ValueError(f"unknown event token {event_token!r}; choose one of {EVENT_TOKENS}")
-    source = as_source(source)
     prompt = prompt or source.prompt
     max_new_tokens = max_new_tokens or source.max_new_tokens
     n = len(source) if limit is None else min(limit, len(source))
@@ -181,7 +174,7 @@ def _span_logprob(lm: LoadedModel, image, prompt: str, prefix_ids: list[int], sp
     return float(sum(lp[j + k, t] for k, t in enumerate(span)))
 
 
-def event_inputs(lm: LoadedModel, source: ImageSource | Split, ev: dict, counterfactual: bool = False,
+def event_inputs(lm: LoadedModel, source: ImageSource, ev: dict, counterfactual: bool = False,
                  prefix: bool = True) -> dict:
     """Model inputs (on the model's device) that end right before the event's token: prompt +
     the generated ids before it (``prefix=False``: the prompt only).
@@ -190,7 +183,6 @@ def event_inputs(lm: LoadedModel, source: ImageSource | Split, ev: dict, counter
     without it; photos: its mask filled, see :mod:`dleaf_analysis.sources.fill`), same text, so
     positions align.
     """
-    source = as_source(source)
     i = int(ev["image"])
     if counterfactual:
         if not ev.get("cue"):

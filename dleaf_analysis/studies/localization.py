@@ -1,4 +1,4 @@
-"""Localisation check: does a detector's ranking of layers (heads) agree with the causal ranking?
+"""The localisation study: does a detector's ranking of layers (heads) agree with the causal ranking?
 
 Causal score of a component = ``-effect`` (how much intervening on it suppresses the
 hallucination; see :mod:`dleaf_analysis.studies.causal`).  Per event and causal map: Spearman
@@ -13,6 +13,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
+
+from dleaf_analysis import detectors
+from dleaf_analysis.seeding import derive_seed
+from dleaf_analysis.studies import causal
+from dleaf_analysis.studies.base import Study, register
+from dleaf_analysis.studies.events import event_inputs
+from dleaf_analysis.studies.maps import attribution_agreement, maps_table, tidy_maps
 
 
 def rank_agreement(det: np.ndarray, causal: np.ndarray, k: int) -> tuple[float, float]:
@@ -49,7 +56,6 @@ def summarize(agreement: pd.DataFrame, n_resamples: int = 1000, seed: int = 0) -
     return pd.DataFrame(rows)
 
 
-LIAE_DETECTORS = ("liae", "liae-z", "liae-mean-entropy")
 BASELINE = "layer-profile"
 
 
@@ -70,7 +76,8 @@ def verdict(summary: pd.DataFrame, causal_map: str = "correct_layer", metric: st
     if s.empty:
         return f"no events for {causal_map}: nothing to compare"
     s = s.set_index("detector")
-    others = s.drop(index=[d for d in LIAE_DETECTORS + (BASELINE, "causal-profile", "random") if d in s.index])
+    uniform = [d for d in detectors.names("layer", "uniform") if d in s.index]  # selected by family
+    others = s.loc[uniform]
     best_other = others["mean"].idxmax()
     fmt = lambda d: f"`{d}` {s.loc[d, 'mean']:.3f} [{s.loc[d, 'ci_low']:.3f}, {s.loc[d, 'ci_high']:.3f}]"  # noqa: E731
     parts = []
@@ -91,3 +98,104 @@ def verdict(summary: pd.DataFrame, causal_map: str = "correct_layer", metric: st
         tail += f"; random: {s.loc['random', 'mean']:.3f}"
     n = int(s["n_events"].max())
     return f"On `{causal_map}` ({metric}, {n} events): " + "; ".join(parts) + f". ({tail}.)"
+
+
+def detector_rows(lm, image, prefix_ids: list[int], key: str, seed: int, prompt: str) -> list[dict]:
+    """Detector scores at the event's step: layers ``[L]`` and heads ``[L, H]``.  The trace covers
+    every step of the generated prefix, so the running detectors (``liae-z``) see the same
+    history as D-LEAF in decoding; the last step is the event's."""
+    from dleaf_analysis.tracing import trace_forward
+
+    c = trace_forward(lm, image, prompt=prompt, continuation_ids=prefix_ids, backend="hooks")
+    rows = []
+    event_seed = derive_seed(seed, key)
+    for det in detectors.select("layer"):
+        sc = det.suspect(c, seed=event_seed)[-1]
+        rows += [{"event": key, "detector": det.name, "level": "layer", "layer": l, "head": -1, "score": float(v)}
+                 for l, v in enumerate(sc)]
+    for det in detectors.select("head"):  # heads that warrant correction: higher = more suspect (IAF: low focus)
+        sc = det.suspect(c, seed=event_seed)[-1]
+        rows += [{"event": key, "detector": det.name, "level": "head", "layer": l, "head": h, "score": float(sc[l, h])}
+                 for l in range(sc.shape[0]) for h in range(sc.shape[1])]
+    return rows
+
+
+def agreement(maps: pd.DataFrame, dets: pd.DataFrame) -> pd.DataFrame:
+    """Per event, causal map and detector: Spearman and top-k hit (layers: k = 2; heads within
+    each layer: k = 1, averaged over layers).
+
+    Layer maps also get two constant baselines, the same ordering of layers for every event:
+    ``layer-profile`` (each layer's mean raw LIAE over the study's events: which layers are
+    *usually* diffuse; a detector localises only if it beats it) and ``causal-profile`` (each
+    layer's mean causal score over the *other* events: the best any fixed ordering can do).
+    """
+    rows = []
+    layer_maps = maps[maps["head"] == -1]
+    totals = layer_maps.groupby(["map", "layer"])["effect"].agg(["sum", "count"])
+    liae = dets[(dets.level == "layer") & (dets.detector == "liae")]
+    profile = liae.groupby("layer")["score"].mean().sort_index().to_numpy() if len(liae) else None
+    for ev, m in maps.groupby("event"):
+        d_ev = dets[dets.event == ev]
+        for cmap, g in m.groupby("map"):
+            if cmap.startswith("m_"):
+                continue
+            causal_score = -g.sort_values(["layer", "head"])["effect"].to_numpy()
+            if (g["head"] == -1).all():
+                for det, dg in d_ev[d_ev.level == "layer"].groupby("detector"):
+                    rho, hit = rank_agreement(dg.sort_values("layer")["score"].to_numpy(), causal_score, 2)
+                    rows.append({"event": ev, "level": "layer", "causal_map": cmap, "detector": det,
+                                 "spearman": rho, "topk_hit": hit})
+                t = totals.loc[cmap].sort_index()
+                others = (t["count"].to_numpy() - 1).clip(min=1)
+                loo = -(t["sum"].to_numpy() - g.sort_values("layer")["effect"].to_numpy()) / others
+                baselines = {"causal-profile": loo}
+                if profile is not None and len(profile) == len(causal_score):
+                    baselines["layer-profile"] = profile
+                for det, sc in baselines.items():
+                    rho, hit = rank_agreement(sc, causal_score, 2)
+                    rows.append({"event": ev, "level": "layer", "causal_map": cmap, "detector": det,
+                                 "spearman": rho, "topk_hit": hit})
+            else:
+                L = g["layer"].max() + 1
+                cs = causal_score.reshape(L, -1)
+                for det, dg in d_ev[d_ev.level == "head"].groupby("detector"):
+                    ds = dg.sort_values(["layer", "head"])["score"].to_numpy().reshape(L, -1)
+                    per = [rank_agreement(ds[l], cs[l], 1) for l in range(L)]
+                    rows.append({"event": ev, "level": "head", "causal_map": cmap, "detector": det,
+                                 "spearman": float(np.mean([p[0] for p in per])),
+                                 "topk_hit": float(np.mean([p[1] for p in per]))})
+    return pd.DataFrame(rows)
+
+
+@register
+class Localization(Study):
+    name = "localization"
+    description = ("Every registered detector's ranking of layers and heads at the event's step against the causal "
+                   "maps (ablation, correction, patching), with the layer-profile and causal-profile baselines.")
+    figures = ("localization", "causal-heatmaps")
+
+    def unit(self, ctx, ev: dict) -> list[dict]:
+        inputs = event_inputs(ctx.lm, ctx.source, ev)
+        cf = event_inputs(ctx.lm, ctx.source, ev, counterfactual=True) if ev.get("cue") else None
+        maps = causal.causal_maps(ctx.lm, inputs, int(ev["token_id"]), int(ev["preferred_id"]), cf,
+                                  kinds=("ablation", "patching"), batch_size=ctx.batch_size)
+        rows = tidy_maps(ev["key"], maps)
+        rows += detector_rows(ctx.lm, ctx.source.image(int(ev["image"])), [int(t) for t in ev["prefix_ids"]],
+                              ev["key"], ctx.seed, ctx.source.prompt)
+        return rows
+
+    def finalize(self, ctx, events, rows, summary):
+        maps = maps_table(rows)
+        summary["attribution_vs_exact_spearman"] = attribution_agreement(maps)
+        dets = rows[rows["detector"].notna()] if "detector" in rows else pd.DataFrame(
+            columns=["event", "detector", "level", "layer", "head", "score"])
+        dets = dets[["event", "detector", "level", "layer", "head", "score"]]
+        agree = agreement(maps, dets)
+        s = summarize(agree)
+        summary["verdict"] = [verdict(s, m) for m in ("correct_layer", "layer_zero", "patch_layer")]
+        return {"events": events, "maps": maps, "detectors": dets, "agreement": agree, "localization_summary": s}
+
+    def report(self, tables, summary) -> str:
+        lines = ["### localization", "", self.description, ""]
+        lines += [f"- {v}" for v in summary.get("verdict", [])]
+        return "\n".join(lines + [""])
