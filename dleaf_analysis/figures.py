@@ -182,16 +182,18 @@ class Fig3:
         if not ctx.is_scene:
             raise FigureSkipped("it aligns D-LEAF's per-step log with caption words, which holds on the scene "
                                 "world's word-level tokenizer only")
-        p = ctx.results / "chair-test-dleaf" / "interventions.jsonl"
-        d = ctx.results / "chair-test-dleaf" / "details.jsonl"
-        if not p.is_file() or not d.is_file():
-            raise FigureSkipped(f"{p} not found: run `dleaf reproduce` first")
+        p = ctx.results / "evals" / "chair-test-dleaf" / "interventions.jsonl"
+        d = ctx.results / "evals" / "chair-test-dleaf" / "details.jsonl"
+        if not d.is_file():
+            raise FigureSkipped(f"{d} not found: run `dleaf reproduce` first")
+        if not p.is_file():
+            raise FigureSkipped("D-LEAF never fired on the test captions: nothing to show")
         from dleaf_analysis.scenes import World
         from dleaf_analysis.studies.examples import correction_rates
 
         details = pd.read_json(d, lines=True)
         log = pd.read_json(p, lines=True) if p.stat().st_size else pd.DataFrame(columns=["item", "step", "layer", "heads"])
-        return correction_rates(details, log, set(World.load().classes))
+        return correction_rates(details, log, World.load().object_words)
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
@@ -214,36 +216,40 @@ class Fig3:
         return fig
 
 
-@register("fig4_suppression_methods", "Change of CHAIR_s, CHAIR_i and recall against greedy per method: paired "
-          "differences on the same test images with paired-bootstrap 95% CIs", paper="Figure 4")
+@register("fig4_suppression_methods", "Change of CHAIR_i against greedy per method on the test images and the fresh "
+          "replication pool: every caption, real descriptions only, and against greedy cut to the method's object "
+          "count (paired differences, 95% CIs)", paper="Figure 4")
 class Fig4:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
-        s = ctx.table("summary.csv")
-        s = s[(s.benchmark == "chair") & (s.metric.isin(["CHAIR_s", "CHAIR_i", "recall"])) & (s.method != "greedy")]
-        df = s[["method", "metric", "value", "paired_diff", "paired_ci_low", "paired_ci_high", "paired_p"]].reset_index(
-            drop=True)
-        df.attrs["where"] = "the embedded LLaVA (test split" if ctx.is_scene else \
-            f"{getattr(ctx.model(), 'model_id', 'the model')} ({getattr(ctx.source, 'kind', '')} evaluation images"
-        return df
+        c = ctx.table("comparisons.csv")
+        want = {("headline", "CHAIR_i"): "CHAIR_i, every caption", ("valid", "CHAIR_i"): "CHAIR_i, real descriptions",
+                ("truncation", "objects_CHAIR_i"): "object-list CHAIR_i vs truncated greedy"}
+        c = c[[(s, m) in want for s, m in zip(c["section"], c["metric"])]].copy()
+        c["comparison"] = [want[(s, m)] for s, m in zip(c["section"], c["metric"])]
+        return c[["pool", "method", "comparison", "diff", "ci_low", "ci_high", "n"]].reset_index(drop=True)
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharey=True)
-        methods = list(dict.fromkeys(df.method))
-        colours = dict(zip(methods, sns.color_palette("deep", len(methods))))
-        for ax, m in zip(axes, ["CHAIR_s", "CHAIR_i", "recall"]):
-            d = df[df.metric == m].set_index("method").reindex(methods)
-            y = np.arange(len(methods))
+        comps = list(dict.fromkeys(df["comparison"]))
+        methods = list(dict.fromkeys(df["method"]))
+        pools = list(dict.fromkeys(df["pool"]))
+        fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 0.6 * len(methods) + 1.6), sharey=True,
+                                 squeeze=False)
+        colours = dict(zip(pools, sns.color_palette("deep", len(pools))))
+        for ax, comp in zip(axes[0], comps):
             ax.axvline(0, color="grey", lw=0.8)
-            ax.errorbar(d["paired_diff"], y, xerr=[d["paired_diff"] - d.paired_ci_low, d.paired_ci_high - d["paired_diff"]],
-                        fmt="none", ecolor="black", capsize=3)
-            ax.scatter(d["paired_diff"], y, c=[colours[k] for k in methods], zorder=3, s=40)
-            ax.set(title=f"{m}: method - greedy", xlabel="points (same images)")
-            ax.set_yticks(y, methods)
-        axes[0].invert_yaxis()
-        fig.suptitle(f"Impact of suppression methods on {df.attrs.get('where', 'the embedded LLaVA (test split')}; "
-                     "paired differences, 95% CI)")
+            for k, pool in enumerate(pools):
+                d = df[(df.comparison == comp) & (df.pool == pool)].set_index("method").reindex(methods)
+                y = np.arange(len(methods)) + (k - (len(pools) - 1) / 2) * 0.22
+                ax.errorbar(d["diff"], y, xerr=[d["diff"] - d.ci_low, d.ci_high - d["diff"]], fmt="o", capsize=3,
+                            color=colours[pool], label=f"{pool} (n = {int(d['n'].max()) if d['n'].notna().any() else 0})")
+            ax.set(title=comp, xlabel="points (method - reference, same images)")
+            ax.title.set_fontsize(9)
+            ax.set_yticks(np.arange(len(methods)), methods)
+        axes[0, 0].invert_yaxis()
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle("Does a method reduce hallucination? Negative = fewer hallucinated objects")
         fig.tight_layout()
         return fig
 
@@ -325,12 +331,12 @@ class CausalHeatmaps:
         return fig
 
 
-@register("component_ablation", "D-LEAF components: LIAE only, IAF only, both, static layers (CHAIR, test)")
+@register("component_ablation", "D-LEAF components: LIAE only, IAF only, both, static layers (CHAIR, test images)")
 class Components:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
         s = ctx.table("components.csv")
-        return s[s.metric.isin(["CHAIR_s", "CHAIR_i", "recall"])].reset_index(drop=True)
+        return s[s.metric.isin(["CHAIR_s", "CHAIR_i", "recall"]) & (s["pool"] == "test")].reset_index(drop=True)
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
@@ -344,10 +350,11 @@ class Throughput:
     def data(ctx: FigureContext) -> pd.DataFrame:
         p = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "method_throughput.csv"
         if not p.is_file():
-            raise FileNotFoundError(f"{p} not found: run `python benchmarks/method_throughput.py` first")
+            raise FigureSkipped(f"{p} not found (it is a benchmark of the checkout, not shipped in the wheel): run "
+                                "`python benchmarks/method_throughput.py` in a checkout first")
         df = pd.read_csv(p)
         if "ratio_to_eager_greedy" not in df:
-            raise FileNotFoundError(f"{p} is from an older benchmark: re-run `python benchmarks/method_throughput.py`")
+            raise FigureSkipped(f"{p} is from an older benchmark: re-run `python benchmarks/method_throughput.py`")
         return df
 
     @staticmethod
@@ -396,17 +403,20 @@ class Sensitivity:
 class Pope:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
-        s = ctx.table("summary.csv")
-        s = s[(s.benchmark == "pope") & s.metric.isin(["accuracy", "f1"])].reset_index(drop=True)
+        p = ctx.results / "methods_pope.csv"
+        if not p.is_file() or not p.stat().st_size > 1:
+            raise FigureSkipped("no POPE results in methods_pope.csv (POPE on COCO: `dleaf pope-coco`)")
+        s = pd.read_csv(p)
+        s = s[s.metric.isin(["accuracy", "f1"])].reset_index(drop=True)
         if not len(s):
-            raise FigureSkipped("no POPE results in summary.csv (POPE on COCO: `dleaf pope-coco`)")
+            raise FigureSkipped("no POPE results in methods_pope.csv (POPE on COCO: `dleaf pope-coco`)")
         return s
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
-        g = sns.catplot(df, x="variant", y="value", hue="method", col="metric", kind="bar", height=3, aspect=1.3,
-                        palette="deep", errorbar=None)
-        g.figure.suptitle("POPE on the embedded LLaVA", y=1.03)
+        g = sns.catplot(df, x="variant", y="value", hue="method", col="metric", row="pool", kind="bar", height=3,
+                        aspect=1.3, palette="deep", errorbar=None)
+        g.figure.suptitle("POPE by pool and method (dleaf-vqa: D-LEAF seeded from the prompt rows)", y=1.03)
         return g.figure
 
 
@@ -459,8 +469,8 @@ class AttentionGrid:
 class Calibration:
     @staticmethod
     def data(ctx: FigureContext) -> pd.DataFrame:
-        det = ctx.table("studies/calibration/detection.csv")
-        faults = ctx.table("studies/calibration/faults.csv")[["fault", "dCHAIR_s", "drecall"]]
+        det = ctx.table("studies/calibration/detection.parquet")
+        faults = ctx.table("studies/calibration/faults.parquet")[["fault", "dCHAIR_s", "drecall"]]
         return det.merge(faults, on="fault")
 
     @staticmethod
@@ -491,6 +501,85 @@ class Calibration:
         return fig
 
 
+@register("leverage_map", "Leverage map: the cost of a full-strength fault on every head of one layer (recall and "
+          "CHAIR_i against unfaulted greedy decoding, paired 95% CIs)")
+class LeverageMap:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        return ctx.table("studies/leverage/leverage_summary.parquet")
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+        for ax, (col, label) in zip(axes, (("drecall", "recall"), ("dCHAIR_i", "CHAIR_i"))):
+            ax.bar(df["layer"], df[col], color=sns.color_palette("deep")[0 if col == "drecall" else 3])
+            ax.errorbar(df["layer"], df[col], yerr=[df[col] - df[f"{col}_low"], df[f"{col}_high"] - df[col]],
+                        fmt="none", color="black", capsize=3)
+            ax.axhline(0, color="grey", lw=0.8)
+            if col == "drecall":
+                ax.axhline(-10, color="firebrick", lw=0.8, ls="--", label="-10 points")
+                ax.legend(fontsize=7)
+            ax.set(title=f"change of {label} (points)", xlabel="faulted layer (all heads, every step)")
+            ax.set_xticks(df["layer"])
+        fig.suptitle(f"Where the model reads the image (n = {int(df['n_images'].iloc[0])} images)")
+        fig.tight_layout()
+        return fig
+
+
+@register("trigger_firing", "D-LEAF's trigger and each layer detector: firing rate by token type, and precision for "
+          "hallucinated object steps against a random trigger with the same per-caption rate")
+class TriggerFiring:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        by = ctx.table("studies/trigger/firing_by_type.parquet")
+        pr = ctx.table("studies/trigger/precision_recall_summary.parquet")
+        long = by.melt(id_vars="trigger", var_name="token type", value_name="firing rate (%)")
+        long.attrs["pr"] = pr
+        return long.merge(pr[["trigger", "precision", "random_precision", "precision_minus_random_low",
+                              "precision_minus_random_high"]], on="trigger")
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [2.2, 1]})
+        sns.barplot(df, x="token type", y="firing rate (%)", hue="trigger", ax=axes[0], palette="deep")
+        axes[0].tick_params(axis="x", rotation=20, labelsize=8)
+        axes[0].legend(fontsize=6, ncol=2)
+        axes[0].set_title("how often some candidate layer fires, by the type of the token being predicted", fontsize=9)
+        pr = df.drop_duplicates("trigger").reset_index(drop=True)
+        y = np.arange(len(pr))
+        axes[1].errorbar(100 * (pr["precision"] - pr["random_precision"]), y,
+                         xerr=[100 * (pr["precision"] - pr["random_precision"] - pr["precision_minus_random_low"]),
+                               100 * (pr["precision_minus_random_high"] - pr["precision"] + pr["random_precision"])],
+                         fmt="o", capsize=3)
+        axes[1].axvline(0, color="grey", lw=0.8)
+        axes[1].set_yticks(y, pr["trigger"], fontsize=7)
+        axes[1].set(xlabel="precision - random trigger (points)", title="better than chance?")
+        axes[1].title.set_fontsize(9)
+        fig.tight_layout()
+        return fig
+
+
+@register("oracle_outcomes", "D-LEAF's correction with perfect timing: fix, swap and harm rates per layer set at "
+          "hallucinated and grounded object steps (teacher-forced greedy captions)")
+class OracleOutcomes:
+    @staticmethod
+    def data(ctx: FigureContext) -> pd.DataFrame:
+        t = ctx.table("studies/oracle/oracle_summary.parquet")
+        cols = [c for c in t.columns if c.endswith("_rate")]
+        return t.melt(id_vars=["steps", "layer_set", "n_steps"], value_vars=cols, var_name="outcome", value_name="rate")
+
+    @staticmethod
+    def plot(df: pd.DataFrame) -> plt.Figure:
+        d = df[df["outcome"].isin(["fix_rate", "swap_rate", "harm_rate"])]
+        g = sns.catplot(d, x="layer_set", y="rate", hue="outcome", col="steps", kind="bar", height=3.2, aspect=1.8,
+                        palette="deep", errorbar=None)
+        for ax in g.axes.flat:
+            ax.tick_params(axis="x", rotation=30, labelsize=8)
+            ax.set(ylabel="% of steps", xlabel="layers corrected at that step only")
+        g.figure.suptitle("If D-LEAF fired exactly where it should: what its fusion does", y=1.03)
+        return g.figure
+
+
 # -- rendering ---------------------------------------------------------------------------------
 def render(name: str, ctx: FigureContext, out: Path = FIGURES_DIR) -> dict:
     """Compute, plot and write one figure (PNG, PDF, CSV); returns its manifest entry."""
@@ -506,9 +595,9 @@ def render(name: str, ctx: FigureContext, out: Path = FIGURES_DIR) -> dict:
     fig.savefig(out / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None})
     plt.close(fig)
     protocol = None
-    pfile = ctx.results / "chair-test-greedy" / "protocol.json"
+    pfile = ctx.results / "evals" / "chair-test-greedy" / "protocol.json"
     if pfile.is_file():
-        protocol = json.loads(pfile.read_text()).get("protocol_hash")
+        protocol = hashlib.sha256(pfile.read_bytes()).hexdigest()[:16]
     return {"figure": name, "title": spec.title, "paper": spec.paper,
             "data_sha256": hashlib.sha256((out / f"{name}.csv").read_bytes()).hexdigest()[:16],
             "protocol_hash": protocol, "command": "dleaf " + " ".join(sys.argv[1:]) if sys.argv else "dleaf figures"}
@@ -527,6 +616,7 @@ def render_all(ctx: FigureContext, out: Path = FIGURES_DIR, only: list[str] | No
             entries.append(render(n, ctx, out))
         except FigureSkipped as e:
             log(f"figure {n} skipped: {e}")
+            entries.append({"figure": n, "title": FIGURES[n].title, "paper": FIGURES[n].paper, "skipped": str(e)})
             continue
         old[n] = entries[-1]
     manifest_file.write_text(json.dumps(list(old.values()), indent=1))

@@ -142,6 +142,12 @@ def dleaf_attention_forward(
     key_states = repeat_kv(key, n_rep)
     value_states = repeat_kv(value, n_rep)
     pattern = getattr(module, "pattern", None)
+    if (pattern is not None and pattern.prompt_rows == "none" and attention_mask is not None
+            and not pattern._editors and not pattern._forward_hooks  # nothing reads or edits probabilities
+            and kwargs.get("softcap") is None and not module.training):
+        mask = attention_mask[..., : key_states.shape[-2]].to(query.dtype)
+        out = nn.functional.scaled_dot_product_attention(query, key_states, value_states, attn_mask=mask, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
     if (pattern is not None and pattern.prompt_rows == "last" and query.shape[2] > 1 and attention_mask is not None
             and kwargs.get("softcap") is None and not module.training):
         return _last_row_explicit(pattern, query, key_states, value_states, attention_mask, scaling)
@@ -178,9 +184,11 @@ def prompt_rows(model: nn.Module, rows: str = "last") -> Iterator[None]:
     for the last query row (``rows="last"``; the other rows use the fast sdpa kernel and editors
     and hooks see ``[B, H, 1, K]``), or for every row (``"all"``, the default outside the block).
     Decoding steps (one row) are unaffected.  Methods that read only the current query row use
-    ``"last"``; anything that reads or edits earlier prompt rows needs ``"all"``."""
-    if rows not in ("all", "last"):
-        raise ValueError(f"rows must be 'all' or 'last', got {rows!r}")
+    ``"last"``; anything that reads or edits earlier prompt rows needs ``"all"``; forwards that
+    read and edit no attention probabilities at all (head-output patching) use ``"none"``: every
+    row through sdpa, the hook point sees nothing."""
+    if rows not in ("all", "last", "none"):
+        raise ValueError(f"rows must be 'all', 'last' or 'none', got {rows!r}")
     pats = install(model)
     before = [p.prompt_rows for p in pats]
     for p in pats:
@@ -255,6 +263,9 @@ class _Attached:
     def __init__(self, editor: PatternEditor, image_mask: torch.Tensor | None) -> None:
         self.editor = editor
         self.ctx = EditContext(image_mask=image_mask)
+        if image_mask is not None:  # the one host read of the layout, here and not inside an editor
+            self.ctx.image_positions(image_mask.device)
+            _ = self.ctx.ragged
 
     def __call__(self, pattern: torch.Tensor, layer: int) -> torch.Tensor:
         if layer == 0:

@@ -1,7 +1,25 @@
-"""``dleaf reproduce``: the main job on the embedded model, and its markdown report.
+"""``dleaf reproduce``: the main job, one pipeline for every model and image source, and its report.
 
-The README's results section is spliced from the report between two markers, so every number
-there comes from this code.
+For the embedded model on the scene world (default) and for a real checkpoint with COCO or an
+annotated folder alike:
+
+1. **pools**: the evaluation images (scene world: ``test``, 500) and a **replication pool** of
+   fresh images never used for tuning (scene world: ``replication``, 2,000; a real source: the
+   images left after the tuning hold-out, split in two by hash of the image key);
+2. **methods** (greedy, D-LEAF, uniform fusion, PAI, VCD at their shipped or tuned settings) with
+   CHAIR on both pools: the headline paired differences against greedy, the **degenerate-output
+   rates**, the differences on the images where both captions are real descriptions, and the
+   method against the **length-matched truncation baseline** (greedy's object list cut to the
+   method's object count), with a verdict; POPE on both pools (D-LEAF with prompt-row seeding,
+   so that it can act on a one-token answer, and its firing rate);
+3. D-LEAF's **component ablation** under the same comparison;
+4. the **studies** on the first ``study_limit`` tuning/dev images: leverage map, trigger,
+   oracle, localisation, DPO alignment and calibration (faults planted where the leverage map
+   finds leverage);
+5. the **figures**, ``report.md`` with the findings in prose above the tables, and (with
+   ``update_readme``) ``RESULTS.md`` and the README's findings.
+
+Every number in the report is computed here from the shipped code; nothing is typed in.
 """
 
 from __future__ import annotations
@@ -12,416 +30,328 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
-import torch
 
+from dleaf_analysis.evaluation.chair import chair_paired
+from dleaf_analysis.evaluation.pope import pope_paired
 from dleaf_analysis.evaluation.runner import evaluate
-from dleaf_analysis.tables import md_table
+from dleaf_analysis.evaluation.validity import compare
 from dleaf_analysis.models.loading import load_model
 from dleaf_analysis.paths import REPO_ROOT
+from dleaf_analysis.tables import md_table
 
+METHOD_ORDER = ("greedy", "dleaf", "uniform", "pai", "vcd")
+POOLS = ("test", "replication")
+STUDY_ORDER = ("leverage", "trigger", "oracle", "localization", "dpo", "calibration")
 
 
 def _markers(key: str) -> tuple[str, str]:
     return f"<!-- {key}:start (generated; do not edit) -->", f"<!-- {key}:end -->"
 
 
-def _wide(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (variant, method), one column per metric: ``value [lo, hi]`` and, for the
-    methods, the paired difference from greedy on the same items ``(d [lo, hi])``; a
-    difference whose paired CI excludes 0 is in bold."""
-    def diff(d, lo, hi):
-        txt = f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]"
-        return f"**{txt}**" if lo > 0 or hi < 0 else txt
-    cell = [f"{v:.1f} [{lo:.1f}, {hi:.1f}]" + ("" if m == "greedy" else f" (d {diff(d, dl, dh)})")
-            for v, lo, hi, m, d, dl, dh in zip(df.value, df.ci_low, df.ci_high, df.method, df.paired_diff,
-                                               df.paired_ci_low, df.paired_ci_high)]
-    w = df.assign(cell=cell).pivot_table(index=["variant", "method"], columns="metric", values="cell", aggfunc="first",
-                                         sort=False)
-    w = w.reset_index()
-    w.columns.name = None
-    if (w["variant"] == "all").all():
-        w = w.drop(columns="variant")
-    return w
+def _ci(v, lo, hi, signed: bool = False, digits: int = 1) -> str:
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "n/a"
+    return f"{f.format(v)} [{f.format(lo)}, {f.format(hi)}]"
 
 
-METHOD_ORDER = ("greedy", "dleaf", "uniform", "pai", "vcd")
+def _bold_if(txt: str, lo, hi) -> str:
+    return f"**{txt}**" if (lo > 0 or hi < 0) else txt
 
 
-def compare_methods(
-    benchmark: str,
-    split,
-    lm,
-    methods: dict[str, dict],
-    out: Path,
-    limit: int | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    label: str | None = None,
-) -> pd.DataFrame:
-    """Evaluate each method under one protocol; add the relative change against greedy (%) and
-    the paired bootstrap difference from greedy on the same items (``paired_diff``, its 95% CI
-    ``paired_ci_low/high`` and two-sided ``paired_p``; 0 for greedy itself)."""
-    from dleaf_analysis.evaluation.chair import chair_paired
-    from dleaf_analysis.evaluation.pope import pope_paired
+# -- pools and methods ---------------------------------------------------------------------------------
+def pools(lm, source=None, quick: bool = False, tuned_file=None, tune_fraction: float = 0.25, shard=None,
+          out: Path | None = None, log=print, seed: int = 0, progress: bool = True) -> tuple[dict, object, object]:
+    """``({pool: source}, study_source, tuned_file)``: the evaluation and replication images, the
+    images the studies run on, and the tuned settings (a real source without ``tuned_file`` is tuned
+    first on a held-out part of its images, disjoint from both pools)."""
+    from dleaf_analysis.sources import SceneSource, parse_shard
 
-    if "greedy" not in methods:
-        methods = {"greedy": {}, **methods}
-    frames, details = [], {}
+    if source is None:
+        n = 6 if quick else None
+        pool = {"test": SceneSource.load("test", limit=n), "replication": SceneSource.load("replication", limit=n)}
+        return pool, SceneSource.load("dev"), tuned_file
+    source.check_model(lm)
+    if tuned_file is None:
+        from dleaf_analysis.evaluation.tuning import tune
+
+        tune_src, rest = source.split_heldout(tune_fraction)
+        (out / "tuning_images.txt").write_text("\n".join(tune_src.key(i) for i in range(len(tune_src))) + "\n")
+        conf, tune_src = tune_src.split_heldout(0.3) if len(tune_src) >= 4 else (None, tune_src)
+        log(f"tuning on {len(tune_src)} held-out images, confirming on {len(conf) if conf else 0} (disjoint from the "
+            f"{len(rest)} evaluation images)")
+        tune(out / "tuning", lm=lm, source=tune_src.limit(4 if quick else None), confirm=conf, exclude=rest,
+             seed=seed, progress=progress, log=log, sensitivity_limit=4 if quick else 100)
+        tuned_file = out / "tuning" / "tuned_methods.json"
+        study_src = tune_src
+    else:
+        rest, study_src = source, source
+    a, b = rest.split_heldout(0.5) if len(rest) >= 2 else (rest, rest)
+    pool = {"test": b, "replication": a}
+    if shard is not None:
+        i, n = parse_shard(shard) if isinstance(shard, str) else shard
+        pool = {k: v.shard(i, n) for k, v in pool.items()}
+    if quick:
+        pool = {k: v.limit(6) for k, v in pool.items()}
+    if out is not None:
+        for k, v in pool.items():
+            (out / f"{k}_images.txt").write_text("\n".join(v.key(i) for i in range(len(v))) + "\n")
+    return pool, study_src, tuned_file
+
+
+def method_configs(lm, tuned_file=None, tuned_any: bool = False) -> dict[str, dict]:
+    """The settings each method runs at (tuned and confirmed for this model, else its defaults)."""
+    from dleaf_analysis.settings import tuned_config
+
+    strict = tuned_file is not None and not tuned_any
+    return {m: tuned_config(m, lm.weights_hash, tuned_file, strict=strict) for m in METHOD_ORDER}
+
+
+def compare_methods(benchmark: str, pool: str, source, lm, methods: dict[str, dict], out: Path, seed: int = 0,
+                    progress: bool = True, log=print) -> tuple[pd.DataFrame, dict]:
+    """Evaluate each method on one pool (resumable: ``out/evals/<benchmark>-<pool>-<method>``); the long
+    summary with the paired difference from greedy on the same items, and the results by method."""
+    res = {}
     for name, cfg in methods.items():
-        res = evaluate(benchmark, split, lm, method=name, method_config=cfg, limit=limit, seed=seed,
-                       out_dir=out / f"{benchmark}-{label or split}-{name}", progress=progress)
-        frames.append(res.summary)
-        details[name] = res.details
-    df = pd.concat(frames, ignore_index=True)
-    paired = [{"method": "greedy", "variant": va, "metric": me, "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0,
-               "p_two_sided": 1.0} for va, me in zip(df[df.method == "greedy"].variant, df[df.method == "greedy"].metric)]
-    for name, det in details.items():
+        method = "dleaf" if name == "dleaf-vqa" else name
+        log(f"{benchmark} · {pool} ({len(source)} images) · {name}")
+        res[name] = evaluate(benchmark, source, lm, method=method, method_config=cfg, seed=seed, progress=progress,
+                             out_dir=out / "evals" / f"{benchmark}-{pool}-{name}")
+    frames = []
+    for name, r in res.items():
+        s = r.summary.assign(method=name, pool=pool)
+        if name == "greedy":
+            s = s.assign(paired_diff=0.0, paired_ci_low=0.0, paired_ci_high=0.0)
+        else:
+            d = (chair_paired(res["greedy"].details, r.details, seed=seed).assign(variant="all") if benchmark == "chair"
+                 else pope_paired(res["greedy"].details, r.details, seed=seed)).set_index(["variant", "metric"])
+            key = list(zip(s["variant"], s["metric"]))
+            s = s.assign(paired_diff=[d.loc[k, "diff"] for k in key], paired_ci_low=[d.loc[k, "ci_low"] for k in key],
+                         paired_ci_high=[d.loc[k, "ci_high"] for k in key])
+        frames.append(s)
+    return pd.concat(frames, ignore_index=True), res
+
+
+def comparison_rows(pool: str, results: dict, seed: int = 0, label: str = "method") -> tuple[pd.DataFrame, dict]:
+    """For every method of one pool: :func:`~dleaf_analysis.evaluation.validity.compare` against greedy
+    as long rows (``section`` = headline / valid / truncation) and the verdicts."""
+    rows, verdicts = [], {}
+    for name, r in results.items():
         if name == "greedy":
             continue
-        if benchmark == "chair":
-            d = chair_paired(details["greedy"], det, seed=seed).assign(variant="all")
-        else:
-            d = pope_paired(details["greedy"], det, seed=seed)
-        paired += d.assign(method=name).to_dict(orient="records")
-    pt = pd.DataFrame(paired).set_index(["method", "variant", "metric"])
-    key = list(zip(df.method, df.variant, df.metric))
-    df["paired_diff"] = [pt.loc[k, "diff"] for k in key]
-    df["paired_ci_low"] = [pt.loc[k, "ci_low"] for k in key]
-    df["paired_ci_high"] = [pt.loc[k, "ci_high"] for k in key]
-    df["paired_p"] = [pt.loc[k, "p_two_sided"] for k in key]
-    base = df[df.method == "greedy"].set_index(["variant", "metric"])["value"]
-    df["rel_change_vs_greedy"] = [
-        100 * (v - base.loc[(va, me)]) / base.loc[(va, me)] if base.loc[(va, me)] else float("nan")
-        for va, me, v in zip(df["variant"], df["metric"], df["value"])
-    ]
-    return df
+        c = compare(results["greedy"].details, r.details, seed=seed)
+        verdicts[name] = c["verdict"]
+        for section in ("headline", "valid", "truncation"):
+            t = c[section]
+            for rec in t.to_dict(orient="records") if len(t) else []:
+                rows.append({"pool": pool, label: name, "section": section, **rec,
+                             "n_valid": c["n_valid"], "n_images": c["n_images"]})
+        v = c["validity"].set_index("caption")
+        rows.append({"pool": pool, label: name, "section": "validity", "metric": "degenerate", "diff":
+                     v.loc["method", "degenerate"] - v.loc["greedy", "degenerate"], "method_value": v.loc["method", "degenerate"],
+                     "greedy_value": v.loc["greedy", "degenerate"], "n_valid": c["n_valid"], "n_images": c["n_images"],
+                     **{f"method_{k}": v.loc["method", k] for k in ("yes/no", "no object", "not a description")}})
+    return pd.DataFrame(rows), verdicts
 
 
-def reproduce(
-    out: str | Path = "results",
-    quick: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    update_readme: bool = False,
-    figures_dir: Path | None = None,
-    lm=None,
-) -> pd.DataFrame:
-    """Run the analysis; write ``out/report.md`` and per-benchmark results.  Returns the summary.
-
-    ``quick`` runs a smoke-size version (a few images).  The README is updated only when asked
-    (``update_readme``), and never by a quick run.  Figures go to ``figures_dir`` (default:
-    ``out/figures``).
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    limit = 24 if quick else None
-    lm = lm or load_model()  # the embedded model (any device / dtype the caller loaded it on)
-    from dleaf_analysis.settings import tuned_config
-
-    methods = {m: tuned_config(m, lm.weights_hash) for m in METHOD_ORDER}
-    tables = {}
-    for bench in ("chair", "pope"):
-        log(f"evaluating {len(methods)} methods with {bench} on the test split" + (" (quick)" if quick else ""))
-        tables[bench] = compare_methods(bench, "test", lm, methods, out, limit=limit, seed=seed, progress=progress)
-    summary = pd.concat(tables.values(), ignore_index=True)
-    summary.to_csv(out / "summary.csv", index=False)
-    protocol = json.loads((out / "chair-test-greedy" / "protocol.json").read_text())
-    body = [
-        "## Methods on the embedded model (test split)",
-        "",
-        "Values in percent (length in words) with bootstrap 95% CIs; `d` is the paired difference from",
-        "greedy decoding on the same images (points; paired bootstrap over images, 95% CI; bold where",
-        "the CI excludes 0). Methods run at the settings chosen by the tuning study on the dev split",
-        "(`data/tuned_methods.json`).",
-        "",
-        "### CHAIR (captioning)",
-        "",
-        md_table(_wide(tables["chair"])),
-        "",
-        "### POPE",
-        "",
-        md_table(_wide(tables["pope"])),
-        "",
-        f"Protocol (greedy CHAIR; the others differ only in `method`): {protocol['model_id']} weights "
-        f"`{protocol['weights_hash']}`, data `{protocol['split_hash']}`, {protocol['n_items']} images, prompt "
-        f"`{protocol['prompt']}`, max {protocol['max_new_tokens']} new tokens, seed {protocol['seed']}.",
-    ]
-    body += _components_section(out, lm, limit, seed, progress, log, tables["chair"])
-    body += _studies_section(out, quick, seed, progress, log, lm)
-    body += _figures_section(out, quick, seed, log, lm, figures_dir)
-    report = [f"# dleaf-analysis report{' (quick)' if quick else ''}", "",
-              f"Generated by `dleaf reproduce{' --quick' if quick else ''}` in {time.time() - t0:.0f} s.", ""] + body
-    (out / "report.md").write_text("\n".join(report) + "\n")
-    if update_readme and not quick:
-        splice_readme("\n".join(body), "results")
-    return summary
-
-
-def reproduce_source(
-    out: str | Path,
-    lm,
-    source,
-    quick: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    figures_dir: Path | None = None,
-    tuned_file: str | Path | None = None,
-    tune_fraction: float = 0.25,
-    shard: tuple[int, int] | None = None,
-    batch_size: int | None = None,
-    study_limit: int | None = None,
-) -> pd.DataFrame:
-    """The main job on a real checkpoint and an image source (COCO, an annotated folder).
-
-    Without ``tuned_file``, the methods are first tuned on a held-out part of the images
-    (``tune_fraction``, chosen by hash of the image key: :meth:`ImageSource.split_heldout`),
-    disjoint from the evaluation images; the tuned settings are saved next to the results
-    (``out/tuning/tuned_methods.json``, keyed by the model's weights hash).  Then CHAIR of every
-    method with paired differences, D-LEAF's component ablation, the localisation, DPO and
-    calibration studies, the figures and ``out/report.md``.  ``shard=(i, N)``: only shard ``i`` of
-    the evaluation images (and of the fault grid); needs ``tuned_file`` (tune once, first).
-    """
-    from dleaf_analysis.evaluation.tuning import tune
-    from dleaf_analysis.settings import tuned_config
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    source.check_model(lm)
-    if shard is not None and tuned_file is None:
-        raise ValueError("a sharded reproduce needs the tuned settings (--tuned FILE): tune once first, with "
-                         "`dleaf tune` on a held-out image list")
-    tune_src = None
-    if tuned_file is None:
-        tune_src, eval_src = source.split_heldout(tune_fraction)
-        (out / "tuning_images.txt").write_text("\n".join(tune_src.key(i) for i in range(len(tune_src))) + "\n")
-        log(f"tuning the methods on {len(tune_src)} held-out images (disjoint from the {len(eval_src)} evaluation images)")
-        tune(out / "tuning", lm=lm, source=tune_src, exclude=eval_src, limit=4 if quick else None, seed=seed,
-             progress=progress, log=log)
-        tuned_file = out / "tuning" / "tuned_methods.json"
-    else:
-        eval_src = source
-    if shard is not None:
-        eval_src = eval_src.shard(*shard)
-    (out / "evaluation_images.txt").write_text("\n".join(eval_src.key(i) for i in range(len(eval_src))) + "\n")
-    limit = 6 if quick else None
-    methods = {m: tuned_config(m, lm.weights_hash, tuned_file) for m in METHOD_ORDER}
-    log(f"evaluating {len(methods)} methods with CHAIR on {len(eval_src) if limit is None else min(limit, len(eval_src))} "
-        "evaluation images")
-    chair = compare_methods("chair", eval_src, lm, methods, out, limit=limit, seed=seed, progress=progress, label="test")
-    chair.to_csv(out / "summary.csv", index=False)
-    protocol = json.loads((out / "chair-test-greedy" / "protocol.json").read_text())
-    body = [
-        f"## Methods on {lm.model_id} ({source.kind} images)",
-        "",
-        "Values in percent (length in words) with bootstrap 95% CIs; `d` is the paired difference from greedy decoding",
-        "on the same images (points; paired bootstrap over images, 95% CI; bold where the CI excludes 0). Methods run",
-        f"at the settings tuned on held-out images of this model (`{Path(tuned_file).name}`).",
-        "",
-        "### CHAIR (captioning)",
-        "",
-        md_table(_wide(chair)),
-        "",
-        f"Protocol (greedy CHAIR; the others differ only in `method`): {protocol['model_id']} weights "
-        f"`{protocol['weights_hash']}`, images `{protocol['split_hash']}`, {protocol['n_items']} images, prompt "
-        f"`{protocol['prompt']}`, max {protocol['max_new_tokens']} new tokens, seed {protocol['seed']}.",
-    ]
-    body += _components_section(out, lm, limit, seed, progress, log, chair, source=eval_src,
-                                profile_source=tune_src or eval_src, tuned_file=tuned_file)
-    body += _studies_section(out, quick, seed, progress, log, lm, source=eval_src, calib_source=tune_src or eval_src,
-                             tuned_file=tuned_file, limit=study_limit or (6 if quick else None), batch_size=batch_size)
-    body += _figures_section(out, quick, seed, log, lm, figures_dir, source=eval_src, tuned_file=tuned_file)
-    title = f"# dleaf-analysis report: {lm.model_id} on {source.kind} images{' (quick)' if quick else ''}"
-    if shard is not None:
-        title += f", shard {shard[0]}/{shard[1]}"
-    report = [title, "", f"Generated by `dleaf reproduce` in {time.time() - t0:.0f} s.", ""] + body
-    (out / "report.md").write_text("\n".join(report) + "\n")
-    return chair
-
-
-def component_configs(lm, seed: int = 0, source=None, tuned_file=None) -> dict[str, dict]:
+def component_configs(lm, profile_source, tuned_file=None, tuned_any: bool = False) -> dict[str, dict]:
     """D-LEAF's component ablation: which part does the work?
 
-    - ``both (D-LEAF)``: LIAE picks layers, IAF picks heads (the tuned config);
+    - ``both (D-LEAF)``: LIAE picks layers, IAF picks heads (the shipped config);
     - ``LIAE only``: LIAE picks layers, every head but the best is fused;
     - ``IAF only``: every candidate layer at every step, IAF picks heads (uniform fusion);
-    - ``static layers``: the two candidate layers with the highest mean LIAE on dev captions,
-      every step, every head but the best (``source``: the first 40 of its images instead of dev).
+    - ``static layers``: the two candidate layers with the highest mean LIAE on the captions of the
+      first 40 images of ``profile_source``, every step, every head but the best.
     """
-    from dleaf_analysis.settings import tuned_config
+    import torch
+
     from dleaf_analysis.interventions import DLeaf
-    from dleaf_analysis.scenes import load_split
     from dleaf_analysis.tracing import trace_generation
 
-    base = {**DLeaf().to_dict(), **tuned_config("dleaf", lm.weights_hash, tuned_file)}
-    base.pop("method")
-    if source is None:
-        dev = load_split("dev", limit=40)
-        liae = torch.stack([trace_generation(lm, dev.image(i), backend="hooks").liae().mean(0)
-                            for i in range(len(dev))]).mean(0)
-    else:
-        dev = source.limit(40)
-        liae = torch.stack([trace_generation(lm, dev.image(i), prompt=dev.prompt, max_new_tokens=dev.max_new_tokens,
-                                             backend="hooks").liae().mean(0) for i in range(len(dev))]).mean(0)
+    base = {k: v for k, v in DLeaf.from_dict(method_configs(lm, tuned_file, tuned_any)["dleaf"]).to_dict().items()
+            if k != "method"}
+    prof = profile_source.limit(40)
+    liae = torch.stack([trace_generation(lm, prof.image(i), prompt=prof.prompt, max_new_tokens=prof.max_new_tokens,
+                                         backend="hooks").liae().mean(0) for i in range(len(prof))]).mean(0)
     cand = DLeaf(**base).candidate_layers(len(liae))
     static = sorted(sorted(cand, key=lambda l: -float(liae[l]))[:2])
-    return {
-        "both (D-LEAF)": base,
-        "LIAE only": {**base, "head_selection": "all"},
-        "IAF only": {**base, "threshold": "static"},
-        "static layers": {**base, "threshold": "static", "layers": static, "head_selection": "all"},
-    }
+    return {"both (D-LEAF)": base, "LIAE only": {**base, "head_selection": "all"},
+            "IAF only": {**base, "threshold": "static"},
+            "static layers": {**base, "threshold": "static", "layers": static, "head_selection": "all"}}
 
 
-def _components_section(out: Path, lm, limit, seed, progress, log, chair: pd.DataFrame, source=None,
-                        profile_source=None, tuned_file=None) -> list[str]:
-    where = "test" if source is None else "evaluation images"
-    log(f"component ablation of D-LEAF (CHAIR, {where})")
-    rows = []
-    for label, cfg in component_configs(lm, seed, profile_source, tuned_file).items():
-        res = evaluate("chair", source or "test", lm, method="dleaf", method_config=cfg, limit=limit, seed=seed,
-                       progress=progress, out_dir=out / f"components-{label.split()[0].lower()}")
-        rows.append(res.summary.assign(component=label, layers=json.dumps(cfg.get("layers"))))
-    g = chair[chair.method == "greedy"].assign(component="greedy (none)", layers="null")
-    df = pd.concat([g] + rows, ignore_index=True)
-    df.to_csv(out / "components.csv", index=False)
-    df["cell"] = [f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in zip(df.value, df.ci_low, df.ci_high)]
-    w = df.pivot_table(index="component", columns="metric", values="cell", aggfunc="first", sort=False).reset_index()
-    w.columns.name = None
-    static = df[df.component == "static layers"]["layers"].iloc[0]
-    prof = "dev captions" if profile_source is None else "captions of the tuning images"
-    return ["", f"### D-LEAF component ablation (CHAIR, {where})", "",
-            f"LIAE picks layers, IAF picks heads; `static layers` = {static} (highest mean LIAE on {prof}).", "",
-            md_table(w[["component", "CHAIR_s", "CHAIR_i", "recall", "length"]]), ""]
+# -- studies --------------------------------------------------------------------------------------------
+def run_studies(lm, source, out: Path, quick: bool, seed: int, progress: bool, log, tuned_file=None,
+                tuned_any: bool = False, study_limit: int | None = None, batch_size: int | None = None) -> dict:
+    """Every study of :data:`STUDY_ORDER` on the first ``study_limit`` images of ``source`` (calibration
+    on fewer, its faults where the leverage map finds leverage); ``{name: StudyResult or message}``."""
+    from dleaf_analysis.studies import NoEventsError, run_study
+    from dleaf_analysis.studies.calibration import leverage_faults
+
+    n = study_limit or (4 if quick else 300)
+    kw = dict(out=out / "studies", lm=lm, seed=seed, progress=progress, tuned_file=tuned_file, tuned_any=tuned_any,
+              batch_size=batch_size, log=log)
+    got: dict = {}
+    for name in STUDY_ORDER:
+        limit = {"calibration": 3 if quick else 60, "leverage": n, "localization": min(n, 4 if quick else 150),
+                 "dpo": min(n, 4 if quick else 150)}.get(name, n)
+        opts = None
+        if name == "calibration":
+            lev = got.get("leverage")
+            opts = {"faults": [f.__dict__ | {"heads": list(f.heads)} for f in
+                               leverage_faults(lev.tables["leverage_summary"] if hasattr(lev, "tables") else None,
+                                               lm, seed, quick)]}
+        log(f"study: {name} on the first {limit} images")
+        try:
+            got[name] = run_study(name, source, limit=limit, options=opts, **kw)
+        except NoEventsError as e:
+            got[name] = str(e)
+    return got
 
 
-def _studies_section(out: Path, quick: bool, seed: int, progress: bool, log, lm, source=None, calib_source=None,
-                     tuned_file=None, limit: int | None = None, batch_size: int | None = None) -> list[str]:
-    """Run the localisation and DPO studies on the test split (or ``source``); their report section."""
-    from dleaf_analysis.studies.runner import NoEventsError, run_study
+# -- findings ---------------------------------------------------------------------------------------------
+def _get(t: pd.DataFrame, **where) -> pd.Series | None:
+    m = t
+    for k, v in where.items():
+        m = m[m[k] == v]
+    return m.iloc[0] if len(m) else None
 
-    limit = limit or (30 if quick else 300)
-    where = "test split" if source is None else "evaluation images"
-    lines = ["", f"## Causal studies ({where}, first {limit} images)", ""]
-    kw = dict(limit=limit, out=out / "studies", lm=lm, seed=seed, progress=progress, tuned_file=tuned_file,
-              batch_size=batch_size)
-    try:
-        log("localisation study (ablation, correction and patching maps vs detectors)")
-        loc = run_study("localization", source or "test", **kw)
-        log("DPO alignment study")
-        dp = run_study("dpo", source or "test", **kw)
-    except NoEventsError as e:
-        return lines + [f"No study could run: {e}"]
-    s = loc.summary
-    lines += [
-        f"Events: {s['n_hallucinated']} hallucinated object tokens in greedy captions of {s['n_images']} images; "
-        f"{s['n_with_preferred']} have a preferred alternative (a present, not yet mentioned object) and are "
-        f"studied; {s['n_with_cue']} of them also have a cue object for counterfactual patching.",
-        "",
-        "### Does LIAE localise better than the uniform detectors?",
-        "",
-    ] + [f"- {v}" for v in s["verdict"]] + [
-        "",
-        "Layer-level agreement with each causal map (mean over events, bootstrap 95% CI; causal score = how much "
-        "intervening on the layer suppresses the hallucination):",
-        "",
-    ]
-    t = loc.tables["localization_summary"]
-    lay = t[(t.level == "layer")].copy()
-    lay["value"] = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(lay["mean"], lay.ci_low, lay.ci_high)]
-    w = lay.pivot_table(index=["causal_map", "detector"], columns="metric", values="value", aggfunc="first").reset_index()
-    w.columns.name = None
-    lines += [md_table(w), ""]
-    hd = t[(t.level == "head") & (t.metric == "spearman")].copy()
-    hd["spearman"] = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(hd["mean"], hd.ci_low, hd.ci_high)]
-    w = hd.pivot_table(index="detector", columns="causal_map", values="spearman", aggfunc="first").reset_index()
-    w.columns.name = None
-    lines += ["Head-level (within each layer; detector score = low focus, i.e. heads that warrant correction), "
-              "Spearman:", "", md_table(w), "",
-              f"Attribution patching vs exact head patching: Spearman {s['attribution_vs_exact_spearman']:.3f} over all "
-              "(event, layer, head) cells. Attribution is the exact first-order term of head patching (tested against "
-              "a 1% step toward the counterfactual: agreement within 2%); what separates it from a full patch is the "
-              "model's nonlinearity.", ""]
-    lines += [f"Events where the cue would have been the model's top preferred object (the next present object "
-              f"was taken instead, never the cue): {s.get('n_cue_was_top_preferred', 0)}.", ""]
-    lines += ["### DPO alignment (Theorem 1)", ""]
-    ds = dp.tables.get("dpo_summary")
-    if ds is None or not len(ds):
-        lines += ["No event had a layer where D-LEAF fires: nothing to measure."]
-    else:
-        d2 = ds.copy()
-        d2["D-LEAF"] = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(d2.dleaf_mean, d2.dleaf_ci_low, d2.dleaf_ci_high)]
-        d2["random-head null"] = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(d2.null_mean, d2.null_ci_low, d2.null_ci_high)]
-        d2["one-sided Wilcoxon p"] = [f"{p:.3g} ({a})" for p, a in zip(d2.wilcoxon_p, d2.alternative)]
-        lines += [f"{dp.summary.get('n_events_fired', 0)} events with at least one firing layer "
-                  f"({dp.summary.get('n_events_not_fired', 0)} without); one row per (event, corrected layer):", "",
-                  md_table(d2[["statistic", "D-LEAF", "random-head null", "n", "one-sided Wilcoxon p"]]), ""]
-    lines += _calibration_section(out, quick, seed, progress, log, lm, calib_source, tuned_file)
+
+def findings(comparisons: pd.DataFrame, verdicts: dict, pope: pd.DataFrame, studies: dict,
+             pope_firing: pd.DataFrame | None = None) -> list[str]:
+    """The report's findings in prose: one sentence each, with its number, CI and n, positive or not."""
+    out = []
+    for pool in POOLS:
+        h = _get(comparisons, pool=pool, method="dleaf", section="headline", metric="CHAIR_i")
+        t = _get(comparisons, pool=pool, method="dleaf", section="truncation", metric="objects_CHAIR_i")
+        if h is not None:
+            txt = (f"On the {pool} images (n = {int(h['n'])}), D-LEAF changes CHAIR_i by "
+                   f"{_ci(h['diff'], h['ci_low'], h['ci_high'], True, 2)} points against greedy decoding")
+            if t is not None:
+                txt += (f", and object-list CHAIR_i by {_ci(t['diff'], t['ci_low'], t['ci_high'], True, 2)} against "
+                        f"greedy cut to the same number of objects (n = {int(t['n'])} images with two real descriptions)")
+            out.append(txt + f"; verdict: {verdicts.get((pool, 'dleaf'), 'n/a').split(': ')[-1]}.")
+    for pool in POOLS:
+        best = None
+        for m in ("uniform", "pai", "vcd"):
+            t = _get(comparisons, pool=pool, method=m, section="truncation", metric="objects_CHAIR_i")
+            if t is not None and (best is None or t["diff"] < best[1]["diff"]):
+                best = (m, t)
+        if best is not None and pool == "replication":
+            m, t = best
+            out.append(f"Of the baselines, {m} comes closest to beating the truncation control on the replication pool: "
+                       f"object-list CHAIR_i {_ci(t['diff'], t['ci_low'], t['ci_high'], True, 2)} "
+                       f"(n = {int(t['n'])}); {verdicts.get((pool, m), '').split(': ')[-1]}.")
+    tr = studies.get("trigger")
+    if hasattr(tr, "tables"):
+        pr = tr.tables["precision_recall_summary"]
+        d = _get(pr, trigger="dleaf")
+        if d is not None:
+            out.append(f"D-LEAF's trigger fires at {100 * tr.summary['dleaf_firing_rate']:.1f}% of decoding steps "
+                       f"({100 * tr.summary['dleaf_firing_rate_first_3_steps']:.1f}% of the first three); at object steps "
+                       f"its precision for hallucinated objects is {100 * d['precision']:.1f}% against "
+                       f"{100 * d['random_precision']:.1f}% for a random trigger with the same per-caption rate "
+                       f"(difference {_ci(100 * d['precision_minus_random'], 100 * d['precision_minus_random_low'], 100 * d['precision_minus_random_high'], True)} points; "
+                       f"{d['n_hallucinated']} hallucinated of {d['n_object_steps']} object steps).")
+        a = _get(tr.tables["auroc_summary"], detector="dleaf (margin over threshold)")
+        if a is not None:
+            out.append(f"The AUROC of D-LEAF's statistic for hallucinated against grounded object steps is "
+                       f"{_ci(a['auroc'], a['ci_low'], a['ci_high'], digits=3)} (0.5 = chance).")
+    orc = studies.get("oracle")
+    if hasattr(orc, "tables"):
+        t = orc.tables["oracle_summary"]
+        hs, gs = _get(t, steps="hallucinated", layer_set="candidates"), _get(t, steps="grounded", layer_set="candidates")
+        p = orc.tables["prediction_summary"]
+        meas = _get(p, quantity="measured dCHAIR_i (D-LEAF vs greedy)")
+        if hs is not None and gs is not None:
+            txt = (f"Applied with perfect timing in its candidate layers, D-LEAF's fusion turns {hs['fix_rate']:.1f}% of "
+                   f"{int(hs['n_steps'])} hallucinated steps into a present object and {hs['swap_rate']:.1f}% into another "
+                   f"absent one, and makes {gs['harm_rate']:.1f}% of {int(gs['n_steps'])} grounded steps hallucinate; "
+                   f"the first-order prediction of its CHAIR_i change from its actual firings is "
+                   f"{orc.summary['predicted_dCHAIR_i']:+.2f} points")
+            if meas is not None:
+                txt += f", measured {_ci(meas['value'], meas['ci_low'], meas['ci_high'], True, 2)}"
+            out.append(txt + ".")
+    loc = studies.get("localization")
+    if hasattr(loc, "summary") and loc.summary.get("verdict"):
+        out.append("Localisation: " + loc.summary["verdict"][0])
+    lev = studies.get("leverage")
+    if hasattr(lev, "tables"):
+        t = lev.tables["leverage_summary"]
+        strong = t[t["drecall"] <= -10]
+        out.append(f"The leverage map finds {len(strong)} layers where an all-head fault costs at least 10 recall points "
+                   f"({', '.join(f'layer {int(r.layer)}: {r.drecall:+.1f}' for r in strong.itertuples())}; "
+                   f"n = {int(t['n_images'].iloc[0])} images).")
+    if pope_firing is not None and len(pope_firing):
+        r = _get(pope_firing, pool="test")
+        d = _get(pope, pool="test", method="dleaf-vqa", variant="adversarial", metric="accuracy")
+        if r is not None and d is not None:
+            out.append(f"On POPE (test, adversarial), D-LEAF with prompt-row seeding fires on {r['firing_rate']:.1f}% of "
+                       f"questions and changes accuracy by {_ci(d['paired_diff'], d['paired_ci_low'], d['paired_ci_high'], True)} points "
+                       f"(n = {int(d['n'])} images).")
+    return out
+
+
+def _methods_section(chair: pd.DataFrame, comparisons: pd.DataFrame, pope: pd.DataFrame, verdicts: dict,
+                     label: str = "method") -> list[str]:
+    lines = []
+    for pool in POOLS:
+        c = chair[chair["pool"] == pool]
+        if not len(c):
+            continue
+        rows = []
+        for name in dict.fromkeys(c[label]):
+            r = {label: name}
+            for m in ("CHAIR_s", "CHAIR_i", "recall", "length"):
+                s = _get(c, **{label: name, "metric": m})
+                r[m] = _ci(s["value"], s["ci_low"], s["ci_high"])
+                if name not in ("greedy", "greedy (none)"):
+                    r[m] += " (d " + _bold_if(_ci(s["paired_diff"], s["paired_ci_low"], s["paired_ci_high"], True),
+                                               s["paired_ci_low"], s["paired_ci_high"]) + ")"
+            v = _get(comparisons, pool=pool, section="validity", **{label: name})
+            r["degenerate %"] = f"{v['method_value']:.1f}" if v is not None else (
+                f"{_get(comparisons, pool=pool, section='validity')['greedy_value']:.1f}" if len(comparisons) else "")
+            for sec, met, col in (("valid", "CHAIR_i", "CHAIR_i d, valid captions"),
+                                  ("truncation", "objects_CHAIR_i", "object-list CHAIR_i d vs truncated greedy")):
+                s = _get(comparisons, pool=pool, section=sec, metric=met, **{label: name})
+                r[col] = _bold_if(_ci(s["diff"], s["ci_low"], s["ci_high"], True, 2), s["ci_low"], s["ci_high"]) \
+                    if s is not None else ""
+            rows.append(r)
+        n = int(c["n"].iloc[0])
+        lines += [f"#### {pool} ({n} images)", "", md_table(pd.DataFrame(rows)), ""]
+        lines += [f"- `{name}`: {verdicts[(pool, name)]}" for name in dict.fromkeys(c[label]) if (pool, name) in verdicts]
+        lines.append("")
     return lines
 
 
-def _calibration_section(out: Path, quick: bool, seed: int, progress: bool, log, lm, source=None,
-                         tuned_file=None) -> list[str]:
-    """The planted-fault calibration study on dev (or ``source``): what each detector and method can see."""
-    from dleaf_analysis.models.adapters import ModelAdapter
-    from dleaf_analysis.studies.calibration import default_faults
-    from dleaf_analysis.studies.runner import run_study
+def _pope_section(pope: pd.DataFrame) -> list[str]:
+    lines = []
+    for pool in POOLS:
+        p = pope[(pope["pool"] == pool) & (pope["metric"].isin(["accuracy", "f1", "yes_ratio"]))]
+        if not len(p):
+            continue
+        rows = []
+        for (variant, name), g in p.groupby(["variant", "method"], sort=False):
+            r = {"variant": variant, "method": name}
+            for s in g.itertuples():
+                r[s.metric] = _ci(s.value, s.ci_low, s.ci_high) + ("" if name == "greedy" else " (d " + _bold_if(
+                    _ci(s.paired_diff, s.paired_ci_low, s.paired_ci_high, True), s.paired_ci_low, s.paired_ci_high) + ")")
+            rows.append(r)
+        lines += [f"#### POPE, {pool} ({int(p['n'].max())} questions per variant)", "", md_table(pd.DataFrame(rows)), ""]
+    return lines
 
-    limit = 6 if quick else 60
-    ad = ModelAdapter(lm.model)
-    faults = default_faults(ad.n_layers, ad.n_heads, seed)
-    if quick:
-        faults = [f for f in faults if f.strength == 1.0][:2]
-    where = "dev" if source is None else "tuning"
-    if source is not None:
-        limit = min(limit, len(source))
-    log(f"calibration study: {len(faults)} planted faults on {limit} {where} images")
-    r = run_study("calibration", source or "dev", limit=limit, out=out / "studies", lm=lm, seed=seed, progress=progress,
-                  faults=faults, tuned_file=tuned_file)
-    t = r.tables
-    lines = [f"### Calibration: planted faults ({where} images)", "",
-             f"Each fault is planted through the hook point while the model decodes the first {limit} {where} images "
-             "(kinds, layers, heads, strengths: docs/method.md). Harm is the paired change against the unfaulted "
-             "run on the same images; detection is the per-step AUROC of each layer detector for the faulted layer "
-             "(0.5 = blind) and its top-1 hit rate among D-LEAF's candidate layers (base rate in brackets).", ""]
-    f = t["faults"].copy()
-    f["fault"] = [f"{k} L{l} heads {h} s={s:g} p={p:g}" for k, l, h, s, p in
-                  zip(f.kind, f.layer, f.heads, f.strength, f.step_fraction)]
-    f["dCHAIR_s"] = [f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for d, lo, hi in zip(f.dCHAIR_s, f.dCHAIR_s_low, f.dCHAIR_s_high)]
-    f["drecall"] = [f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for d, lo, hi in zip(f.drecall, f.drecall_low, f.drecall_high)]
-    d = t["detection"].copy()
-    d["fault"] = [f"{k} L{l} heads {h} s={s:g} p={p:g}" for k, l, h, s, p in
-                  zip(d.kind, d.layer, d.heads, d.strength, d.step_fraction)]
-    d["cell"] = [f"{a:.2f} / {h:.2f} ({b:.2f})" for a, h, b in zip(d.auroc, d.top1_hit, d.top1_base_rate)]
-    w = d.pivot_table(index="fault", columns="detector", values="cell", aggfunc="first", sort=False).reset_index()
-    w.columns.name = None
-    lines += [md_table(f[["fault", "dCHAIR_s", "drecall"]]), "",
-              "Detection, `AUROC / top-1 hit (base rate)` per detector:", "", md_table(w), ""]
-    rec = t["recovery"].copy()
-    if len(rec):
-        rec["fault"] = [f"{k} L{l} s={s:g} p={p:g}" for k, l, s, p in zip(rec.kind, rec.layer, rec.strength,
-                                                                            rec.step_fraction)]
-        rec["cell"] = [f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for d, lo, hi in
-                       zip(rec.dCHAIR_s_vs_faulted, rec.dCHAIR_s_vs_faulted_low, rec.dCHAIR_s_vs_faulted_high)]
-        rw = rec.pivot_table(index="fault", columns="method", values="cell", aggfunc="first", sort=False).reset_index()
-        rw.columns.name = None
-        lines += ["Recovery: change of CHAIR_s when each method decodes with the fault in place, against the faulted "
-                  "greedy run (paired, points; negative = fewer hallucinations; `oracle` = D-LEAF's fusion exactly at "
-                  "the faulted steps and heads):", "", md_table(rw), ""]
-    iaf = t["iaf"]
-    if len(iaf):
-        lines += [f"IAF at faulted steps: the best head is an intact head in {100 * iaf.best_is_intact.mean():.0f}% of "
-                  f"them (mean over faults); D-LEAF's head rule selects {100 * iaf.faulted_selected.mean():.0f}% of the "
-                  f"faulted heads and {100 * iaf.intact_selected.mean():.0f}% of the intact ones.", ""]
-    c = t["causal"]
-    if len(c):
-        lines += [f"Causal maps on {len(c)} hallucination events of the faulted captions: `correct_layer` ranks the "
-                  f"faulted layer first in {100 * c.correct_layer_top1_is_faulted.mean():.0f}% of them, `layer_zero` in "
-                  f"{100 * c.layer_zero_top1_is_faulted.mean():.0f}% (chance {100 / ad.n_layers:.0f}%).", ""]
+
+def _studies_section(studies: dict) -> list[str]:
+    from dleaf_analysis.studies import get_study
+
+    lines = ["## Studies", ""]
+    for name, r in studies.items():
+        if isinstance(r, str):
+            lines += [f"### {name}", "", f"Not run: {r}", ""]
+            continue
+        lines += [get_study(name).report(r.tables, r.summary), ""]
     return lines
 
 
@@ -433,12 +363,142 @@ def _figures_section(out: Path, quick: bool, seed: int, log, lm, figures_dir: Pa
     log(f"figures -> {fdir}")
     entries = render_all(FigureContext(results=out, lm=lm, n_images=8 if quick else 100, seed=seed, source=source,
                                        tuned_file=tuned_file), fdir, log=log)
-    rel = lambda p: p.resolve().relative_to(REPO_ROOT.resolve()) if p.resolve().is_relative_to(REPO_ROOT.resolve()) else p  # noqa: E731
-    lines = ["", "## Figures", ""]
-    for e in entries:
+    root = REPO_ROOT.resolve()
+    rel = lambda p: p.resolve().relative_to(root) if p.resolve().is_relative_to(root) else p  # noqa: E731
+    lines = ["## Figures", ""]
+    for e in [e for e in entries if not e.get("skipped")]:
         paper = f" ({e['paper']} of the paper)" if e["paper"] else ""
         lines.append(f"- [{e['figure']}]({rel(fdir / (e['figure'] + '.png'))}){paper}: {e['title']}")
-    return lines
+    skipped = [e for e in entries if e.get("skipped")]
+    return lines + [""] + (["Skipped: " + "; ".join(f"{e['figure']} ({e['skipped']})" for e in skipped)] if skipped
+                           else [])
+
+
+# -- the main job ----------------------------------------------------------------------------------------
+def reproduce(
+    out: str | Path = "results",
+    lm=None,
+    source=None,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    update_readme: bool = False,
+    figures_dir: Path | None = None,
+    tuned_file=None,
+    tuned_any: bool = False,
+    tune_fraction: float = 0.25,
+    shard=None,
+    batch_size: int | None = None,
+    study_limit: int | None = None,
+) -> pd.DataFrame:
+    """Run the main job (see the module doc); write ``out/report.md`` (always, also when a stage
+    finds nothing to do) and return the summary table.  ``quick``: a smoke-size run."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    lm = lm or load_model()
+    pool, study_src, tuned_file = pools(lm, source, quick, tuned_file, tune_fraction, shard, out, log, seed, progress)
+    methods = method_configs(lm, tuned_file, tuned_any)
+    chair_frames, comp_frames, pope_frames, firing, verdicts = [], [], [], [], {}
+    for name, src in pool.items():
+        s, res = compare_methods("chair", name, src, lm, methods, out, seed, progress, log)
+        chair_frames.append(s)
+        c, v = comparison_rows(name, res, seed)
+        comp_frames.append(c)
+        verdicts.update({(name, k): x for k, x in v.items()})
+        if src.record().get("kind") == "scene":
+            psrc = src.limit(4 if quick else 500)
+            pm = {**methods, "dleaf-vqa": {**methods["dleaf"], "running_seed": "prefill-rows"}}
+            p, pres = compare_methods("pope", name, psrc, lm, pm, out, seed, progress, log)
+            pope_frames.append(p)
+            inter = pres["dleaf-vqa"].interventions
+            n_q = len(pres["dleaf-vqa"].details)
+            fired = inter[inter["step"] == 0]["item"].nunique() if inter is not None and len(inter) else 0
+            firing.append({"pool": name, "n_questions": n_q, "n_fired": int(fired),
+                           "firing_rate": 100 * fired / n_q if n_q else float("nan")})
+    chair = pd.concat(chair_frames, ignore_index=True)
+    comparisons = pd.concat(comp_frames, ignore_index=True)
+    pope = pd.concat(pope_frames, ignore_index=True) if pope_frames else pd.DataFrame()
+    pope_firing = pd.DataFrame(firing)
+    chair.to_csv(out / "methods_chair.csv", index=False)
+    comparisons.to_csv(out / "comparisons.csv", index=False)
+    pope.to_csv(out / "methods_pope.csv", index=False)
+    pope_firing.to_csv(out / "pope_firing.csv", index=False)
+    (out / "verdicts.json").write_text(json.dumps({f"{p}:{m}": v for (p, m), v in verdicts.items()}, indent=1))
+
+    # D-LEAF's components under the same comparison
+    log("component ablation of D-LEAF")
+    comps = component_configs(lm, study_src, tuned_file, tuned_any)
+    comp_chair, comp_cmp, comp_verdicts = [], [], {}
+    for name, src in pool.items():
+        res = {"greedy": evaluate("chair", src, lm, seed=seed, progress=False, out_dir=out / "evals" /
+                                  f"chair-{name}-greedy")}
+        for label, cfg in comps.items():
+            res[label] = evaluate("chair", src, lm, method="dleaf", method_config=cfg, seed=seed, progress=progress,
+                                  out_dir=out / "evals" / f"components-{name}-{label.split()[0].lower()}")
+        rows = []
+        for label, r in res.items():
+            s = r.summary.assign(component="greedy (none)" if label == "greedy" else label, pool=name)
+            if label == "greedy":
+                s = s.assign(paired_diff=0.0, paired_ci_low=0.0, paired_ci_high=0.0)
+            else:
+                d = chair_paired(res["greedy"].details, r.details, seed=seed).set_index("metric")
+                s = s.assign(paired_diff=list(d.loc[s.metric, "diff"]), paired_ci_low=list(d.loc[s.metric, "ci_low"]),
+                             paired_ci_high=list(d.loc[s.metric, "ci_high"]))
+            rows.append(s)
+        comp_chair.append(pd.concat(rows, ignore_index=True))
+        c, v = comparison_rows(name, {("greedy (none)" if k == "greedy" else k): x for k, x in res.items()}, seed,
+                               label="component")
+        comp_cmp.append(c)
+        comp_verdicts.update({(name, k): x for k, x in v.items()})
+    components = pd.concat(comp_chair, ignore_index=True)
+    components.to_csv(out / "components.csv", index=False)
+    comp_comparisons = pd.concat(comp_cmp, ignore_index=True)
+    comp_comparisons.to_csv(out / "components_comparisons.csv", index=False)
+
+    studies = run_studies(lm, study_src, out, quick, seed, progress, log, tuned_file, tuned_any, study_limit,
+                          batch_size)
+    prose = findings(comparisons, verdicts, pope, studies, pope_firing)
+    where = "the embedded model on the scene world" if source is None else f"{lm.model_id} on {source.kind} images"
+    methods_txt = ", ".join(f"`{m}` {json.dumps(c, sort_keys=True)}" for m, c in methods.items() if m != "greedy")
+    body = ["## Findings", "", *[f"- {p}" for p in prose], "",
+            f"## Methods on {where}", "",
+            "CHAIR values in percent (length in words) with bootstrap 95% CIs; `d` is the paired difference from greedy "
+            "on the same images (points, paired bootstrap, bold where the CI excludes 0); `degenerate %`: outputs that "
+            "are not descriptions (a bare yes/no, no object, or fewer than five words); `valid captions`: the images "
+            "where both captions are real descriptions; `truncated greedy`: greedy's object list cut per image to the "
+            "method's object count (object-list CHAIR_i, each object counted once).  A method reduces hallucination only "
+            "where it beats truncated greedy on valid captions.", "",
+            f"Settings: {methods_txt} (`data/tuned_methods.json`: chosen on dev, shipped only if confirmed on the "
+            "`confirm` split; `tuning/` holds the grid and confirmation)." if source is None else
+            f"Settings: {methods_txt}.", ""]
+    body += _methods_section(chair, comparisons, pope, verdicts)
+    if len(pope):
+        body += ["### POPE", "",
+                 "`dleaf-vqa`: D-LEAF with its running statistics seeded from the prompt's rows, so that it can act on "
+                 "step 0 of a one-token answer (with the default seeding no layer can fire there); it fired on "
+                 + ", ".join(f"{r.firing_rate:.1f}% of the {r.pool} questions" for r in pope_firing.itertuples()) + ".",
+                 ""] + _pope_section(pope)
+    body += ["### D-LEAF component ablation", "",
+             f"LIAE picks layers, IAF picks heads; `static layers` = {comps['static layers']['layers']} (highest mean "
+             "LIAE on the study images' captions).", ""]
+    body += _methods_section(components, comp_comparisons, pd.DataFrame(), comp_verdicts, label="component")
+    body += _studies_section(studies)
+    body += _figures_section(out, quick, seed, log, lm, figures_dir, source=next(iter(pool.values())) if source
+                             is not None else None, tuned_file=tuned_file)
+    manifest = json.loads((out / "evals" / f"chair-test-greedy" / "protocol.json").read_text())
+    header = [f"# dleaf-analysis report: {where}{' (quick)' if quick else ''}", "",
+              f"Generated by `dleaf reproduce{' --quick' if quick else ''}` in {time.time() - t0:.0f} s; model "
+              f"`{manifest['model']['id']}` weights `{manifest['model']['weights_hash']}`, prompt "
+              f"`{manifest['config']['prompt']}`, max {manifest['config']['max_new_tokens']} new tokens, seed {seed}.", ""]
+    (out / "report.md").write_text("\n".join(header + body) + "\n")
+    (out / "findings.md").write_text("\n".join(f"- {p}" for p in prose) + "\n")
+    if update_readme and not quick:
+        (REPO_ROOT / "RESULTS.md").write_text("\n".join(header + body).replace("](figures/", "](figures/") + "\n")
+        splice_readme("\n".join(f"- {p}" for p in prose), "findings")
+    return chair[chair["metric"].isin(["CHAIR_s", "CHAIR_i", "recall"])][
+        ["pool", "method", "metric", "value", "ci_low", "ci_high", "paired_diff"]].reset_index(drop=True)
 
 
 def splice_readme(text: str, key: str, readme: Path = REPO_ROOT / "README.md") -> None:

@@ -29,7 +29,8 @@ from dleaf_analysis.models.loading import LoadedModel, load_model
 from dleaf_analysis.runs import BENCHMARKS, POPE_VARIANTS, EvalConfig
 from dleaf_analysis.settings import tuned_config
 from dleaf_analysis.sources import ImageSource, as_source
-from dleaf_analysis.sweeps import ResultStore, run_items
+from dleaf_analysis import distributed
+from dleaf_analysis.sweeps import open_store, run_items
 
 __all__ = ["BENCHMARKS", "EvalResult", "Protocol", "ProtocolMismatchError", "evaluate", "check_output_dir"]
 
@@ -200,10 +201,8 @@ def evaluate(
     store = None
     if out_dir is not None:  # before any compute
         out = check_output_dir(out_dir, manifest, overwrite)
-        partial = out / ".partial"  # finished items of an interrupted run, keyed by item
-        if overwrite and partial.exists():
-            shutil.rmtree(partial)
-        store = ResultStore(partial, manifest)
+        partial = out / ".partial"  # finished items of an interrupted run, keyed by item (and the writer's lock)
+        store = open_store(partial, manifest, reset=overwrite)
 
     def run(keys: list[str], images: list, prompts: list[str], desc: str) -> tuple[list[str], list[dict]]:
         """Decode every item (resumable when there is an output directory); returns the texts in
@@ -252,6 +251,7 @@ def evaluate(
             ans, lg = run(list(q["key"]), [images[i] for i in q["item"]], list(q["question"]), f"POPE {variant}")
             logs += lg
             q["image"] = q["item"]
+            q["item_key"] = [source.key(i) for i in q["item"]]
             q["answer"] = ans
             q["prediction"] = [parse(a) for a in ans]
             s = pope_summary(q["label"], q["prediction"], groups=q["image"], n_resamples=n_resamples, seed=seed)
@@ -265,6 +265,53 @@ def evaluate(
     summary.insert(0, "benchmark", benchmark)
     result = EvalResult(Protocol(manifest, n_items), summary, details, pd.DataFrame(logs))
     if out_dir is not None:
-        result.save(out_dir, overwrite=overwrite)
-        shutil.rmtree(Path(out_dir) / ".partial", ignore_errors=True)
+        if distributed.place().main:
+            result.save(out_dir, overwrite=overwrite)
+            store.close()
+            shutil.rmtree(Path(out_dir) / ".partial", ignore_errors=True)
+        distributed.barrier()
     return result
+
+
+def merge_evaluations(dirs: list[str | Path], out: str | Path | None = None, n_resamples: int | None = None
+                      ) -> EvalResult:
+    """Merge the finished shards of one evaluation (``--shard i/N`` with ``--out``): the same run but
+    for its shard, shards distinct and complete; the details are concatenated in source order and
+    the summary recomputed on all of them (written to ``out`` if given)."""
+    from dleaf_analysis.sweeps import check_shards
+
+    dirs = [Path(d) for d in dirs]
+    manifests = []
+    for d in dirs:
+        if not (d / "protocol.json").is_file():
+            raise ProtocolMismatchError(f"{d} holds no finished evaluation (no protocol.json); run or resume it first")
+        manifests.append(json.loads((d / "protocol.json").read_text()))
+    flat = [{**runs.flatten({k: v for k, v in m.items() if k != "n_items"}), "shard": m["source"]["shard"]}
+            for m in manifests]
+    check_shards(dirs, flat, local=("shard", "source.shard", "source.images_dir"))
+    details = pd.concat([pd.read_json(d / "details.jsonl", lines=True) for d in dirs], ignore_index=True)
+    cfg = manifests[0]["config"]
+    n_res = n_resamples or cfg["n_resamples"]
+    merged = json.loads(json.dumps(manifests[0]))
+    merged["source"]["shard"] = [0, 1]
+    merged["merged_from"] = [str(d) for d in dirs]
+    if cfg["benchmark"] == "chair":
+        summary = chair_summary(details, n_resamples=n_res, seed=cfg["seed"])
+        summary.insert(0, "variant", "all")
+        n_items = len(details)
+    else:
+        parts = []
+        for variant, q in details.groupby("variant", sort=False):
+            s = pope_summary(q["label"], q["prediction"], groups=q["item_key"] if "item_key" in q else q["image"],
+                             n_resamples=n_res, seed=cfg["seed"])
+            s.insert(0, "variant", variant)
+            parts.append(s)
+        summary = pd.concat(parts, ignore_index=True)
+        n_items = int(sum(m.get("n_items", 0) for m in manifests))
+    summary.insert(0, "method", cfg["method"])
+    summary.insert(0, "benchmark", cfg["benchmark"])
+    inter = [pd.read_json(d / "interventions.jsonl", lines=True) for d in dirs if (d / "interventions.jsonl").is_file()]
+    res = EvalResult(Protocol(merged, n_items), summary, details, pd.concat(inter, ignore_index=True) if inter else None)
+    if out is not None:
+        res.save(out)
+    return res

@@ -37,6 +37,7 @@ class RunRecord:
 
     method: str
     log: list[dict] = field(default_factory=list)
+    decisions: list[dict] | None = None  # D-LEAF with decisions=True: every decision, fired or not
 
 
 @dataclass

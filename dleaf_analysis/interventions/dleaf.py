@@ -23,7 +23,8 @@ from dleaf_analysis import diagnostics as D
 from dleaf_analysis import hooks
 from dleaf_analysis.interventions.base import (ConfigError, Method, RunRecord, check_layers, check_range,
                                                default_layers, register)
-from dleaf_analysis.interventions.ops import FUSIONS, fuse_heads, last_row, with_last_row
+from dleaf_analysis.interventions import fused  # noqa: F401  (registers dleaf::layer_step)
+from dleaf_analysis.interventions.ops import FUSIONS, last_row, with_last_row
 from dleaf_analysis.models.adapters import ModelAdapter
 
 THRESHOLDS = ("running", "bas", "static")
@@ -119,7 +120,9 @@ class DLeaf(Method):
         return sel & ~torch.zeros_like(sel).scatter(-1, best, True)
 
     @contextmanager
-    def attach(self, lm, inputs: dict) -> Iterator[RunRecord]:
+    def attach(self, lm, inputs: dict, decisions: bool = False) -> Iterator[RunRecord]:
+        """Attach for one decoding of ``inputs``; the record's ``log`` lists the firings (with
+        ``decisions``, ``record.decisions`` also lists every decision, fired or not)."""
         adapter = ModelAdapter(lm.model)
         self.validate(adapter.n_layers, adapter.n_heads)
         state = DLeafState(self, adapter.n_layers, inputs["input_ids"].shape[0])
@@ -129,6 +132,25 @@ class DLeaf(Method):
                 yield record
         finally:
             record.log = state.materialize_log()
+            if decisions:
+                record.decisions = state.decisions()
+
+    def replay(self, lm, inputs: dict, continuation_ids: list[int], decisions: bool = False) -> RunRecord:
+        """D-LEAF over a teacher-forced decoding: the prompt (step 0), then each token of
+        ``continuation_ids`` fed one at a time with the KV cache, exactly as ``generate`` steps, with
+        this config attached (with ``gamma > 0`` its corrections apply to the later steps as in
+        decoding).  One firing rule: the editor that decodes is the one that decides here."""
+        cfg = type(self).from_dict({**self.to_dict(), "record": True})
+        model = lm.model
+        with torch.no_grad(), hooks.prompt_rows(model, cfg.prompt_rows), cfg.attach(lm, inputs, decisions) as record:
+            out = model(**inputs, use_cache=True)
+            past, am = out.past_key_values, inputs["attention_mask"]
+            for t in continuation_ids:
+                am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+                ids = torch.tensor([[int(t)]], device=inputs["input_ids"].device)
+                out = model(input_ids=ids, attention_mask=am, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+        return record
 
 
 class DLeafState:
@@ -188,60 +210,54 @@ class DLeafState:
         valid = valid_n if ctx.ragged else None  # None: every sequence has n image tokens
         if step == 0 and cfg.threshold != "static" and cfg.running_seed == "prefill-rows" and pattern.shape[2] > 1:
             self._seed_from_prompt_rows(pattern, ctx, layer)
-        a_img = row.float().gather(-1, pos.unsqueeze(1).expand(-1, row.shape[1], -1))  # [B, H, n]
-        if valid is not None:
-            a_img = a_img * valid[:, None, :]
-        liae = D.liae(a_img, cfg.liae_variant, valid)  # [B]
-        if cfg.threshold == "static":
-            fire = torch.ones_like(liae, dtype=torch.bool)
-            thr = torch.full_like(liae, float("nan"))
-        elif cfg.threshold == "running":
-            cnt = self.n[:, layer]  # [B] observations so far
-            mu = self.mean[:, layer]
-            sd = (self.m2[:, layer] / cnt.clamp_min(1)).sqrt()
-            thr = mu + self.k * sd
-            fire = (cnt > 0) & (liae > thr)
-            # Welford update with this step's LIAE
-            cnt1 = cnt + 1
-            delta = liae - mu
-            self.mean[:, layer] = mu + delta / cnt1
-            self.m2[:, layer] = self.m2[:, layer] + delta * (liae - self.mean[:, layer])
-            self.n[:, layer] = cnt1
-        else:  # bas
-            b = self.best[:, layer]
-            thr = b * (1 + cfg.delta)
-            fire = torch.isfinite(b) & (liae > thr)
-            self.best[:, layer] = torch.minimum(b, liae)
-        if step < cfg.warmup:  # a Python int: no device read
-            fire = torch.zeros_like(fire)
-        if cfg.gamma == 0:
-            return pattern
-        # decisions stay on the device: rows that do not fire are written back unchanged
-        iaf = D.iaf(a_img, cfg.iaf_variant, valid)  # [B, H]
-        sel = cfg.select_heads(iaf) & fire.unsqueeze(-1)
-        best = iaf.argmax(-1)
-        key_img = ctx.image_keys(row.shape[-1], row.device) if cfg.fusion == "image" else None
-        pattern = with_last_row(pattern, fuse_heads(row, sel, best, cfg.gamma, key_img))
+        empty = self._empty(row.device)
+        key_img = ctx.image_keys(row.shape[-1], row.device) if cfg.fusion == "image" else empty
+        # the layer's whole decision and fusion: one operator (interventions.fused)
+        new_row, fire, liae, thr, best, sel = torch.ops.dleaf.layer_step(
+            row, pos, valid if valid is not None else empty, key_img, self.n, self.mean, self.m2, self.best, layer,
+            cfg.threshold, self.k, cfg.delta, cfg.gamma, cfg.head_selection, cfg.bottom_k, cfg.rho, cfg.liae_variant,
+            cfg.iaf_variant, step < cfg.warmup)
         if cfg.record:
-            self.records.append((step, layer, fire.detach(), liae.detach(), thr.detach(), best.detach(), sel.detach()))
-        return pattern
+            self.records.append((step, layer, fire, liae, thr, best, sel))
+        if cfg.gamma == 0:  # the trigger alone (e.g. the trigger study): decide and record, change nothing
+            return pattern
+        return with_last_row(pattern, new_row)
+
+    def _empty(self, device) -> torch.Tensor:
+        e = getattr(self, "_empty_t", None)
+        if e is None or e.device != device:
+            e = self._empty_t = torch.empty(0, dtype=torch.bool, device=device)
+        return e
+
+    def _host(self):
+        """The records as host arrays (one transfer per tensor kind, after decoding)."""
+        stack = lambda i: torch.stack([r[i] for r in self.records]).cpu().numpy()  # noqa: E731
+        return stack(2), stack(3), stack(4), stack(5), stack(6)  # fire [N, B], liae, thr, best [N, B], sel [N, B, H]
+
+    def decisions(self) -> list[dict]:
+        """Every decision, fired or not: one dict per (sequence, step, candidate layer) with the
+        layer's LIAE, its threshold and whether it fired."""
+        if not self.records:
+            return []
+        fire, liae, thr, _, _ = self._host()
+        return [{"batch": b, "step": step, "layer": layer, "liae": float(liae[i, b]), "threshold": float(thr[i, b]),
+                 "fired": bool(fire[i, b])}
+                for i, (step, layer, *_rest) in enumerate(self.records) for b in range(fire.shape[1])]
 
     def materialize_log(self) -> list[dict]:
         """The firing log, one dict per (sequence, step, layer) that fired; reads the device
         tensors once (a single host transfer per tensor kind), after decoding."""
         if not self.records:
             return []
-        fire = torch.stack([r[2] for r in self.records]).cpu()  # [N, B]
-        liae = torch.stack([r[3] for r in self.records]).cpu()
-        thr = torch.stack([r[4] for r in self.records]).cpu()
-        best = torch.stack([r[5] for r in self.records]).cpu()
-        sel = torch.stack([r[6] for r in self.records]).cpu()  # [N, B, H]
-        counts = self.counts.cpu()  # image tokens of each sequence
+        import numpy as np
+
+        fire, liae, thr, best, sel = self._host()
+        counts = self.counts.cpu().numpy()  # image tokens of each sequence
         out = []
-        for i, (step, layer, *_rest) in enumerate(self.records):
-            for b in torch.nonzero(fire[i]).flatten().tolist():
-                out.append({"batch": b, "step": step, "layer": layer, "liae": float(liae[i, b]),
-                            "threshold": float(thr[i, b]), "best_head": int(best[i, b]),
-                            "heads": torch.nonzero(sel[i, b]).flatten().tolist(), "n_image": int(counts[b])})
+        for i, b in zip(*np.nonzero(fire)):
+            step, layer = self.records[i][0], self.records[i][1]
+            out.append({"batch": int(b), "step": step, "layer": layer, "liae": float(liae[i, b]),
+                        "threshold": float(thr[i, b]), "best_head": int(best[i, b]),
+                        "heads": [int(h) for h in np.nonzero(sel[i, b])[0]], "n_image": int(counts[b])})
         out.sort(key=lambda r: (r["step"], r["layer"], r["batch"]))
         return out

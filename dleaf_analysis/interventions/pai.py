@@ -12,7 +12,8 @@ import torch
 
 from dleaf_analysis import hooks
 from dleaf_analysis.interventions.base import Method, RunRecord, check_layers, check_range, default_layers, register
-from dleaf_analysis.interventions.ops import last_row
+from dleaf_analysis.interventions import fused  # noqa: F401  (registers dleaf::pai_step)
+from dleaf_analysis.interventions.ops import last_row, with_last_row
 from dleaf_analysis.models.adapters import ModelAdapter
 
 
@@ -40,11 +41,8 @@ class PAI(Method):
             if ctx.layer not in layers or self.alpha == 0:
                 return pattern
             row = last_row(pattern)
-            img = ctx.image_keys(row.shape[-1], row.device).unsqueeze(1)
-            new = torch.where(img, row * (1 + self.alpha), row)
-            pattern = pattern.clone()
-            pattern[:, :, -1, :] = new / new.sum(-1, keepdim=True)
-            return pattern
+            new = torch.ops.dleaf.pai_step(row, ctx.image_keys(row.shape[-1], row.device), float(self.alpha))
+            return with_last_row(pattern, new)
 
         with hooks.attach_editor(lm.model, edit, inputs):
             yield RunRecord(self.name)

@@ -120,6 +120,42 @@ def weights_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+REDOWNLOAD = "the checkpoint is incomplete: re-download it (every weight file and its index)"
+
+
+def check_weight_index(path: Path) -> None:
+    """Refuse a sharded checkpoint whose index (``*.index.json``) lists a weight file that is absent."""
+    for index in sorted(path.glob("*.index.json")):
+        try:
+            files = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            raise ModelLoadError(f"{index} is not a weight index (JSON with a weight_map); {REDOWNLOAD}") from None
+        missing = sorted(f for f in files if not (path / f).is_file())
+        if missing:
+            raise ModelLoadError(f"{path}: {len(missing)} of the {len(files)} weight files that {index.name} lists are "
+                                 f"missing (e.g. {', '.join(missing[:3])}); {REDOWNLOAD}")
+
+
+def check_complete(path: Path, model: torch.nn.Module, info: dict | None) -> None:
+    """Refuse a model whose weight files did not hold every tensor it expects (``transformers``
+    initialises those at random and only prints a load report) or held one of the wrong shape.
+    ``info`` is ``from_pretrained(..., output_loading_info=True)``'s report, whose ``missing_keys``
+    already leave out the weights the class ties (e.g. ``lm_head`` to the embeddings) or initialises
+    itself."""
+    if not isinstance(info, dict):
+        return
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or ())
+    if missing:
+        n_all = len(model.state_dict())
+        raise ModelLoadError(f"{path}: {len(missing)} of the model's {n_all} tensors are missing from its weight files "
+                             f"(e.g. {', '.join(missing[:3])}); {REDOWNLOAD}")
+    if mismatched:
+        raise ModelLoadError(f"{path}: {len(mismatched)} tensors in its weight files do not have the shape its config.json "
+                             f"gives (e.g. {', '.join(mismatched[:3])}); the weights and config.json are from different "
+                             "models: re-download the checkpoint")
+
+
 def load_model(
     path: str | Path | None = None,
     device: str = "cpu",
@@ -158,10 +194,20 @@ def load_model(
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
     wh = weights_hash(path)
+    check_weight_index(path)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, local_files_only=True, dtype=dtype, device_map=device_map, attn_implementation="eager"
+        loaded = AutoModelForImageTextToText.from_pretrained(
+            path, local_files_only=True, dtype=dtype, device_map=device_map, attn_implementation="eager",
+            output_loading_info=True,
         )
+    except Exception as e:
+        if "ignore_mismatched_sizes" in str(e):  # transformers' words for tensors of the wrong shape
+            raise ModelLoadError(f"{path}: tensors in its weight files do not have the shapes its config.json gives; the "
+                                 "weights and config.json are from different models: re-download the checkpoint") from None
+        raise ModelLoadError(f"cannot load the model in {path}: {type(e).__name__}: {e}") from None
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, None)
+    check_complete(path, model, info)
+    try:
         if family.load_processor is not None:  # e.g. Qwen2-VL: images only (its video processor needs torchvision)
             processor = family.load_processor(path)
         else:

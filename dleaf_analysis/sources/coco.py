@@ -135,6 +135,8 @@ def validate_instances(path: Path) -> None:
         if not seg and box is None:
             raise SourceError(f"{path}: annotation {aid} has neither a segmentation nor a bbox; it cannot be removed "
                               "in a counterfactual (add one, or drop the annotation)")
+        if seg:
+            _check_segmentation(path, aid, seg, sizes[a["image_id"]])
         if box is not None:
             if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
                 raise SourceError(f"{path}: annotation {aid}: bbox must be [x, y, width, height], got {box}")
@@ -143,6 +145,29 @@ def validate_instances(path: Path) -> None:
             if w <= 0 or h <= 0 or x >= W or y >= H or x + w <= 0 or y + h <= 0:
                 raise SourceError(f"{path}: annotation {aid}: bbox {box} is empty or outside its {W}x{H} image; "
                                   "a counterfactual would remove nothing")
+
+
+def _check_segmentation(path: Path, aid, seg, size: tuple) -> None:
+    """A segmentation is polygons (flat lists of x, y pairs) reaching into the image, or an RLE
+    (``counts`` and ``size`` = the image's ``[height, width]``).  A polygon inside the image that
+    covers no pixel (e.g. fewer than 3 points) is refused when its mask is made (:meth:`CocoSource.mask`)."""
+    W, H = size
+    if isinstance(seg, dict):
+        if "counts" not in seg or list(seg.get("size", ())) != [H, W]:
+            raise SourceError(f"{path}: annotation {aid}: an RLE segmentation needs counts and size [{H}, {W}] (its "
+                              f"image's height and width), got size {seg.get('size')}")
+        return
+    if not isinstance(seg, list):
+        raise SourceError(f"{path}: annotation {aid}: segmentation must be a list of polygons or an RLE, got {str(seg)[:60]}")
+    for poly in seg:
+        if not (isinstance(poly, list) and len(poly) >= 2 and len(poly) % 2 == 0
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly)):
+            raise SourceError(f"{path}: annotation {aid}: a polygon is a list of coordinates [x1, y1, x2, y2, ...], "
+                              f"got {str(poly)[:60]}")
+        xs, ys = poly[0::2], poly[1::2]
+        if max(xs) <= 0 or max(ys) <= 0 or min(xs) >= W or min(ys) >= H:
+            raise SourceError(f"{path}: annotation {aid}: its polygon lies outside its {W}x{H} image; a counterfactual "
+                              "would remove nothing")
 
 
 class CocoSource(ImageSource):
@@ -186,8 +211,27 @@ class CocoSource(ImageSource):
         ids = [i for i in ids if i not in set(missing)]
         if not ids:
             raise SourceError(f"none of the {len(missing)} images is in {self.images_dir}; check the folder")
+        for i in ids:
+            self._verify(i)
         super().__init__(ids)
         self.ground_truth, self.fill, self.tagger = ground_truth, fill, tagger
+
+    def _verify(self, image_id: int) -> None:
+        """Refuse an image file that does not open as an image (read from its header, not decoded)
+        or whose size is not its annotation's."""
+        p = self.path(image_id)
+        try:
+            with Image.open(p) as im:
+                size = im.size
+                im.verify()
+        except Exception as e:
+            raise SourceError(f"{p} is not a readable image ({type(e).__name__}: {e}); replace it (re-download or "
+                              "re-extract the images) or leave its id out of --image-ids") from None
+        if self.coco is not None:
+            info = self.coco.imgs[image_id]
+            if tuple(size) != (info["width"], info["height"]):
+                raise SourceError(f"{p} is {size[0]}x{size[1]} px but {self.annotations.name} says "
+                                  f"{info['width']}x{info['height']}; the image or the annotation file is not the right one")
 
     @staticmethod
     def _load_annotations(path: Path):
@@ -256,7 +300,20 @@ class CocoSource(ImageSource):
         info = self.coco.imgs[image_id]
         m = np.zeros((info["height"], info["width"]), bool)
         for a in anns:
-            m |= self.coco.annToMask(a).astype(bool) if a.get("segmentation") else box_mask(m.shape, a["bbox"])
+            seg = a.get("segmentation")
+            if isinstance(seg, list):  # a polygon of fewer than 3 points has no area (and pycocotools fails on it)
+                seg = [p for p in seg if len(p) >= 6]
+                if seg:
+                    m |= self.coco.annToMask({**a, "segmentation": seg}).astype(bool)
+            elif seg:
+                m |= self.coco.annToMask(a).astype(bool)
+            if not a.get("segmentation"):
+                m |= box_mask(m.shape, a["bbox"])
+        if not m.any():
+            what = "polygon" if any(a.get("segmentation") for a in anns) else "box"
+            raise SourceError(f"{self.annotations}: image {image_id}: the {what} of {obj!r} (annotation "
+                              f"{', '.join(str(a.get('id', '?')) for a in anns)}) covers no pixel; a counterfactual "
+                              "would remove nothing (fix the annotation or drop it)")
         return m
 
     def counterfactual(self, i: int, obj: str):
@@ -268,7 +325,8 @@ class CocoSource(ImageSource):
         return Image.fromarray(remove_object(img, m, self.fill))
 
     def describe(self) -> dict:
-        gt = [(i, sorted(self.objects(k))) for k, i in enumerate(self._items)]
+        whole = self.parent  # a shard describes the source it was taken from (shards of one run agree)
+        gt = [(i, sorted(whole.objects(k))) for k, i in enumerate(whole._items)]
         return {"kind": "coco", "annotations": str(self.annotations.resolve()) if self.annotations else None,
                 "images_dir": str(self.images_dir.resolve()), "ground_truth": self.ground_truth, "fill": self.fill,
                 "tagger": self.tagger, "gt_hash": stable_hash(gt)}

@@ -9,11 +9,16 @@ removed; a ``box`` (COCO ``[x, y, w, h]``, pixels) or a ``mask`` (a PNG, non-zer
 removable (several entries of one name are merged).  Mentions: the object names as whole words,
 case-insensitive, a final ``s``/``es`` (or ``y`` -> ``ies``) allowed, multi-word names matched as
 phrases; no synonyms.
+
+Every line is checked when the file is read, before any compute: no unknown keys (a ``"boxes"``
+typo is refused, not ignored), the image readable, a box 4 numbers with width and height > 0
+covering pixels of the image, a mask readable, of the image's size and not all zero.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -22,6 +27,10 @@ from PIL import Image
 
 from dleaf_analysis.sources.base import ImageSource, Mention, SourceError, stable_hash
 from dleaf_analysis.sources.fill import FILLS, box_mask, remove_object
+
+
+RECORD_KEYS = ("image", "objects", "id")
+OBJECT_KEYS = ("name", "box", "mask")
 
 
 class JsonlSource(ImageSource):
@@ -46,23 +55,10 @@ class JsonlSource(ImageSource):
                 r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise SourceError(f"{self.path}:{n} is not JSON: {e}") from None
-            if not isinstance(r, dict) or "image" not in r or not isinstance(r.get("objects"), list):
-                raise SourceError(f'{self.path}:{n}: each line needs "image" (a path) and "objects" (a list)')
-            objs: dict[str, list[dict]] = {}
-            for o in r["objects"]:
-                o = {"name": o} if isinstance(o, str) else o
-                if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                    raise SourceError(f'{self.path}:{n}: an object is a name or {{"name": ..., "box"|"mask": ...}}')
-                if "box" in o and (not isinstance(o["box"], list) or len(o["box"]) != 4):
-                    raise SourceError(f"{self.path}:{n}: a box is [x, y, width, height] in pixels")
-                objs.setdefault(o["name"].lower().strip(), []).append(o)
-            key = str(r.get("id", r["image"]))
+            key, rec = self._record(n, r)
             if key in self.records:
                 raise SourceError(f"{self.path}:{n}: item {key!r} appears twice (give each line a distinct id)")
-            img = self.path.parent / r["image"]
-            if not img.is_file():
-                raise SourceError(f"{self.path}:{n}: image not found: {img}")
-            self.records[key] = {"image": img, "objects": objs}
+            self.records[key] = rec
         if not self.records:
             raise SourceError(f"{self.path} lists no images")
         super().__init__(list(self.records))
@@ -70,6 +66,97 @@ class JsonlSource(ImageSource):
         alts = "|".join(re.escape(n).replace(r"\ ", r"\s+") for n in names)
         self._pattern = re.compile(rf"\b({alts})(s|es)?\b", re.IGNORECASE) if names else None
         self._plural = {n[:-1] + "ies": n for n in names if n.endswith("y")}
+
+    # -- validation (every record, at construction: before any compute) ---------------------------
+    def _error(self, n: int, what: str) -> SourceError:
+        return SourceError(f"{self.path}:{n}: {what}")
+
+    def _record(self, n: int, r) -> tuple[str, dict]:
+        """``(key, record)`` of line ``n`` after checking every key, object, box, mask and the image."""
+        if not isinstance(r, dict) or "image" not in r or not isinstance(r.get("objects"), list):
+            raise self._error(n, 'each line needs "image" (a path) and "objects" (a list)')
+        unknown = sorted(set(r) - set(RECORD_KEYS))
+        if unknown:
+            raise self._error(n, f"unknown key {unknown[0]!r} (valid keys of a line: {', '.join(RECORD_KEYS)}); "
+                                 "fix or remove it")
+        if not isinstance(r["image"], str) or not r["image"].strip():
+            raise self._error(n, f'"image" must be a path relative to {self.path.parent}, got {r["image"]!r}')
+        if "id" in r and (isinstance(r["id"], bool) or not isinstance(r["id"], (str, int)) or r["id"] == ""):
+            raise self._error(n, f'"id" must be a non-empty string or an integer, got {r["id"]!r}')
+        key = str(r.get("id", r["image"]))
+        img = self.path.parent / r["image"]
+        if not img.is_file():
+            raise self._error(n, f"item {key!r}: image not found: {img}")
+        size = self._image_size(n, key, img)
+        objs: dict[str, list[dict]] = {}
+        for o in r["objects"]:
+            o = {"name": o} if isinstance(o, str) else o
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise self._error(n, f'item {key!r}: an object is a name or {{"name": ..., "box"|"mask": ...}}, '
+                                     f"got {str(o)[:60]}")
+            name = o["name"].lower().strip()
+            if not name:
+                raise self._error(n, f"item {key!r}: an object has an empty name")
+            where = f"item {key!r}, object {name!r}"
+            unknown = sorted(set(o) - set(OBJECT_KEYS))
+            if unknown:
+                raise self._error(n, f"{where}: unknown key {unknown[0]!r} (valid keys of an object: "
+                                     f"{', '.join(OBJECT_KEYS)}); fix or remove it")
+            if "box" in o and "mask" in o:
+                raise self._error(n, f"{where}: give a box or a mask, not both (two entries of one name are merged)")
+            if "box" in o:
+                self._check_box(n, where, o["box"], size)
+            if "mask" in o:
+                self._check_mask(n, where, o["mask"], size)
+            objs.setdefault(name, []).append(o)
+        return key, {"image": img, "objects": objs}
+
+    def _image_size(self, n: int, key: str, img: Path) -> tuple[int, int]:
+        """``(width, height)`` read from the header (nothing decoded), after ``verify``."""
+        try:
+            with Image.open(img) as im:
+                size = im.size
+                im.verify()
+        except Exception as e:
+            raise self._error(n, f"item {key!r}: {img} is not a readable image ({type(e).__name__}: {e}); "
+                                 "replace the file or remove the line") from None
+        return size
+
+    def _check_box(self, n: int, where: str, box, size: tuple[int, int]) -> None:
+        if not (isinstance(box, list) and len(box) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise self._error(n, f"{where}: a box is 4 numbers [x, y, width, height] in pixels, got {box!r}")
+        x, y, w, h = box
+        W, H = size
+        if w <= 0 or h <= 0:
+            raise self._error(n, f"{where}: box {box} has width {w} and height {h}; both must be > 0 "
+                                 "([x, y, width, height] in pixels)")
+        xs, ys = np.arange(W) + 0.5, np.arange(H) + 0.5  # box_mask's rule: the pixels whose centres fall inside
+        if not (((xs >= x) & (xs <= x + w)).any() and ((ys >= y) & (ys <= y + h)).any()):
+            raise self._error(n, f"{where}: box {box} covers no pixel of its {W}x{H} image; a counterfactual would "
+                                 "remove nothing (give [x, y, width, height] in the image's pixels)")
+
+    def _check_mask(self, n: int, where: str, mask, size: tuple[int, int]) -> None:
+        if not isinstance(mask, str) or not mask.strip():
+            raise self._error(n, f"{where}: a mask is the path of a PNG relative to {self.path.parent}, got {mask!r}")
+        p = self.path.parent / mask
+        if not p.is_file():
+            raise self._error(n, f"{where}: mask not found: {p}")
+        try:
+            with Image.open(p) as im:
+                msize = im.size
+                im.verify()
+            with Image.open(p) as im:  # verify() leaves the file unusable: reopen to read the pixels
+                arr = np.asarray(im.convert("L"))
+        except Exception as e:
+            raise self._error(n, f"{where}: mask {p} is not a readable image ({type(e).__name__}: {e}); "
+                                 "replace the file") from None
+        if msize != size:
+            raise self._error(n, f"{where}: mask {p.name} is {msize[0]}x{msize[1]} px but its image is "
+                                 f"{size[0]}x{size[1]}; a mask has its image's size")
+        if not arr.any():
+            raise self._error(n, f"{where}: mask {p.name} is empty (all zero); a counterfactual would remove "
+                                 "nothing (non-zero pixels mark the object)")
 
     def _rec(self, i: int) -> dict:
         return self.records[self._items[i]]

@@ -72,6 +72,10 @@ class SceneSource(ImageSource):
 
         return chair_details(captions, self.object_sets(), self.world.object_words)
 
+    def key(self, i: int) -> str:
+        """``split/index``: unique across the scene world's splits."""
+        return f"{self.split.name}/{self._items[i]}"
+
     def describe(self) -> dict:
         return {"kind": "scene", "split": self.split.name, "split_hash": self.split.annotations_hash}
 

@@ -15,7 +15,7 @@ class Ablation(Study):
     name = "ablation"
     description = ("Ablation and correction maps: the change of the hallucination margin when each head or layer "
                    "is zeroed, mean-ablated or corrected alone (negative = suppresses the hallucination).")
-    figures = ("causal-heatmaps",)
+    figures = ("causal_heatmaps",)
 
     def unit(self, ctx, ev: dict) -> list[dict]:
         inputs = event_inputs(ctx.lm, ctx.source, ev)

@@ -29,7 +29,8 @@ from dleaf_analysis.interventions import DLeaf
 from dleaf_analysis.models.loading import LoadedModel, load_model
 from dleaf_analysis.runs import StudyConfig
 from dleaf_analysis.sources import ImageSource, SourceError, as_source
-from dleaf_analysis.sweeps import ResultStore, check_shards, run_sweep
+from dleaf_analysis import distributed
+from dleaf_analysis.sweeps import ResultStore, check_shards, open_store, run_sweep
 
 
 class NoEventsError(DleafError, RuntimeError):
@@ -182,11 +183,11 @@ def _find_events(ctx: StudyContext) -> pd.DataFrame:
     from dleaf_analysis.studies.events import find_events
 
     f = ctx.out / "events.parquet"
-    if f.is_file():
-        return pd.read_parquet(f)
-    events = find_events(ctx.lm, ctx.source, progress=ctx.progress, event_token=ctx.config.event_token)
-    write_atomic(f, lambda p: events.to_parquet(p))
-    return events
+    if not f.is_file() and distributed.place().main:  # rank 0 finds the events; the others read them
+        events = find_events(ctx.lm, ctx.source, progress=ctx.progress, event_token=ctx.config.event_token)
+        write_atomic(f, lambda p: events.to_parquet(p))
+    distributed.barrier()
+    return pd.read_parquet(f)
 
 
 def run_study(
@@ -204,6 +205,7 @@ def run_study(
     tuned_file: str | Path | None = None,
     options: dict | None = None,
     tuned_any: bool = False,
+    max_units: int | None = None,
     **legacy,
 ) -> StudyResult:
     """Run one registered study on the first ``limit`` images of ``source`` (a scene split name or
@@ -211,7 +213,8 @@ def run_study(
     ``out/<study>/``.  ``batch_size`` bounds the intervened copies per forward; ``event_token``:
     see :mod:`dleaf_analysis.studies.events`; ``tuned_file``: tuned settings to use (default: the
     shipped ones, applied only to the model they were tuned for); ``options``: the study's own
-    settings (e.g. calibration's ``faults``)."""
+    settings (e.g. calibration's ``faults``); ``max_units``: only the first N units (events, images,
+    faults), a budget recorded in the manifest."""
     from dleaf_analysis.models.adapters import ModelAdapter
     from dleaf_analysis.settings import tuned_config
     from dleaf_analysis.studies.events import EVENT_TOKENS
@@ -241,8 +244,9 @@ def run_study(
                          options=opts)
     manifest = runs.manifest(config, lm.record(), data.record())
     manifest["unit_shard"] = list(unit_shard)
+    manifest["max_units"] = max_units
     outdir = Path(out) / study
-    store = ResultStore(outdir, manifest)
+    store = open_store(outdir, manifest)
     ctx = StudyContext(lm, data, config, dleaf, outdir, batch_size, progress, log)
     summary: dict = {"n_images": len(data)}
     if st.uses_events:
@@ -257,11 +261,13 @@ def run_study(
             + (f", {summary['n_with_cue']} with a cue" if st.needs_cue else "") + "): nothing to study; "
             "use more images (--limit) or another image source")
     i, n = unit_shard
-    mine = units[i::n]
+    mine = units[:max_units][i::n]
     rows = run_sweep(mine, lambda u: st.unit(ctx, u), store, progress=progress,
                      desc=f"{study} over {len(mine)} {'events' if st.uses_events else 'units'}")
     tables = st.finalize(ctx, ctx.events if ctx.events is not None else pd.DataFrame(), rows, summary)
-    write_tables(outdir, tables, summary)
+    if distributed.place().main:
+        write_tables(outdir, tables, summary)
+    distributed.barrier()
     return StudyResult(study, ctx.events if ctx.events is not None else pd.DataFrame(), tables, summary)
 
 
@@ -288,9 +294,9 @@ def merge_study(study: str, dirs: list[str | Path], out: str | Path) -> StudyRes
     merged["source"]["shard"], merged["unit_shard"] = [0, 1], [0, 1]
     merged["merged_from"] = [str(d) for d in dirs]
     outdir = Path(out) / study
-    ResultStore(outdir, merged)  # refuses a directory holding another run, before anything is written
+    lock = ResultStore(outdir, merged)  # refuses a directory holding another run (and its writer), before writing
     del base
-    rows = pd.concat([ResultStore(d, m).frame() for d, m in zip(dirs, manifests)], ignore_index=True)
+    rows = pd.concat([ResultStore(d, m, read_only=True).frame() for d, m in zip(dirs, manifests)], ignore_index=True)
     events = pd.DataFrame()
     if st.uses_events:
         # `image` is each event's position within its shard; `item` (the image's key) identifies it
@@ -304,6 +310,7 @@ def merge_study(study: str, dirs: list[str | Path], out: str | Path) -> StudyRes
         summary["n_images"] = sums[0].get("n_images")
     tables = st.finalize(None, events, rows, summary)
     write_tables(outdir, tables, summary)
+    lock.close()
     return StudyResult(study, events, tables, summary)
 
 

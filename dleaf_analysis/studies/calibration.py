@@ -121,6 +121,31 @@ def default_faults(n_layers: int, n_heads: int, seed: int = 0) -> list[Fault]:
     return grid
 
 
+def leverage_faults(leverage: pd.DataFrame | None, lm, seed: int = 0, quick: bool = False) -> list[Fault]:
+    """Faults planted where the model has leverage (the leverage map, ``leverage_summary``): in the
+    (up to three) layers where an all-head fault costs the most recall, if at least 15 points (else
+    the two costliest layers), every head but one at full strength on every step, and
+    *intermittently* (each step with probability 0.1 and 0.3: what a running threshold can see);
+    the drain kind in the costliest layer; and one full fault in the layer of least leverage (a
+    control the detectors should find no easier).  Without a leverage map: :func:`default_faults`."""
+    ad = ModelAdapter(lm.model)
+    L, H = ad.n_layers, ad.n_heads
+    if leverage is None or not len(leverage):
+        return default_faults(L, H, seed)[: 2 if quick else None]
+    lev = leverage.sort_values("drecall")
+    strong = [int(l) for l in lev.loc[lev["drecall"] <= -15, "layer"]][:3] or [int(l) for l in lev["layer"][:2]]
+    most = tuple(range(max(1, H - 1)))
+    grid = []
+    for layer in strong:
+        grid += [Fault("diffuse", layer, most, 1.0, 1.0, seed), Fault("diffuse", layer, most, 1.0, 0.3, seed),
+                 Fault("diffuse", layer, most, 1.0, 0.1, seed)]
+    grid.append(Fault("drain", strong[0], most, 1.0, 1.0, seed))
+    weakest = int(lev["layer"].iloc[-1])
+    if weakest not in strong:
+        grid.append(Fault("diffuse", weakest, most, 1.0, 1.0, seed))
+    return grid[:2] if quick else grid
+
+
 def fault_from_dict(d: dict) -> Fault:
     return Fault(d["kind"], int(d["layer"]), tuple(int(h) for h in d["heads"]), float(d.get("strength", 1.0)),
                  float(d.get("step_fraction", 1.0)), int(d.get("seed", 0)))
@@ -134,7 +159,7 @@ class Calibration(Study):
                    "fusion, PAI and an oracle, and the causal maps on the faulted captions.")
     uses_events = False
     shard_axis = "units"  # shards split the fault grid (paired statistics stay paired) and run on every image
-    figures = ("calibration",)
+    figures = ("calibration_detection",)
     default_options = {"faults": None, "n_causal_events": 4, "max_new_tokens": None}
 
     def prepare(self, ctx) -> None:

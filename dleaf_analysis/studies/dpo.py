@@ -49,17 +49,7 @@ def forced_decoding_log(lm, inputs: dict, continuation_ids: list[int], cfg: DLea
     ``continuation_ids`` fed one at a time with the KV cache, exactly as ``generate`` steps, with
     D-LEAF's editor attached (its corrections apply to the later steps as in decoding).  One
     firing rule: the editor that decodes is the one that decides here."""
-    cfg = type(cfg).from_dict({**cfg.to_dict(), "record": True})  # a copy that logs
-    model = lm.model
-    with torch.no_grad(), cfg.attach(lm, inputs) as record:
-        out = model(**inputs, use_cache=True)
-        past, am = out.past_key_values, inputs["attention_mask"]
-        for t in continuation_ids:
-            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
-            ids = torch.tensor([[int(t)]], device=inputs["input_ids"].device)
-            out = model(input_ids=ids, attention_mask=am, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-    return list(record.log)
+    return list(cfg.replay(lm, inputs, continuation_ids).log)
 
 
 def fired_layers(lm, inputs: dict, prefix_ids: list[int], cfg: DLeaf) -> list[int]:
@@ -104,7 +94,7 @@ def _grad_at(lm, inputs: dict, layer: int, win: int, lose: int) -> torch.Tensor:
         holder["x"] = x
         return torch.cat([hs[:, :-1], x[:, None]], 1)
 
-    from dleaf_analysis.studies.causal import frozen_parameters
+    from dleaf_analysis.lens import frozen_parameters
 
     with lens.hook(lm.model, f"blocks.{layer}.hook_resid_post", leaf), torch.enable_grad(), \
             frozen_parameters(lm.model):
@@ -174,7 +164,7 @@ class DPOAlignment(Study):
     description = ("Theorem 1, measured: does D-LEAF's correction move the residual stream along the DPO gradient "
                    "and toward the counterfactual (cue removed), more than fusing random heads in the same layers?")
     needs_cue = True
-    figures = ("dpo",)
+    figures = ("dpo_alignment",)
 
     def unit(self, ctx, ev: dict) -> list[dict]:
         inputs = event_inputs(ctx.lm, ctx.source, ev)

@@ -99,11 +99,14 @@ def dleaf_example(lm: LoadedModel, n_images: int = 100, split: str = "test", sou
                              backend="hooks")
     liae = cache.liae(cfg.liae_variant).float()  # [S, L]
     S, L = liae.shape
-    thr = running_threshold(liae, cfg.k)
-    cand = set(cfg.candidate_layers(L))
+    # D-LEAF's own decisions on the greedy decoding (its editor replayed without correcting)
+    inputs = lm.inputs([data.image(pick)], [data.prompt])
+    dec = pd.DataFrame(type(cfg).from_dict({**cfg.to_dict(), "gamma": 0.0}).replay(
+        lm, inputs, list(cache.tokens[:-1]), decisions=True).decisions)
+    thr = {(int(r.step), int(r.layer)): (float(r.threshold), bool(r.fired)) for r in dec.itertuples()}
     rows = [{"step": st, "token": cache.token_strs[st], "layer": layer, "liae": float(liae[st, layer]),
-             "threshold": float(thr[st, layer]),
-             "fired": bool(layer in cand and st > 0 and liae[st, layer] > thr[st, layer])}
+             "threshold": thr.get((st, layer), (float("nan"), False))[0],
+             "fired": thr.get((st, layer), (float("nan"), False))[1]}
             for st in range(S) for layer in range(L)]
     df = pd.DataFrame(rows)
     present = set(data.objects(pick))
@@ -115,7 +118,7 @@ def dleaf_example(lm: LoadedModel, n_images: int = 100, split: str = "test", sou
     df["greedy_marked"] = mark_mentions(greedy[pick], data, present)
     df["dleaf_marked"] = mark_mentions(dleaf[pick], data, present)
     df["present"] = ",".join(sorted(present))
-    df["k"] = cfg.k
+    df["k"] = cfg.effective_k
     return df
 
 
@@ -146,18 +149,20 @@ def ambiguous_captions(lm: LoadedModel, n_images: int = 100, methods=("greedy", 
     return df
 
 
-def correction_rates(details: pd.DataFrame, log: pd.DataFrame, classes: set) -> pd.DataFrame:
+def correction_rates(details: pd.DataFrame, log: pd.DataFrame, classes) -> pd.DataFrame:
     """Per (token type, layer, head): how often D-LEAF corrected the head at the steps that emitted
     a hallucinated / grounded object token, divided by the number of such steps.
 
     ``details``: the per-caption CHAIR details of a D-LEAF evaluation (``image, caption,
-    gt_objects``); ``log``: its intervention log (``item, step, layer, heads``)."""
+    gt_objects``); ``log``: its intervention log (``item, step, layer, heads``); ``classes``: the
+    object words, or a mapping from every object word (plurals too) to its object."""
+    to_obj = dict(classes) if isinstance(classes, dict) else {c: c for c in classes}
     types: dict[tuple[int, int], str] = {}
     for r in details.itertuples():
         gt = set(r.gt_objects)
         for s, w in enumerate(words(r.caption)):
-            if w in classes:
-                types[(int(r.image), s)] = "hallucinated object" if w not in gt else "grounded object"
+            if w in to_obj:
+                types[(int(r.image), s)] = "hallucinated object" if to_obj[w] not in gt else "grounded object"
     n_steps = pd.Series(list(types.values())).value_counts()
     rows = [{"token_type": types[(int(r.item), int(r.step))], "layer": int(r.layer), "head": int(h)}
             for r in log.itertuples() if (int(r.item), int(r.step)) in types for h in r.heads]

@@ -31,7 +31,7 @@ class Leverage(Study):
                    "CHAIR_i against unfaulted greedy decoding on the same images, paired bootstrap).")
     uses_events = False
     shard_axis = "units"  # shards split the layers and run on every image
-    figures = ("leverage",)
+    figures = ("leverage_map",)
     default_options = {"kind": "diffuse", "strength": 1.0, "n_resamples": 1000, "layers": None}
 
     def prepare(self, ctx) -> None:

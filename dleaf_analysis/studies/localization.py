@@ -167,19 +167,50 @@ def agreement(maps: pd.DataFrame, dets: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+RECALL_KS = ("1", "3", "10%")
+
+
 @register
 class Localization(Study):
     name = "localization"
     description = ("Every registered detector's ranking of layers and heads at the event's step against the causal "
-                   "maps (ablation, correction, patching), with the layer-profile and causal-profile baselines.")
-    figures = ("localization", "causal-heatmaps")
+                   "maps (ablation, correction, patching), with the layer-profile and causal-profile baselines.  Head "
+                   "maps are ranked by per-layer midpoint integrated gradients and verified by exact patching on their "
+                   "top cells and a random sample (every ``verify_every``-th event exactly on every cell, so that the "
+                   "ranking's recall of exact patching's top heads is measured).")
+    figures = ("localization_detectors", "causal_heatmaps")
+    default_options = {"head_ranking": "attribution", "verify_every": 4, "top_fraction": 0.1, "random_fraction": 0.05}
 
     def unit(self, ctx, ev: dict) -> list[dict]:
+        from dleaf_analysis import lens
+
+        o = ctx.options
         inputs = event_inputs(ctx.lm, ctx.source, ev)
         cf = event_inputs(ctx.lm, ctx.source, ev, counterfactual=True) if ev.get("cue") else None
-        maps = causal.causal_maps(ctx.lm, inputs, int(ev["token_id"]), int(ev["preferred_id"]), cf,
-                                  kinds=("ablation", "patching"), batch_size=ctx.batch_size)
-        rows = tidy_maps(ev["key"], maps)
+        verify = o["head_ranking"] == "attribution" and derive_seed(ctx.seed, ev["key"]) % o["verify_every"] == 0
+        ranking_options = {"top_fraction": o["top_fraction"], "random_fraction": o["random_fraction"],
+                           "seed": derive_seed(ctx.seed, ev["key"], "cells"), "exact": verify}
+        with lens.cost_meter() as cost:
+            maps = causal.causal_maps(ctx.lm, inputs, int(ev["token_id"]), int(ev["preferred_id"]), cf,
+                                      kinds=("ablation", "patching"), batch_size=ctx.batch_size,
+                                      head_ranking=o["head_ranking"], ranking_options=ranking_options)
+        rows = tidy_maps(ev["key"], {k: v for k, v in maps.items() if ":" not in k})
+        for name in causal.HEAD_PATCH_MAPS:
+            ig, mask = maps.get(f"ig:{name}"), maps.get(f"exact:{name}")
+            if ig is None:
+                continue
+            rows.append({"event": ev["key"], "table": "verification", "map": None, "head_map": name,
+                         "n_exact": int(mask.sum()), "n_cells": int(mask.size), "verified_all": bool(mask.all())})
+            if mask.all():  # a verification event: recall of the ranking against exact patching
+                exact = maps[name]
+                k10 = max(1, int(np.ceil(0.1 * exact.size)))
+                for k, kk in (("1", 1), ("3", 3), ("10%", k10)):
+                    rows.append({"event": ev["key"], "table": "recall", "map": None, "head_map": name, "k": k,
+                                 "recall": causal.recall_at(ig, exact, kk)})
+                rows.append({"event": ev["key"], "table": "recall", "map": None, "head_map": name, "k": "spearman",
+                             "recall": float(spearmanr(ig.ravel(), exact.ravel()).statistic)})
+        rows.append({"event": ev["key"], "table": "cost", "map": None, "forward_equivalents": cost["forward_equivalents"],
+                     "sequences": cost["sequences"]})
         rows += detector_rows(ctx.lm, ctx.source.image(int(ev["image"])), [int(t) for t in ev["prefix_ids"]],
                               ev["key"], ctx.seed, ctx.source.prompt)
         return rows
@@ -193,9 +224,33 @@ class Localization(Study):
         agree = agreement(maps, dets)
         s = summarize(agree)
         summary["verdict"] = [verdict(s, m) for m in ("correct_layer", "layer_zero", "patch_layer")]
-        return {"events": events, "maps": maps, "detectors": dets, "agreement": agree, "localization_summary": s}
+        tables = {"events": events, "maps": maps, "detectors": dets, "agreement": agree, "localization_summary": s}
+        table = rows["table"] if "table" in rows else pd.Series(dtype=object)
+        cost = rows[table == "cost"]
+        if len(cost):
+            summary["forward_equivalents_per_event"] = float(cost["forward_equivalents"].mean())
+        rec = rows[table == "recall"]
+        if len(rec):
+            out = []
+            for (m, k), g in rec.groupby(["head_map", "k"], sort=False):
+                mean, lo, hi = mean_ci(g["recall"].to_numpy())
+                out.append({"head_map": m, "k": k, "mean": mean, "ci_low": lo, "ci_high": hi, "n_events": len(g)})
+            tables["attribution_recall_summary"] = pd.DataFrame(out)
+        ver = rows[table == "verification"]
+        if len(ver):
+            summary["exact_cells_share"] = float(ver["n_exact"].sum() / ver["n_cells"].sum())
+        return tables
 
     def report(self, tables, summary) -> str:
+        from dleaf_analysis.tables import md_table
+
         lines = ["### localization", "", self.description, ""]
         lines += [f"- {v}" for v in summary.get("verdict", [])]
+        r = tables.get("attribution_recall_summary")
+        if r is not None and len(r):
+            lines += ["", "Recall of exact patching's top heads by the attribution ranking (verification events):", "",
+                      md_table(r.round(3)), ""]
+        if "forward_equivalents_per_event" in summary:
+            lines.append(f"Compute: {summary['forward_equivalents_per_event']:.1f} forward-equivalents per event; "
+                         f"{100 * summary.get('exact_cells_share', 1):.0f}% of head cells patched exactly.")
         return "\n".join(lines + [""])

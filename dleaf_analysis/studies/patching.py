@@ -16,7 +16,7 @@ class Patching(Study):
     description = ("Counterfactual patching (cue removed from the image) of every head and layer, and attribution "
                    "patching against it.")
     needs_cue = True
-    figures = ("causal-heatmaps",)
+    figures = ("causal_heatmaps",)
 
     def unit(self, ctx, ev: dict) -> list[dict]:
         inputs = event_inputs(ctx.lm, ctx.source, ev)

@@ -9,6 +9,7 @@ import torch
 
 from dleaf_analysis.models.families import Family, register
 from dleaf_analysis.models.tiny import text_config, word_tokenizer
+from dleaf_analysis.scenes.world import World
 
 
 def tiny_llava_next(seed: int = 0):

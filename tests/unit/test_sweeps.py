@@ -75,5 +75,6 @@ def test_run_sweep_skips_done(tmp_path):
     seen = []
     fn = lambda u: seen.append(u) or [{"u": u}]  # noqa: E731
     run_sweep([("a", 1), ("b", 2)], fn, store, progress=False)
+    store.close()  # one writer per directory: the next run's store takes over
     df = run_sweep([("a", 1), ("b", 2), ("c", 3)], fn, ResultStore(tmp_path, {"x": 1}), progress=False)
     assert seen == [1, 2, 3] and sorted(df["u"]) == [1, 2, 3]

@@ -75,10 +75,10 @@ def test_patch_head_equals_the_causal_studys_patching(hooked):
     """Head patching through the lens equals ``studies.causal``'s own implementation (its plain
     ``o_proj`` pre-hooks) on a real event; patching from the clean run itself changes nothing."""
     from dleaf_analysis.studies import causal
-    from dleaf_analysis.scenes import load_split
+    from dleaf_analysis.sources import SceneSource
     from dleaf_analysis.studies.events import event_inputs, find_events
 
-    dev_split = load_split("dev", limit=30)
+    dev_split = SceneSource.load("dev", limit=30)
     events = find_events(hooked, dev_split, progress=False)
     ev = events[(events.kind == "hallucinated") & events.preferred.notna() & events.cue.notna()].iloc[0].to_dict()
     tok = hooked.tokenizer.convert_tokens_to_ids

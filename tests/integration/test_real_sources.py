@@ -21,7 +21,7 @@ from dleaf_analysis.models.tiny import tiny_llava15_subword_dir
 from dleaf_analysis.sources import CocoSource, JsonlSource, SourceError, remove_object
 from dleaf_analysis.studies.events import event_inputs, find_events, mention_spans, word_ids
 
-FAKE = Path(__file__).parent / "data" / "fake_coco"
+FAKE = Path(__file__).resolve().parents[1] / "data" / "fake_coco"
 COCO_ARGS = ["--coco-images", str(FAKE / "val2014"), "--coco-annotations", str(FAKE / "instances_fake2014.json")]
 runner = CliRunner()
 
@@ -190,7 +190,7 @@ def test_jsonl_source(tmp_path):
 
 
 def test_a_scene_split_is_refused_on_a_model_that_cannot_express_it(lm, tmp_path):
-    from dleaf_analysis.studies.runner import run_study
+    from dleaf_analysis.studies import run_study
 
     with pytest.raises(SourceError, match="--coco-images"):
         run_study("ablation", "dev", limit=2, lm=lm, out=tmp_path)

@@ -14,10 +14,10 @@ import torch
 
 from dleaf_analysis import hooks
 from dleaf_analysis.interventions import PAI, DLeaf, UniformFusion
+from dleaf_analysis.profiling import count_host_reads
 from dleaf_analysis.models.adapters import ModelAdapter
 from dleaf_analysis.models.inputs import PromptBuilder
 
-SYNCING = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "cpu", "numpy")
 
 
 @pytest.fixture(scope="module")
@@ -31,54 +31,31 @@ def inputs(lm, dev_split):
 
 
 @pytest.fixture
-def sync_counter(monkeypatch):
-    """Host reads made while any pattern editor runs.  Editors are wrapped where they are attached
-    (``hooks.attach_editor``), so the count does not depend on how the hook point's ``forward`` is
-    dispatched (nnsight, for one, re-binds module forwards of models it has wrapped)."""
-    calls: list[str] = []
-    inside = [0]
-    orig_attach = hooks.attach_editor
-
-    def attach_editor(model, editor):
-        def counted(pattern, layer):
-            inside[0] += 1
-            try:
-                return editor(pattern, layer)
-            finally:
-                inside[0] -= 1
-        return orig_attach(model, counted)
-
-    monkeypatch.setattr(hooks, "attach_editor", attach_editor)
-    for name in SYNCING:
-        orig = getattr(torch.Tensor, name)
-
-        def wrapped(self, *a, _orig=orig, _name=name, **k):
-            if inside[0]:
-                calls.append(_name)
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapped)
-    return calls
+def sync_counter():
+    """Host reads made while any pattern editor runs (``dleaf_analysis.profiling.count_host_reads``)."""
+    with count_host_reads() as calls:
+        yield calls
 
 
 @pytest.mark.parametrize("cfg", [DLeaf(k=0.0), DLeaf(threshold="bas"), DLeaf(k=0.0, running_seed="prefill-rows"),
                                  DLeaf(k=0.0, fusion="image"), UniformFusion(), PAI()], ids=lambda c: repr(c)[:60])
 def test_no_host_sync_inside_editors(lm, inputs, cfg, sync_counter):
     with torch.no_grad():
-        cfg.generate(lm, inputs, max_new_tokens=8, do_sample=False, pad_token_id=lm.pad_token_id)
+        _, rec = cfg.decode(lm, inputs, max_new_tokens=8, do_sample=False, pad_token_id=lm.pad_token_id)
     assert sync_counter == [], sorted(set(sync_counter))
     if isinstance(cfg, DLeaf) and cfg.threshold != "bas":
-        assert len(cfg.log) > 0  # it did fire: the check was not vacuous
+        assert len(rec.log) > 0  # it did fire: the check was not vacuous
 
 
 def test_the_counter_catches_a_sync(lm, inputs, sync_counter):
     """The instrument can see a positive: an editor that reads a value back is caught."""
-    def syncing_editor(pattern, layer):
+    def syncing_editor(pattern, ctx):
+        layer = ctx.layer
         if bool(pattern.sum() > 0):
             return pattern
         return pattern
 
-    with hooks.attach_editor(lm.model, syncing_editor), torch.no_grad():
+    with hooks.attach_editor(lm.model, syncing_editor, inputs), torch.no_grad():
         lm.model(**inputs)
     assert "__bool__" in sync_counter
 
@@ -86,15 +63,20 @@ def test_the_counter_catches_a_sync(lm, inputs, sync_counter):
 def test_dleaf_state_follows_the_pattern_device(lm, inputs):
     """The running statistics are created on the device of the attention they meet (``meta``
     here stands for any non-CPU device): a CPU-created state would raise a device mismatch."""
-    from dleaf_analysis.interventions import _DLeafState
+    from dleaf_analysis.interventions.dleaf import DLeafState
     from dleaf_analysis.models.adapters import ModelAdapter
 
     ad = ModelAdapter(lm.model)
-    state = _DLeafState(DLeaf(k=0.0), ad, inputs)
+    state = DLeafState(DLeaf(k=0.0), ad.n_layers, 3)
     K = inputs["input_ids"].shape[1]
     pattern = torch.empty(3, ad.n_heads, 1, K, device="meta")
+    mask = ad.image_mask(inputs["input_ids"])
+    ctx = hooks.EditContext(image_mask=mask.to("meta"))
+    ctx._cache[("pos", "meta")] = tuple(x.to("meta") for x in hooks.image_positions(mask))
+    ctx._cache["ragged"] = False
     for layer in range(ad.n_layers):
-        out = state(pattern, layer)
+        ctx.layer, ctx.step = layer, 1
+        out = state(pattern, ctx)
         assert out.device.type == "meta"
     assert state.mean.device.type == "meta" and state.n.device.type == "meta"
 
@@ -108,28 +90,31 @@ def test_editors_compile_as_one_graph(lm, inputs, cfg, monkeypatch):
     editors = []
     orig = hooks.attach_editor
 
-    def attach(model, editor):
+    def attach(model, editor, inputs=None):
         editors.append(editor)
-        return orig(model, editor)
+        return orig(model, editor, inputs)
 
     monkeypatch.setattr(hooks, "attach_editor", attach)
     K = inputs["input_ids"].shape[1] + 1
     ad = ModelAdapter(lm.model)
     pattern = torch.rand(3, ad.n_heads, 1, K).softmax(-1)
-    with cfg.attach(lm, inputs):
+    with cfg.attach(lm, inputs), hooks.attach_editor(lm.model, lambda p, c: p, inputs) as ctx:
         with torch.no_grad():
             lm.model(**inputs)  # the prefill seeds the method's state
         torch._dynamo.reset()
-        step = torch.compile(editors[-1], fullgraph=True, backend="eager")
+        step = torch.compile(editors[-2], fullgraph=True, backend="eager")
         for layer in range(ad.n_layers):
-            assert step(pattern.clone(), layer).shape == pattern.shape
+            ctx.layer, ctx.step = layer, 1
+            assert step(pattern.clone(), ctx).shape == pattern.shape
 
-    def branching(p, layer):
+    def branching(p, ctx):
+
+        layer = ctx.layer
         if (p > 0.5).any():  # a host read: a graph break
             return p * 0
         return p
 
     torch._dynamo.reset()
     with pytest.raises(Exception, match="(?i)data-dependent|graph break|Unsupported"):
-        torch.compile(branching, fullgraph=True, backend="eager")(pattern, 0)
+        torch.compile(branching, fullgraph=True, backend="eager")(pattern, hooks.EditContext())
 

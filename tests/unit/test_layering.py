@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent / "dleaf_analysis"
+ROOT = Path(__file__).resolve().parents[2] / "dleaf_analysis"
 
 
 def _graph() -> dict[str, set[str]]:

@@ -78,7 +78,9 @@ def test_editor_changes_output_and_is_removed(model_and_inputs):
     with torch.no_grad():
         base = model(**inputs).logits
 
-    def uniform(pattern, layer):
+    def uniform(pattern, ctx):
+
+        layer = ctx.layer
         if layer != 3:
             return pattern
         causal = (pattern > 0).float()
@@ -204,11 +206,11 @@ def test_methods_with_sdpa_prefill_decode_like_the_eager_prefill(embedded, dev_s
               return_dict_in_generate=True)
     m = get_method(method, tuned_config(method, embedded.weights_hash))
     assert m.prompt_rows == "last"
-    fast = m.generate(embedded, inputs, **kw)
-    fast_log = [(r["batch"], r["step"], r["layer"], tuple(r["heads"])) for r in getattr(m, "log", [])]
+    fast, rec = m.decode(embedded, inputs, **kw)
+    fast_log = [(r["batch"], r["step"], r["layer"], tuple(r["heads"])) for r in rec.log]
     monkeypatch.setattr(type(m), "prompt_rows", property(lambda self: "all"))
-    ref = m.generate(embedded, inputs, **kw)
-    ref_log = [(r["batch"], r["step"], r["layer"], tuple(r["heads"])) for r in getattr(m, "log", [])]
+    ref, rec = m.decode(embedded, inputs, **kw)
+    ref_log = [(r["batch"], r["step"], r["layer"], tuple(r["heads"])) for r in rec.log]
     assert torch.equal(fast.sequences, ref.sequences)
     assert fast_log == ref_log
     torch.testing.assert_close(fast.scores[0], ref.scores[0], rtol=0, atol=1e-4)

@@ -10,7 +10,7 @@ import pytest
 
 from dleaf_analysis.evaluation.coco_chair import CocoChair, CocoDataError, chair_score, load_ground_truth, read_captions
 
-REF = Path(__file__).parent / "data" / "reference_captions"
+REF = Path(__file__).resolve().parents[1] / "data" / "reference_captions"
 
 # file: (CHAIR_s, CHAIR_i, hallucinated, mentions, recall) from the reference scorer (README there)
 TAGGED = {

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
+from dleaf_analysis.sources import SceneSource
 from scipy.stats import bootstrap, spearmanr
 
 from dleaf_analysis import diagnostics as D
@@ -32,7 +34,7 @@ from dleaf_analysis.studies.events import event_inputs, find_events
 
 @pytest.fixture(scope="module")
 def split():
-    return load_split("dev", limit=60)
+    return SceneSource.load("dev", limit=60)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +134,8 @@ def test_dpo_fired_layers_are_dleafs_own_firings(embedded, split):
     n_checked = 0
     for i in range(4):
         inputs = dict(builder.inputs([split.image(i)], ["describe the image ."], embedded.image_size))
-        ids = cfg.generate(embedded, inputs, max_new_tokens=12, do_sample=False)
-        log = [(r["step"], r["layer"]) for r in cfg.log]
+        ids, rec = cfg.decode(embedded, inputs, max_new_tokens=12, do_sample=False)
+        log = [(r["step"], r["layer"]) for r in rec.log]
         gen = ids[0, inputs["input_ids"].shape[1]:].tolist()
         eos = embedded.tokenizer.eos_token_id
         gen = gen[: gen.index(eos)] if eos in gen else gen

@@ -8,16 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from dleaf_analysis.sources import SceneSource
+
 from dleaf_analysis.scenes import load_split
 from dleaf_analysis.studies import causal
 from dleaf_analysis.studies.events import event_inputs, find_events, logit_diff
-from dleaf_analysis.studies.runner import NoEventsError, run_study
+from dleaf_analysis.studies import NoEventsError, run_study
 from dleaf_analysis.sweeps import SweepMismatchError
 
 
 @pytest.fixture(scope="module")
 def split():
-    return load_split("dev", limit=40)
+    return SceneSource.load("dev", limit=40)
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +35,19 @@ def event(events):
 
 def test_events_reproduce_under_teacher_forcing(embedded, split, events):
     assert (events.kind == "hallucinated").sum() > 0 and (events.kind == "grounded").sum() > 0
-    for ev in events.head(25).to_dict(orient="records"):
+    for ev in events.head(12).to_dict(orient="records"):
         inputs = event_inputs(embedded, split, ev)
         with torch.no_grad():
             nxt = int(embedded.model(**inputs).logits[0, -1].argmax())
-        assert embedded.tokenizer.convert_ids_to_tokens(nxt) == ev["token"]
-        assert (ev["token"] in split.scenes[ev["image"]].name_set) == (ev["kind"] == "grounded")
+        assert nxt == ev["token_id"]
+        assert split.world.object_words[embedded.tokenizer.convert_ids_to_tokens(nxt)] == ev["token"]
+        assert (ev["token"] in split.objects(ev["image"])) == (ev["kind"] == "grounded")
 
 
 def test_preferred_and_cue_are_present_objects(split, events):
     h = events[events.kind == "hallucinated"]
     for ev in h.to_dict(orient="records"):
-        present = split.scenes[ev["image"]].name_set
+        present = split.objects(ev["image"])
         if isinstance(ev["preferred"], str):
             assert ev["preferred"] in present and ev["preferred"] not in ev["prefix"].split()
         if isinstance(ev["cue"], str):
@@ -52,30 +55,29 @@ def test_preferred_and_cue_are_present_objects(split, events):
 
 
 def test_batched_maps_equal_one_at_a_time(embedded, split, event):
-    tok = embedded.tokenizer.convert_tokens_to_ids
+    t, p = int(event["token_id"]), int(event["preferred_id"])
     inputs = event_inputs(embedded, split, event)
     cf = event_inputs(embedded, split, event, counterfactual=True)
-    maps = causal.causal_maps(embedded, inputs, tok(event["token"]), tok(event["preferred"]), cf)
+    maps = causal.causal_maps(embedded, inputs, t, p, cf)
     from dleaf_analysis.interventions import HeadAblation
 
     with torch.no_grad():
-        base = float(logit_diff(embedded.model(**inputs).logits, tok(event["token"]), tok(event["preferred"])))
+        base = float(logit_diff(embedded.model(**inputs).logits, t, p))
     assert maps["m_clean"] == pytest.approx(base, abs=1e-5)
-    for l, h in [(0, 0), (3, 2), (5, 1)]:
+    for l, h in [(0, 0), (3, 2), (7, 1)]:
         with HeadAblation(heads=[(l, h)]).attach(embedded, inputs), torch.no_grad():
-            m = float(logit_diff(embedded.model(**inputs).logits, tok(event["token"]), tok(event["preferred"])))
+            m = float(logit_diff(embedded.model(**inputs).logits, t, p))
         assert maps["head_zero"][l, h] == pytest.approx(m - base, abs=1e-4)
-    # a patch of every head of every layer from the counterfactual reproduces the counterfactual run
-    assert maps["patch_layer"].shape == (6,) and maps["patch_head"].shape == (6, 4)
+    L, H = 8, 4
+    assert maps["patch_layer"].shape == (L,) and maps["patch_head"].shape == (L, H)
     assert np.isfinite(maps["attribution_head"]).all()
 
 
 def test_attribution_tracks_exact_patching(embedded, split, events):
     h = events[(events.kind == "hallucinated") & events.preferred.notna() & events.cue.notna()]
-    tok = embedded.tokenizer.convert_tokens_to_ids
     a, e = [], []
-    for ev in h.head(6).to_dict(orient="records"):
-        maps = causal.causal_maps(embedded, event_inputs(embedded, split, ev), tok(ev["token"]), tok(ev["preferred"]),
+    for ev in h.head(4).to_dict(orient="records"):
+        maps = causal.causal_maps(embedded, event_inputs(embedded, split, ev), int(ev["token_id"]), int(ev["preferred_id"]),
                                   event_inputs(embedded, split, ev, counterfactual=True), kinds=("patching",))
         a.append(maps["attribution_head"].ravel())
         e.append(maps["patch_head"].ravel())
@@ -87,10 +89,10 @@ def test_attribution_tracks_exact_patching(embedded, split, events):
 
 @pytest.mark.parametrize("study", ["ablation", "patching", "localization", "dpo"])
 def test_small_studies_run_and_resume(tmp_path, embedded, study):
-    r = run_study(study, "dev", limit=25, out=tmp_path, lm=embedded, progress=False)
+    r = run_study(study, "dev", limit=8, out=tmp_path, lm=embedded, progress=False, max_units=2)
     assert r.summary["n_hallucinated"] > 0
     lines = (tmp_path / study / "results.jsonl").read_text().splitlines()
-    again = run_study(study, "dev", limit=25, out=tmp_path, lm=embedded, progress=False)  # resumes: nothing redone
+    again = run_study(study, "dev", limit=8, out=tmp_path, lm=embedded, progress=False, max_units=2)  # nothing redone
     assert (tmp_path / study / "results.jsonl").read_text().splitlines() == lines
     assert json.loads((tmp_path / study / "summary.json").read_text()) == json.loads(json.dumps(again.summary, default=float))
     if study == "localization":
@@ -105,12 +107,22 @@ def test_small_studies_run_and_resume(tmp_path, embedded, study):
                                                               "distance_ratio"}
 
 
-def test_no_events_is_reported(tmp_path, embedded):
+def test_no_events_is_reported(tmp_path, embedded, dev_split):
+    """Every object the model can name is in this image's ground truth: nothing can be hallucinated."""
+    from PIL import Image
+
+    from dleaf_analysis.sources import JsonlSource
+
+    Image.fromarray(dev_split.image(0)).save(tmp_path / "a.png")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"image": "a.png", "objects": dev_split.world.classes}) + "\n")
+    src = JsonlSource(tmp_path / "a.jsonl")
+    src.prompt, src.max_new_tokens = split_prompt = dev_split.world.caption_prompt, 16
+    del split_prompt
     with pytest.raises(NoEventsError, match="nothing to study"):
-        run_study("ablation", "dev", limit=1, out=tmp_path, lm=embedded, progress=False)
+        run_study("ablation", src, limit=1, out=tmp_path / "out", lm=embedded, progress=False)
 
 
 def test_foreign_output_directory_is_refused(tmp_path, embedded):
-    run_study("ablation", "dev", limit=25, out=tmp_path, lm=embedded, progress=False)
+    run_study("ablation", "dev", limit=8, out=tmp_path, lm=embedded, progress=False, max_units=1)
     with pytest.raises(SweepMismatchError, match="different run"):
-        run_study("ablation", "dev", limit=30, out=tmp_path, lm=embedded, progress=False)
+        run_study("ablation", "dev", limit=9, out=tmp_path, lm=embedded, progress=False, max_units=1)

@@ -7,7 +7,7 @@ import torch
 from dleaf_analysis import diagnostics as D
 from dleaf_analysis.interventions import PAI, DLeaf, UniformFusion, image_columns
 from dleaf_analysis.models.loading import LoadedModel
-from dleaf_analysis.models.tiny import tiny_llava_next_mixed
+from dleaf_analysis.models.families.llava_next import tiny_llava_next_mixed
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def _decode(lm, method, inputs):
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
               return_dict_in_generate=True)
     with torch.no_grad():
-        out = method.generate(lm, inputs, **kw) if method is not None else lm.model.generate(**inputs, **kw)
-    log = list(getattr(method, "log", [])) if method is not None else []
+        out, rec = method.decode(lm, inputs, **kw) if method is not None else (lm.model.generate(**inputs, **kw), None)
+    log = list(rec.log) if rec is not None else []
     return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.scores, 1), log
 
 

@@ -53,7 +53,7 @@ def test_dleaf_edit_equals_hand_computation(lm, inputs):
     layer = 3
     cfg = DLeaf(threshold="static", layers=[layer], gamma=0.6, head_selection="below-mean")
     before, _ = _capture(lm, inputs, layer)
-    with cfg.attach(lm, inputs):
+    with cfg.attach(lm, inputs) as rec:
         after, _ = _capture(lm, inputs, layer)
     img = inputs["input_ids"] == lm.model.config.image_token_id
     for b in range(4):
@@ -67,7 +67,7 @@ def test_dleaf_edit_equals_hand_computation(lm, inputs):
                 expect[h] = 0.4 * row[h] + 0.6 * row[best]
         torch.testing.assert_close(after[b, :, -1, :], expect, rtol=0, atol=1e-6)
         torch.testing.assert_close(after[b, :, :-1, :], before[b, :, :-1, :], rtol=0, atol=0)  # other rows untouched
-    assert {r["layer"] for r in cfg.log} == {layer} and len(cfg.log) == 4
+    assert {r["layer"] for r in rec.log} == {layer} and len(rec.log) == 4
 
 
 @pytest.mark.parametrize("cfg", [DLeaf(gamma=0.0, threshold="static"), DLeaf(layers=[]), UniformFusion(gamma=0.0),
@@ -99,8 +99,8 @@ def test_dleaf_with_kv_cache_equals_recomputation_without_cache(lm, inputs):
     one = {k: v[:1] for k, v in inputs.items()}
     cfg = DLeaf(gamma=0.8, k=0.0)  # k = 0: fires often
     with torch.no_grad():
-        ids = cfg.generate(lm, one, **GEN, pad_token_id=lm.pad_token_id)
-    log = list(cfg.log)
+        ids, rec = cfg.decode(lm, one, **GEN, pad_token_id=lm.pad_token_id)
+    log = list(rec.log)
     assert len(log) > 3
     P = one["input_ids"].shape[1]
     seq = one["input_ids"]
@@ -108,7 +108,9 @@ def test_dleaf_with_kv_cache_equals_recomputation_without_cache(lm, inputs):
     for r in log:
         edits.setdefault(r["layer"], []).append((P - 1 + r["step"], r["heads"], r["best_head"]))
 
-    def oracle(pattern, layer):
+    def oracle(pattern, ctx):
+
+        layer = ctx.layer
         pattern = pattern.clone()
         for q, heads, best in edits.get(layer, []):
             if q < pattern.shape[2]:
@@ -148,7 +150,9 @@ def test_zero_head_ablation_equals_zero_pattern(lm, inputs):
     with HeadAblation(heads=[(2, 1), (4, 3)]).attach(lm, inputs), torch.no_grad():
         a = lm.model(**inputs).logits
 
-    def zero(pattern, layer):
+    def zero(pattern, ctx):
+
+        layer = ctx.layer
         if layer in (2, 4):
             pattern = pattern.clone()
             pattern[:, {2: 1, 4: 3}[layer]] = 0
@@ -189,33 +193,6 @@ def test_config_file_errors(tmp_path):
         load_config(tmp_path / "none.json")
 
 
-def test_defaults_are_the_tuned_settings():
-    from dleaf_analysis.settings import TUNED_FILE
-    from dleaf_analysis.interventions import METHODS
-
-    tuned = json.loads(TUNED_FILE.read_text())["chosen"]
-    for name, cfg in tuned.items():
-        default = METHODS[name]().to_dict()
-        for k, v in cfg.items():
-            if name == "pai" and k == "layers":
-                continue  # a layer range is model-specific: the default stays "all but the first two"
-            assert default[k] == v, (name, k)
-
-
-def test_every_default_is_in_the_tuning_grid():
-    """A default that the tuning study never tried cannot be "the tuned setting"."""
-    from dleaf_analysis.evaluation.tuning import GRIDS
-    from dleaf_analysis.interventions import METHODS
-
-    for name, grid in GRIDS.items():
-        default = METHODS[name]().to_dict()
-        for key in {k for cfg in grid for k in cfg}:
-            if name == "pai" and key == "layers":
-                continue  # model-specific layer ranges; the default (None) is in the grid
-            values = [cfg.get(key, default[key]) for cfg in grid]
-            assert default[key] in values, (name, key, default[key], values)
-
-
 def test_head_selection_variants_hand_computed():
     iaf = torch.tensor([[0.5, 0.1, 0.3, 0.05]])  # best = head 0, mean = 0.2375
     assert DLeaf(head_selection="below-mean").select_heads(iaf).tolist() == [[False, True, False, True]]
@@ -231,7 +208,7 @@ def test_running_seed_variants_at_step_zero(lm, dev_split):
     for seed in ("prefill-last", "prefill-rows"):
         cfg = DLeaf(k=0.0, running_seed=seed)
         with torch.no_grad():
-            cfg.generate(lm, q, max_new_tokens=2, do_sample=False, pad_token_id=lm.pad_token_id)
-        steps[seed] = {r["step"] for r in cfg.log}
+            _, rec = cfg.decode(lm, q, max_new_tokens=2, do_sample=False, pad_token_id=lm.pad_token_id)
+        steps[seed] = {r["step"] for r in rec.log}
     assert 0 not in steps["prefill-last"]  # no history at the first step: cannot fire
     assert 0 in steps["prefill-rows"]  # seeded by the prompt rows: can correct a one-token answer

@@ -1,0 +1,23 @@
+"""The shipped method settings (data/tuned_methods.json) follow the tuning protocol: each was one of
+the configurations tried on dev, and it ships only if it was confirmed on the separate
+confirmation split -- otherwise the method runs at its defaults."""
+
+import json
+
+from dleaf_analysis.evaluation.tuning import grids_for
+from dleaf_analysis.models.adapters import ModelAdapter
+from dleaf_analysis.settings import TUNED_FILE
+
+
+def test_shipped_settings_were_tried_and_confirmed(embedded):
+    d = json.loads(TUNED_FILE.read_text())
+    assert d["weights_hash"] == embedded.weights_hash  # tuned for the shipped model
+    grids, _ = grids_for(ModelAdapter(embedded.model).n_layers)
+    for method, cfg in d["chosen"].items():
+        assert d["n_configurations_tried"][method] == len(grids[method])
+        if cfg:  # a shipped choice: tried in the grid and confirmed on separate images
+            assert cfg in grids[method], (method, cfg)
+            assert d["confirmed"][method] is True, method
+        else:  # not confirmed: the defaults
+            assert d["confirmed"][method] in (False, None)
+    assert d["tuning_images"] >= 1000 and d["confirmation_images"] >= 500

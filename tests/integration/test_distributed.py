@@ -1,0 +1,74 @@
+"""Scale-out on torch.distributed's launcher contract: ``torchrun --nproc_per_node 2`` (gloo on the
+CPU) runs a study with units handed out through the c10d store and merges the ranks' results into
+the one ``--out``: the tables are byte-identical to a single process's, also after a rank is
+killed mid-run and the command rerun (finished units are not redone)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE_COCO
+from dleaf_analysis.distributed import Place, place_from_env, slurm_array_shard
+
+FILES = ("results.jsonl", "manifest.json", "summary.json", "events.parquet", "maps.parquet")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", **extra}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(k, None) if k not in extra else None
+    return env
+
+
+def _study(model_dir, out, torchrun=False, **env):
+    args = ["study", "ablation", "--model", str(model_dir), "--coco-images", str(FAKE_COCO / "val2014"),
+            "--coco-annotations", str(FAKE_COCO / "instances_fake2014.json"), "--limit", "6", "--out", str(out), "--json"]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "-m", "dleaf_analysis", *args]
+    else:
+        cmd = [sys.executable, "-m", "dleaf_analysis", *args]
+    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=600)
+
+
+def test_place_from_the_launchers_environment():
+    assert place_from_env({}) == Place()
+    assert place_from_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Place(1, 4, 1, "torchrun")
+    assert place_from_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}) == Place(3, 8, 1, "srun")
+    assert slurm_array_shard({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "8",
+                              "SLURM_ARRAY_TASK_MIN": "1"}) == (4, 8)
+    with pytest.raises(ValueError, match="sbatch --array"):
+        slurm_array_shard({})
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process_byte_for_byte(subword_dir, tmp_path):
+    one = _study(subword_dir, tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _study(subword_dir, tmp_path / "two", torchrun=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for f in FILES:
+        a, b = tmp_path / "one" / "ablation" / f, tmp_path / "two" / "ablation" / f
+        assert a.read_bytes() == b.read_bytes(), f
+    assert not list((tmp_path / "two" / "ablation").glob(".rank-*"))  # the ranks' stores were merged away
+    n_units = len((tmp_path / "one" / "ablation" / "results.jsonl").read_text().splitlines())
+    assert n_units >= 2  # more than one unit to share out
+    # a rank killed after its first unit: the launch fails; the rerun resumes and ends identical
+    killed = _study(subword_dir, tmp_path / "three", torchrun=True, DLEAF_TEST_KILL_RANK="1:1")
+    assert killed.returncode != 0
+    assert list((tmp_path / "three" / "ablation").glob(".rank-1/results.jsonl"))  # its finished unit is kept
+    again = _study(subword_dir, tmp_path / "three", torchrun=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for f in FILES:
+        assert (tmp_path / "one" / "ablation" / f).read_bytes() == (tmp_path / "three" / "ablation" / f).read_bytes(), f
