@@ -17,10 +17,11 @@ import torch
 from dleaf_analysis.models.embedded import EmbeddedModelConfig, build_model, build_processor
 from dleaf_analysis.scenes.world import World
 
-def tiny_llava15(out_dir: str | Path | None = None, layers: int = 2, hidden: int = 64, heads: int = 4, seed: int = 0):
-    """A LLaVA-1.5-shaped random model (576 image tokens).  With ``out_dir`` it is saved there as a
-    model directory and the directory is returned; otherwise ``(model, processor)``."""
-    cfg = EmbeddedModelConfig(image_size=336, patch_size=14, vision_hidden=32, vision_layers=1, vision_heads=2,
+def tiny_llava15(out_dir: str | Path | None = None, layers: int = 2, hidden: int = 64, heads: int = 4, seed: int = 0,
+                 image_size: int = 336):
+    """A LLaVA-1.5-shaped random model (576 image tokens at the default 336 px).  With ``out_dir`` it
+    is saved there as a model directory and the directory is returned; otherwise ``(model, processor)``."""
+    cfg = EmbeddedModelConfig(image_size=image_size, patch_size=14, vision_hidden=32, vision_layers=1, vision_heads=2,
                               text_hidden=hidden, text_layers=layers, text_heads=heads,
                               text_intermediate=2 * hidden, max_positions=1024)
     world = World.load()

@@ -330,6 +330,7 @@ def attribution_patching(lm, inputs: dict, tok: int, pref: int, clean_z, cf_z, g
         with torch.enable_grad(), frozen_parameters(lm.model):
             m = logit_diff(lm.model(**inputs).logits, tok, pref).sum()
             grads = torch.autograd.grad(m, [leaves[l] for l in range(L)])
+    lens.count_cost(3.0, 1)  # a forward and a backward
     res = np.zeros((L, H))
     for l in range(L):
         delta = (cf_z[l] - clean_z[l]) * grads[l][0]  # [T, H*d]
