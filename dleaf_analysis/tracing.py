@@ -24,7 +24,7 @@ from dleaf_analysis import detectors  # noqa: F401  (registers the step fields d
 from dleaf_analysis import hooks, lens
 from dleaf_analysis.cache import KEY_GROUPS, STEP_FIELDS, AttentionCache, CacheWriter
 from dleaf_analysis.models.adapters import ModelAdapter
-from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT
+from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_NEW_TOKENS
 from dleaf_analysis.models.inputs import InputError, append_ids
 from dleaf_analysis.models.loading import LoadedModel
 
@@ -139,7 +139,7 @@ def trace_generation(
     lm: LoadedModel,
     image,
     prompt: str = DEFAULT_CAPTION_PROMPT,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     backend: str = "nnsight",
     stream_to: str | Path | None = None,
     dtype: str = "fp32",

@@ -24,7 +24,7 @@ from dleaf_analysis import runs
 from dleaf_analysis.errors import DleafError
 from dleaf_analysis.evaluation.chair import chair_summary
 from dleaf_analysis.evaluation.pope import get_parser, pope_summary
-from dleaf_analysis.models.generation import generate
+from dleaf_analysis.models.generation import generate, new_token_ids
 from dleaf_analysis.models.loading import LoadedModel, load_model
 from dleaf_analysis.runs import BENCHMARKS, POPE_VARIANTS, EvalConfig
 from dleaf_analysis.settings import tuned_config
@@ -196,8 +196,9 @@ def evaluate(
         questions = source.pope_questions(pope_variants, seed=seed)
         if not len(questions):
             raise ProtocolMismatchError(f"no POPE questions on the {len(source)} images of {source!r}")
-        manifest["source"]["questions_hash"] = hashlib.sha256(
-            questions[["key", "question", "label"]].to_json(orient="values").encode()).hexdigest()[:16]
+        whole = questions if source.parent is source else source.parent.pope_questions(pope_variants, seed=seed)
+        manifest["source"]["questions_hash"] = hashlib.sha256(  # of the whole run: the shards of one run agree
+            whole[["key", "question", "label"]].to_json(orient="values").encode()).hexdigest()[:16]
     store = None
     if out_dir is not None:  # before any compute
         out = check_output_dir(out_dir, manifest, overwrite)
@@ -212,9 +213,14 @@ def evaluate(
 
         def decode(lm_, inputs, **kw):
             ids, record = m.decode(lm_, inputs, **kw)
+            # a row's steps end with its end-of-sequence token; later steps decode padding while the
+            # batch's other rows finish, so their decisions are dropped (the log is batch-size-free)
+            n_steps = [len(g) + 1 for g in new_token_ids(ids[:, inputs["input_ids"].shape[1]:].tolist(), lm_)]
             for rec in record.log:
                 rec = dict(rec)
-                batch_log.append({**rec, "item": current[rec.pop("batch")]})  # the row within the batch -> the item
+                b = rec.pop("batch")
+                if rec.get("step", 0) < n_steps[b]:
+                    batch_log.append({**rec, "item": current[b]})  # the row within the batch -> the item
             return ids
 
         def fn(batch: list[int]) -> list[list[dict]]:

@@ -56,7 +56,8 @@ def generate(
     return out
 
 
-def caption(lm: LoadedModel, images: Sequence, prompt: str = DEFAULT_CAPTION_PROMPT, max_new_tokens: int = 32, **kw) -> list[str]:
+def caption(lm: LoadedModel, images: Sequence, prompt: str = DEFAULT_CAPTION_PROMPT,
+            max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **kw) -> list[str]:
     """Caption each image (greedy by default)."""
     kw.setdefault("desc", "captioning")
     return generate(lm, images, [prompt] * len(images), max_new_tokens=max_new_tokens, **kw)
@@ -73,7 +74,8 @@ def new_token_ids(rows: list[list[int]], lm: LoadedModel) -> list[list[int]]:
     return out
 
 
-def caption_ids(lm: LoadedModel, images: Sequence, prompt: str = DEFAULT_CAPTION_PROMPT, max_new_tokens: int = 32,
+def caption_ids(lm: LoadedModel, images: Sequence, prompt: str = DEFAULT_CAPTION_PROMPT,
+                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                 **kw) -> list[list[int]]:
     """Caption each image (greedy by default); the generated token ids (events are located in them)."""
     kw.setdefault("desc", "captioning")

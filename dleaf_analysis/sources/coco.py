@@ -329,7 +329,7 @@ class CocoSource(ImageSource):
         gt = [(i, sorted(whole.objects(k))) for k, i in enumerate(whole._items)]
         return {"kind": "coco", "annotations": str(self.annotations.resolve()) if self.annotations else None,
                 "images_dir": str(self.images_dir.resolve()), "ground_truth": self.ground_truth, "fill": self.fill,
-                "tagger": self.tagger, "gt_hash": stable_hash(gt)}
+                "tagger": self.tagger, "gt_hash": stable_hash(gt), "skipped_missing_images": len(whole.missing)}
 
     # -- POPE -----------------------------------------------------------------------------------
     @classmethod

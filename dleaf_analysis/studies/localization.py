@@ -156,7 +156,7 @@ def agreement(maps: pd.DataFrame, dets: pd.DataFrame) -> pd.DataFrame:
                     rows.append({"event": ev, "level": "layer", "causal_map": cmap, "detector": det,
                                  "spearman": rho, "topk_hit": hit})
             else:
-                L = g["layer"].max() + 1
+                L = int(g["layer"].max()) + 1
                 cs = causal_score.reshape(L, -1)
                 for det, dg in d_ev[d_ev.level == "head"].groupby("detector"):
                     ds = dg.sort_values(["layer", "head"])["score"].to_numpy().reshape(L, -1)

@@ -8,7 +8,10 @@ from dleaf_analysis import hooks
 from dleaf_analysis.models import ModelLoadError, load_model
 from dleaf_analysis.models.adapters import ModelAdapter, UnsupportedModelError
 from dleaf_analysis.models.loading import LoadedModel
-from dleaf_analysis.models.tiny import OTHER_CLASSES, tiny_llava15
+from dleaf_analysis.models.families import FAMILIES
+from dleaf_analysis.models.tiny import tiny_llava15
+
+OTHER_CLASSES = {k: f.tiny_model for k, f in FAMILIES.items() if k != "llava" and f.tiny_model is not None}
 from dleaf_analysis.tracing import trace_forward, trace_generation
 
 
@@ -22,9 +25,10 @@ def test_llava15_shaped_directory_loads_and_traces(llava15_dir):
     ad = ModelAdapter(lm.model)
     assert lm.image_size == 336 and ad.n_layers == 2
     img = (torch.rand(336, 336, 3) * 255).to(torch.uint8).numpy()
-    c = trace_generation(lm, img, max_new_tokens=4)
+    four = {"min_new_tokens": 4}  # a random model may end its caption at once
+    c = trace_generation(lm, img, max_new_tokens=4, generate_kwargs=four)
     assert c.n_image == 576 and c.n_steps == 4
-    h = trace_generation(lm, img, max_new_tokens=4, backend="hooks")
+    h = trace_generation(lm, img, max_new_tokens=4, backend="hooks", generate_kwargs=four)
     torch.testing.assert_close(c.image_attn, h.image_attn, rtol=0, atol=1e-6)
 
 

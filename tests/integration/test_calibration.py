@@ -35,17 +35,21 @@ def test_fault_validation_and_steps():
     assert len(default_faults(6, 4)) >= 6
 
 
+def _run(out, lm, faults):
+    from dataclasses import asdict
+
+    from dleaf_analysis.studies import run_study
+
+    options = {"faults": [asdict(f) for f in faults], "n_causal_events": 1, "max_new_tokens": 16}
+    return run_study("calibration", "dev", limit=6, out=out, lm=lm, options=options, progress=False,
+                     log=lambda s: None)
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, embedded):
-    from dleaf_analysis.sources import SceneSource
-    from dleaf_analysis.studies.calibration import run_calibration
-
     out = tmp_path_factory.mktemp("calibration")
     faults = [Fault("drain", 3, (0, 1, 2), 1.0, 1.0), Fault("diffuse", 3, (0, 1, 2), 1.0, 1.0)]
-    args = (embedded, SceneSource.load("dev", limit=6), out, {"test": "small"})
-    tables = run_calibration(*args, faults=faults, max_new_tokens=16, n_causal_events=1, progress=False,
-                             log=lambda s: None)
-    return out, tables, args, faults
+    return out, _run(out, embedded, faults).tables, embedded, faults
 
 
 def test_a_visible_fault_is_detected(small_run):
@@ -60,10 +64,8 @@ def test_a_visible_fault_is_detected(small_run):
 
 
 def test_calibration_resumes_without_redoing(small_run):
-    from dleaf_analysis.studies.calibration import run_calibration
-
-    out, _, args, faults = small_run
-    before = (out / "results.jsonl").read_text()
-    run_calibration(*args, faults=faults, max_new_tokens=16, n_causal_events=1, progress=False, log=lambda s: None)
-    assert (out / "results.jsonl").read_text() == before
-    assert set(json.loads((out / "summary.json").read_text())) == {f.key for f in faults}
+    out, _, lm, faults = small_run
+    before = (out / "calibration" / "results.jsonl").read_text()
+    _run(out, lm, faults)
+    assert (out / "calibration" / "results.jsonl").read_text() == before
+    assert set(json.loads((out / "calibration" / "summary.json").read_text())["faults"]) == {f.key for f in faults}

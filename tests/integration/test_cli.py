@@ -21,9 +21,10 @@ def test_evaluate_chair_json_and_protocol(tmp_path):
     metrics = {m["metric"]: m for m in d["summary"]}
     assert set(metrics) == {"CHAIR_s", "CHAIR_i", "recall", "length"}
     assert metrics["CHAIR_s"]["ci_low"] <= metrics["CHAIR_s"]["value"] <= metrics["CHAIR_s"]["ci_high"]
-    assert d["protocol"]["n_items"] == 6 and d["protocol"]["split"] == "dev"
+    assert d["protocol"]["n_items"] == 6 and d["protocol"]["source"]["split"] == "dev"
     saved = json.loads((tmp_path / "protocol.json").read_text())
-    assert saved["weights_hash"] == d["protocol"]["weights_hash"] and "protocol_hash" in saved
+    assert saved["model"]["weights_hash"] == d["protocol"]["model"]["weights_hash"]
+    assert saved["config"] == d["protocol"]["config"] and saved["run"] == "evaluate"
     assert (tmp_path / "details.jsonl").is_file() and (tmp_path / "summary.csv").is_file()
 
 
@@ -32,7 +33,7 @@ def test_evaluate_pope_json():
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert {m["variant"] for m in d["summary"]} == {"random", "popular", "adversarial"}
-    assert d["protocol"]["answer_parser"] == "official"
+    assert d["protocol"]["config"]["answer_parser"] == "official"
 
 
 def test_evaluate_with_method_config_file(tmp_path):
@@ -41,7 +42,7 @@ def test_evaluate_with_method_config_file(tmp_path):
     r = run("evaluate", "--config", str(cfg), "--split", "dev", "--limit", "2", "--json")
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)["protocol"]
-    assert p["method"] == "dleaf" and p["method_config"]["gamma"] == 0.25
+    assert p["config"]["method"] == "dleaf" and p["config"]["method_config"]["gamma"] == 0.25
 
 
 # Every bad input gets exit code 2 and a message that says what is wrong.  Rows marked
@@ -64,14 +65,14 @@ BAD_INPUTS = [
     (["study", "ablation", "--split", "nope"], "unknown split", True),
     (["study", "ablation", "--device", "cuda:3"], "no CUDA device", True),
     (["tune", "--limit", "-2"], "--limit", True),
-    (["trace", "--split", "dev", "--index", "999"], "out of range", True),
+    (["trace", "--split", "dev", "--index", "99999"], "out of range", True),
     (["trace", "--backend", "torchlens"], "unknown backend", True),
     (["trace", "--cache-dtype", "fp64"], "--cache-dtype", True),
     (["trace", "--image", "/nonexistent.png"], "/nonexistent.png", True),
     (["diagnose", "--cache", "/nonexistent/cache"], "/nonexistent/cache", True),
-    (["pope-coco", "--coco-images", "/nonexistent"], "COCO image folder not found", True),
+    (["pope-coco", "--coco-images", "/nonexistent"], "COCO images folder not found", True),
     (["pope-coco", "--coco-images", ".", "--pope-version", "2019"], "unknown POPE version", True),
-    (["pope-coco", "--coco-images", ".", "--variant", "hard"], "POPE question file not found", True),
+    (["pope-coco", "--coco-images", ".", "--variant", "hard"], "unknown POPE variant", True),
     (["pope-coco", "--coco-images", ".", "--shard", "4/4"], "need 0 <= i < N", True),
     (["caption-coco", "--coco-images", ".", "--image-ids", "/nonexistent.txt"], "/nonexistent.txt", True),
     (["chair-score", "--captions", "/nonexistent.jsonl"], "/nonexistent.jsonl", True),
@@ -82,7 +83,7 @@ BAD_INPUTS = [
     (["reproduce", "--device", "cuda:0"], "no CUDA device is visible", True),
     (["info", "--device", "gpu"], "choose cpu, cuda", True),
     (["study", "ablation", "--split", "dev", "--images-jsonl", "x.jsonl"], "give one image source", True),
-    (["study", "ablation", "--coco-images", "."], "needs both --coco-images DIR and --coco-annotations", True),
+    (["study", "ablation", "--coco-images", "."], "needs --coco-images DIR and --coco-annotations FILE", True),
     (["study", "ablation", "--image-ids", "ids.txt"], "--image-ids selects COCO images", True),
     (["study", "ablation", "--coco-images", ".", "--coco-annotations", "/nonexistent.json"],
      "COCO annotations not found", True),
@@ -106,7 +107,8 @@ def test_bad_input_errors(monkeypatch, args, match, before_load):
 
     # modules that bind `load_model` at import are imported first, so that a command importing one of
     # them for the first time under the tripwire does not keep the tripwire after the test
-    for m in ("device_check", "evaluation.runner", "evaluation.tuning", "report", "studies.runner"):
+    for m in ("device_check", "evaluation.runner", "evaluation.tuning", "figures", "model_card", "report",
+              "studies.base"):
         importlib.import_module(f"dleaf_analysis.{m}")
 
     if before_load:

@@ -111,14 +111,22 @@ def test_bootstrap_ci_of_a_mean():
     assert hi == pytest.approx(x.mean() + 1.96 * se, abs=0.05)
 
 
-def test_protocol_roundtrip(tmp_path):
-    p = Protocol(benchmark="chair", split="dev", split_hash="abc", n_items=3, model_id="m", weights_hash="w",
-                 prompt="describe the image .", max_new_tokens=32, method_config={"gamma": 0.5})
-    p.save(tmp_path / "protocol.json")
-    q = Protocol.load(tmp_path / "protocol.json")
-    assert q == p and q.hash == p.hash
-    assert json.loads((tmp_path / "protocol.json").read_text())["protocol_hash"] == p.hash
-    assert "gamma" in p.describe()
+def test_protocol_is_a_view_of_the_manifest():
+    from dleaf_analysis import runs
+    from dleaf_analysis.evaluation.runner import Protocol
+
+    cfg = runs.EvalConfig(benchmark="chair", method="dleaf", method_config={"gamma": 0.5}, seed=0, max_new_tokens=32)
+    m = runs.manifest(cfg, {"id": "m", "weights_hash": "w", "files_hash": "f", "dtype": "fp32", "device": "cpu"},
+                      {"kind": "scene", "split": "dev", "split_hash": "abc", "hash": "h"})
+    m["config"]["prompt"] = "describe the image ."
+    p = Protocol(m, 3)
+    assert (p.weights_hash, p.split, p.split_hash, p.benchmark) == ("w", "dev", "abc", "chair")
+    assert p.method_config == {"gamma": 0.5} and p.n_items == 3 and p.prompt == "describe the image ."
+    assert p.to_dict() == {**m, "n_items": 3}
+    assert json.loads(json.dumps(p.to_dict())) == p.to_dict()  # plain JSON: what protocol.json holds
+    assert "gamma" in p.describe() and "3 items" in p.describe()
+    with pytest.raises(AttributeError):
+        p.no_such_field
 
 
 def test_results_are_written_atomically_and_other_runs_are_refused(tmp_path, embedded, monkeypatch):
@@ -139,7 +147,7 @@ def test_results_are_written_atomically_and_other_runs_are_refused(tmp_path, emb
     monkeypatch.undo()
     evaluate("chair", "dev", embedded, method="pai", limit=2, out_dir=out, progress=False, n_resamples=50,
              overwrite=True)
-    assert json.loads((out / "protocol.json").read_text())["method"] == "pai"
+    assert json.loads((out / "protocol.json").read_text())["config"]["method"] == "pai"
     # a crash while writing leaves the previous complete result in place, every file of it
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 

@@ -149,9 +149,10 @@ def test_dpo_fired_layers_are_dleafs_own_firings(embedded, split):
 def test_study_detector_rows_are_identical_across_processes(tmp_path):
     code = (
         "import json; from dleaf_analysis.models import load_model; from dleaf_analysis.scenes import load_split;"
-        "from dleaf_analysis.studies.runner import _detector_rows;"
+        "from dleaf_analysis.studies.localization import detector_rows;"
+        "from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT;"
         "lm = load_model(); s = load_split('dev', limit=1);"
-        "rows = _detector_rows(lm, s.image(0), [], '0:3', seed=0);"
+        "rows = detector_rows(lm, s.image(0), [], '0:3', seed=0, prompt=DEFAULT_CAPTION_PROMPT);"
         "print(json.dumps([r['score'] for r in rows if r['detector'] == 'random']))"
     )
     outs = []
@@ -186,7 +187,7 @@ def test_image_columns_fusion_keeps_text_columns():
 
 
 def test_layer_profile_baseline_ranks_a_constant_ordering():
-    from dleaf_analysis.studies.runner import _agreement
+    from dleaf_analysis.studies.localization import agreement as _agreement
 
     rng = np.random.default_rng(0)
     L, rows, dets = 6, [], []

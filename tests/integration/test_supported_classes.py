@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 from dleaf_analysis.cache import AttentionCache
 from dleaf_analysis.cli import app
 from dleaf_analysis.models import SUPPORTED_MODEL_TYPES, load_model
-from dleaf_analysis.models.tiny import SAVED_CLASSES
+from dleaf_analysis.models.families import FAMILIES
+
+SAVED_CLASSES = {k: f.tiny_dir for k, f in FAMILIES.items() if f.tiny_dir is not None}
 
 
 def test_every_supported_class_has_a_saved_tiny_model():
@@ -53,12 +55,12 @@ def test_saved_class_loads_traces_and_evaluates(saved, tmp_path):
              "--out", tmp_path / "eval")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert res["protocol"]["weights_hash"] == lm.weights_hash and res["protocol"]["method"] == "dleaf"
+    assert res["protocol"]["model"]["weights_hash"] == lm.weights_hash and res["protocol"]["config"]["method"] == "dleaf"
     assert (tmp_path / "eval" / "interventions.jsonl").is_file()
 
 
 def test_qwen2_vl_loads_without_torchvision_and_refuses_videos(tmp_path):
-    from dleaf_analysis.models.processors import Qwen2VLImageProcessor, VideoNotSupportedError
+    from dleaf_analysis.models.families.qwen2_vl import Qwen2VLImageProcessor, VideoNotSupportedError
 
     lm = load_model(SAVED_CLASSES["qwen2_vl"](tmp_path / "q"))
     assert isinstance(lm.processor, Qwen2VLImageProcessor)

@@ -10,6 +10,7 @@ import torch
 
 from dleaf_analysis.cache import AttentionCache, CacheFileError
 from dleaf_analysis.models.adapters import ModelAdapter
+from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT
 from dleaf_analysis.models.inputs import InputError, PromptBuilder
 from dleaf_analysis.tracing import trace_forward, trace_generation
 
@@ -21,7 +22,7 @@ def image(dev_split):
 
 @pytest.fixture(scope="module")
 def gen_caches(embedded, image):
-    return {b: trace_generation(embedded, image, backend=b) for b in ("nnsight", "hooks")}
+    return {b: trace_generation(embedded, image, backend=b, max_new_tokens=32) for b in ("nnsight", "hooks")}
 
 
 def test_generation_backends_agree(gen_caches):
@@ -35,7 +36,8 @@ def test_generation_backends_agree(gen_caches):
 def test_generation_trace_matches_plain_generate(embedded, image, gen_caches):
     from dleaf_analysis.models import caption
 
-    assert gen_caches["nnsight"].text().replace(" </s>", "") == caption(embedded, [image], progress=False)[0]
+    assert gen_caches["nnsight"].text().replace(" </s>", "") == caption(embedded, [image], max_new_tokens=32,
+                                                                          progress=False)[0]
 
 
 def test_cache_layout(embedded, gen_caches):
@@ -46,7 +48,9 @@ def test_cache_layout(embedded, gen_caches):
     torch.testing.assert_close(c.mass[..., 1], c.image_attn.sum(-1), rtol=0, atol=1e-5)
     assert c.mass[0, ..., 3].abs().max() == 0  # nothing generated before step 0
     assert c.mass[1:, ..., 3].min() > 0
-    assert c.image_positions == list(range(3, 147))  # "<s> user :" then 144 image tokens
+    ids = PromptBuilder(embedded.processor).inputs([np.zeros((8, 8, 3), np.uint8)], [DEFAULT_CAPTION_PROMPT])["input_ids"][0]
+    first = int((ids == embedded.model.config.image_token_id).nonzero()[0])  # after the system prompt and "user :"
+    assert first > 3 and c.image_positions == list(range(first, first + 144))  # 144 image tokens in a row
     assert c.query_positions[0] == c.prompt_length - 1
 
 
@@ -68,7 +72,7 @@ def test_forward_backends_agree_with_hf_output_attentions(embedded, image, gen_c
 
     m = copy.deepcopy(embedded.model)
     m.set_attn_implementation({k: "eager" for k in m.config.sub_configs})
-    inputs = PromptBuilder(embedded.processor).inputs([image], ["describe the image ."])
+    inputs = PromptBuilder(embedded.processor).inputs([image], [DEFAULT_CAPTION_PROMPT])
     ids = torch.cat([inputs["input_ids"], torch.tensor([embedded.tokenizer(cont, add_special_tokens=False)["input_ids"]])], 1)
     with torch.no_grad():
         att = m(input_ids=ids, pixel_values=inputs["pixel_values"], output_attentions=True).attentions
@@ -123,7 +127,7 @@ def test_truncated_or_foreign_cache_is_refused(tmp_path, gen_caches):
 
 
 def test_prompt_without_image_token(embedded, image):
-    inputs = PromptBuilder(embedded.processor).inputs([image], ["describe the image ."])
+    inputs = PromptBuilder(embedded.processor).inputs([image], [DEFAULT_CAPTION_PROMPT])
     ids = inputs["input_ids"].clone()
     ids[ids == embedded.model.config.image_token_id] = embedded.tokenizer.convert_tokens_to_ids("the")
     with pytest.raises(InputError, match="no image token"):
@@ -131,7 +135,7 @@ def test_prompt_without_image_token(embedded, image):
 
 
 def test_image_token_count_mismatch(embedded, image):
-    inputs = PromptBuilder(embedded.processor).inputs([image], ["describe the image ."])
+    inputs = PromptBuilder(embedded.processor).inputs([image], [DEFAULT_CAPTION_PROMPT])
     img_id = embedded.model.config.image_token_id
     keep = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
     keep[(inputs["input_ids"][0] == img_id).nonzero()[0]] = False  # drop one image token
@@ -154,12 +158,13 @@ def test_row_entropy_matches_full_pattern(embedded, image):
 
 
 def test_diagnose_table(gen_caches):
-    from dleaf_analysis import diagnostics as D
+    from dleaf_analysis import detectors
 
     c = gen_caches["nnsight"]
-    df = D.diagnose(c)
-    assert set(df["detector"]) == set(D.LAYER_DETECTORS)
-    assert len(df) == len(D.LAYER_DETECTORS) * c.n_steps * c.n_layers
+    df = detectors.diagnose(c)
+    layer_detectors = detectors.names("layer")
+    assert set(df["detector"]) == set(layer_detectors)
+    assert len(df) == len(layer_detectors) * c.n_steps * c.n_layers
     liae = df[df.detector == "liae"].set_index(["step", "layer"])["score"]
     assert liae.loc[(1, 3)] == pytest.approx(c.liae()[1, 3].item())
     top = df[(df.detector == "liae") & (df["rank"] == 0)].set_index("step")["layer"]
