@@ -1,22 +1,29 @@
-"""Decoding cost of each method, measured side by side in one run.
+"""Decoding cost of each method, measured side by side in one run, in CPU process time.
 
 For each model and dtype, every run decodes the same prebuilt inputs (batch 1) for a fixed number
-of tokens; runs are interleaved and repeated, and the best repeat is kept.  Reported per run:
+of tokens, on one thread; runs are interleaved and repeated.  Wall-clock ratios on this shared
+machine were incoherent (another process's load lands on whichever run is timed), so time is the
+process's CPU time, and each ratio is taken *within* a repeat (a run against the greedy runs of
+the same repeat) and reported as the median with its range over the repeats.  Reported per run:
 
-- ``ms_per_token``: **decode-only** time per token (the prefill excluded), from timestamps taken
-  by a logits processor at every generated token (VCD, which has its own loop: the difference
-  between an N-token and a 1-token run);
-- ``ratio_to_sdpa_greedy`` / ``ratio_to_eager_greedy``: against greedy with the model's fast
-  attention (sdpa) and with eager attention, measured in the same repeats;
-- ``syncs_per_token``: host synchronisations (``bool``/``item``/``tolist``/``cpu``/...) made
-  inside the method's pattern editors, per token (the hot path the method adds);
+- ``cpu_ms_per_token``: decode-only CPU time per token (the prefill excluded), from CPU
+  timestamps taken by a logits processor at every generated token (VCD, which has its own loop:
+  the difference between an N-token and a 1-token run);
+- ``vs_eager`` (and its range ``vs_eager_lo``..``vs_eager_hi``) / ``vs_sdpa``: against greedy
+  with eager attention and with the model's fast attention (sdpa), paired by repeat;
+- ``ops_per_token``: non-view aten operators dispatched per decoded token (each a kernel launch
+  on a GPU, where a batch-1 decode is paced by launches; :func:`dleaf_analysis.profiling.count_ops`)
+  and ``ops_vs_eager``;
+- ``host_reads_per_token``: values read back to the host inside the method's pattern editors per
+  token (:func:`dleaf_analysis.profiling.count_host_reads`; each stalls a GPU's launch queue);
 - ``peak_mib``: peak RSS growth during one decode, in a fresh process, after a warm-up.
 
 Runs: greedy (sdpa), greedy (eager), D-LEAF, uniform fusion, PAI, VCD, and generation capture with
 the hook backend and with nnsight.  Models: the embedded model, and a LLaVA-1.5-7B-width random
-model (hidden 4096, 32 heads, MLP 11008, 576 image tokens, ``--layers`` layers) in fp32 and bf16.
+model (hidden 4096, 32 heads, MLP 11008, 576 image tokens, ``--layers`` layers, default 8: the
+editors' share grows with the candidate layers, 30 of 32 in LLaVA-1.5-7B) in fp32 and bf16.
 
-    python benchmarks/method_throughput.py [--repeats 3] [--tokens 16] [--json] [--readme]
+    python benchmarks/method_throughput.py [--repeats 5] [--tokens 16] [--layers 8] [--json] [--readme]
 """
 
 from __future__ import annotations
@@ -39,8 +46,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 RUNS = ("greedy-sdpa", "greedy-eager", "dleaf", "uniform", "pai", "vcd", "capture-hooks", "capture-nnsight")
-SYNCING = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "cpu", "numpy")
-MODELS = {"embedded": "embedded (6 layers x 4 heads, 144 image tokens)",
+MODELS = {"embedded": "embedded (8 layers x 4 heads, 144 image tokens)",
           "7b-width": "LLaVA-1.5-7B width ({layers} layers x 32 heads, hidden 4096, 576 image tokens)"}
 
 
@@ -65,19 +71,21 @@ def setup(which: str, dtype: str = "fp32", layers: int = 2):
         lm = LoadedModel.wrap(build_model(proc.tokenizer, cfg, seed=0).to(dt).eval(), proc, "7b-width random")
         img = (np.random.default_rng(0).random((336, 336, 3)) * 255).astype(np.uint8)
     hooks.install(lm.model)
-    inputs = dict(PromptBuilder(lm.processor).inputs([img], ["describe the image ."], lm.image_size))
+    from dleaf_analysis.models.generation import DEFAULT_CAPTION_PROMPT
+
+    inputs = dict(PromptBuilder(lm.processor).inputs([img], [DEFAULT_CAPTION_PROMPT], lm.image_size))
     inputs["pixel_values"] = inputs["pixel_values"].to(dt)
     return lm, inputs
 
 
 class _Stamp(LogitsProcessor):
-    """Records the time at every generated token."""
+    """Records the process's CPU time at every generated token."""
 
     def __init__(self) -> None:
         self.t: list[float] = []
 
     def __call__(self, input_ids, scores):
-        self.t.append(time.perf_counter())
+        self.t.append(time.process_time())
         return scores
 
 
@@ -116,11 +124,11 @@ def decode(lm, inputs, run: str, n: int) -> float:
                              generate_kwargs={"min_new_tokens": n, "logits_processor": LogitsProcessorList([stamp])})
         elif run == "vcd":  # its own loop (no logits processor, stops at EOS): difference of two runs
             m = _method("vcd", lm)
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             m.generate(lm, inputs, max_new_tokens=1)
-            t1 = time.perf_counter()
+            t1 = time.process_time()
             ids = m.generate(lm, inputs, max_new_tokens=n)
-            t2 = time.perf_counter()
+            t2 = time.process_time()
             k = ids.shape[1] - inputs["input_ids"].shape[1]  # tokens actually decoded
             return max((t2 - t1) - (t1 - t0), 0.0) / (k - 1) if k > 1 else float("nan")
         else:
@@ -128,45 +136,34 @@ def decode(lm, inputs, run: str, n: int) -> float:
     return (stamp.t[-1] - stamp.t[0]) / (len(stamp.t) - 1)
 
 
-def syncs_per_token(lm, inputs, run: str, n: int) -> float:
-    """Host reads inside the method's pattern editors during one decode, per token."""
-    if run not in ("dleaf", "uniform", "pai"):
-        return 0.0  # no pattern editors (greedy, VCD's contrast is outside the attention, captures)
-    from dleaf_analysis import hooks
+def _generate(lm, inputs, run: str, tokens: int) -> None:
+    kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=lm.pad_token_id)
+    if run in ("greedy-sdpa", "greedy-eager"):
+        with _attention(lm.model, run.split("-")[1]):
+            lm.model.generate(**inputs, **kw)
+    elif run.startswith("capture-"):
+        from dleaf_analysis.tracing import trace_generation
 
-    calls, inside = [0], [0]
-    orig_attach = hooks.attach_editor
+        trace_generation(lm, None, inputs=inputs, max_new_tokens=tokens, backend=run.split("-")[1],
+                         generate_kwargs={"min_new_tokens": tokens})
+    elif run == "vcd":
+        _method("vcd", lm).generate(lm, inputs, max_new_tokens=tokens)
+    else:
+        _method(run, lm).generate(lm, inputs, **kw)
 
-    def attach_editor(model, editor):
-        def counted(p, layer):
-            inside[0] += 1
-            try:
-                return editor(p, layer)
-            finally:
-                inside[0] -= 1
-        return orig_attach(model, counted)
 
-    saved = {name: getattr(torch.Tensor, name) for name in SYNCING}
+def counts_per_token(lm, inputs, run: str, n: int) -> tuple[float, float]:
+    """``(non-view aten ops, host reads inside pattern editors)`` per decoded token: the difference
+    between a ``1 + n``-token and a 1-token decode, divided by ``n`` (the prefill cancels)."""
+    from dleaf_analysis.profiling import count_host_reads, count_ops
 
-    def wrap(orig):
-        def f(self, *a, **k):
-            if inside[0]:
-                calls[0] += 1
-            return orig(self, *a, **k)
-        return f
-
-    hooks.attach_editor = attach_editor
-    for name, orig in saved.items():
-        setattr(torch.Tensor, name, wrap(orig))
-    try:
-        with torch.no_grad():
-            _method(run, lm).generate(lm, inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      pad_token_id=lm.pad_token_id)
-    finally:
-        hooks.attach_editor = orig_attach
-        for name, orig in saved.items():
-            setattr(torch.Tensor, name, orig)
-    return calls[0] / n
+    ops, reads = [], []
+    for tokens in (1, 1 + n):
+        with count_ops() as c, count_host_reads() as r, torch.no_grad():
+            _generate(lm, inputs, run, tokens)
+        ops.append(sum(c.values()))
+        reads.append(len(r))
+    return (ops[1] - ops[0]) / n, (reads[1] - reads[0]) / n
 
 
 def _sampled_peak(fn) -> float:
@@ -215,28 +212,34 @@ def bench(which: str, dtype: str, layers: int, repeats: int, n: int, memory: boo
         for r in RUNS:
             times[r].append(decode(lm, inputs, r, n))
         log(f"{which} {dtype}: repeat {i + 1}/{repeats} done")
-    best = {r: float(np.nanmin(v)) if not np.isnan(v).all() else float("nan") for r, v in times.items()}
+    t = {r: np.array(v) for r, v in times.items()}
+    counts = {r: counts_per_token(lm, inputs, r, min(n, 4)) for r in RUNS}
     rows = []
     for r in RUNS:
+        vs_eager = t[r] / t["greedy-eager"]  # paired: within each repeat
+        vs_sdpa = t[r] / t["greedy-sdpa"]
         rows.append({"model": MODELS[which].format(layers=layers), "dtype": dtype, "method": r, "tokens": n,
-                     "ms_per_token": 1e3 * best[r], "ratio_to_sdpa_greedy": best[r] / best["greedy-sdpa"],
-                     "ratio_to_eager_greedy": best[r] / best["greedy-eager"],
-                     "syncs_per_token": syncs_per_token(lm, inputs, r, n),
+                     "repeats": repeats, "cpu_ms_per_token": 1e3 * float(np.nanmedian(t[r])),
+                     "vs_eager": float(np.nanmedian(vs_eager)), "vs_eager_lo": float(np.nanmin(vs_eager)),
+                     "vs_eager_hi": float(np.nanmax(vs_eager)), "vs_sdpa": float(np.nanmedian(vs_sdpa)),
+                     "ops_per_token": counts[r][0], "ops_vs_eager": counts[r][0] / counts["greedy-eager"][0],
+                     "host_reads_per_token": counts[r][1],
                      "peak_mib": peak_memory(which, dtype, layers, r, n) if memory else float("nan")})
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--layers", type=int, default=2, help="layers of the 7B-width model")
+    ap.add_argument("--layers", type=int, default=8, help="layers of the 7B-width model")
     ap.add_argument("--configs", default="embedded:fp32,7b-width:fp32,7b-width:bf16")
     ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     ap.add_argument("--readme", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # CPU time of one thread: comparable between runs on a shared machine
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     rows = []
     for c in args.configs.split(","):
@@ -249,15 +252,19 @@ def main() -> None:
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     fmt = lambda v, f: "n/a" if v != v else format(v, f)  # noqa: E731
-    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 1, {args.tokens} decoded tokens, "
-             f"best of {args.repeats} interleaved repeats; decode-only time per token (prefill excluded); methods at "
-             "their tuned settings (generic defaults on the random model); syncs = host reads inside the method's "
-             "pattern editors per token; peak RSS growth of one decode in a fresh process.", "",
-             "| model | dtype | run | ms / token | vs sdpa greedy | vs eager greedy | syncs / token | peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['dtype']} | {r['method']} | {r['ms_per_token']:.2f} | {r['ratio_to_sdpa_greedy']:.3f}x "
-              f"| {r['ratio_to_eager_greedy']:.3f}x | {r['syncs_per_token']:.1f} | {fmt(r['peak_mib'], '.0f')} |"
-              for r in rows]
+    lines = [f"torch {torch.__version__}, 1 thread, CPU process time; batch 1, {args.tokens} decoded tokens, "
+             f"{args.repeats} interleaved repeats; decode-only time per token (prefill excluded, median of the "
+             "repeats); ratios paired within each repeat (median, [min, max]); methods at their tuned settings "
+             "(generic defaults on the random model); ops = non-view aten operators per decoded token (kernel "
+             "launches on a GPU); host reads inside the method's pattern editors per token; peak RSS growth of one "
+             "decode in a fresh process.", "",
+             "| model | dtype | run | CPU ms / token | vs eager greedy [range] | vs sdpa greedy | ops / token "
+             "| ops vs eager | host reads / token | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['dtype']} | {r['method']} | {r['cpu_ms_per_token']:.2f} "
+              f"| {r['vs_eager']:.3f}x [{r['vs_eager_lo']:.3f}, {r['vs_eager_hi']:.3f}] | {r['vs_sdpa']:.3f}x "
+              f"| {r['ops_per_token']:.0f} | {r['ops_vs_eager']:.3f}x | {r['host_reads_per_token']:.1f} "
+              f"| {fmt(r['peak_mib'], '.0f')} |" for r in rows]
     text = "\n".join(lines)
     if not args.json:
         print(text)
