@@ -371,7 +371,7 @@ def finalize_card(model_dir, limit: int | None = None, progress: bool = True) ->
     card = {
         "model_id": "dleaf-embedded-llava",
         "architecture": "LlavaForConditionalGeneration (CLIP vision tower + Llama decoder)",
-        "config": card["train"],
+        "config": card["train"] if "train" in card else card["config"],  # re-finalising a finished card
         "parameters": sum(p.numel() for p in lm.model.parameters()),
         "language_model_parameters": sum(p.numel() for p in ModelAdapter(lm.model).language_model.parameters()),
         "weights_hash": lm.weights_hash,

@@ -448,8 +448,7 @@ def reproduce(
                              paired_ci_high=list(d.loc[s.metric, "ci_high"]))
             rows.append(s)
         comp_chair.append(pd.concat(rows, ignore_index=True))
-        c, v = comparison_rows(name, {("greedy (none)" if k == "greedy" else k): x for k, x in res.items()}, seed,
-                               label="component")
+        c, v = comparison_rows(name, res, seed, label="component")
         comp_cmp.append(c)
         comp_verdicts.update({(name, k): x for k, x in v.items()})
     components = pd.concat(comp_chair, ignore_index=True)

@@ -57,7 +57,7 @@ to_pil(test.image(i)).resize((192, 192), 0)
 # %%
 from dleaf_analysis.tracing import trace_generation
 
-cache = trace_generation(lm, test.image(i))
+cache = trace_generation(lm, test.image(i), max_new_tokens=48)  # the first 48 tokens: readable heatmaps
 cache
 
 # %%
@@ -65,8 +65,10 @@ liae = cache.liae_frame()             # one row per (step, layer)
 liae.head(8)
 
 # %%
-ax = sns.heatmap(liae.pivot(index="layer", columns="step", values="liae"), cmap="viridis")
-ax.set_xticklabels(cache.token_strs, rotation=70); ax.set_title("LIAE per layer and generated token"); plt.show()
+fig, ax = plt.subplots(figsize=(14, 3))
+sns.heatmap(liae.pivot(index="layer", columns="step", values="liae"), cmap="viridis", ax=ax)
+ax.set_xticks([k + 0.5 for k in range(cache.n_steps)], cache.token_strs, rotation=90, fontsize=7)
+ax.set_title("LIAE per layer and generated token"); plt.show()
 
 # %%
 heads = cache.to_frame()                # one row per (step, layer, head)
@@ -79,11 +81,35 @@ sns.heatmap(iaf, annot=True, fmt=".2f", cmap="rocket"); plt.title("IAF (image at
 # %% [markdown]
 # ## The uniform detectors, side by side
 #
-# `diagnose` ranks layers at every step by LIAE and by the uniform detectors the paper argues
+# `detectors.diagnose` ranks layers at every step by every registered layer detector: LIAE and its
+# running z-score (what D-LEAF's threshold compares), and the uniform detectors the paper argues
 # against (image-attention mass, entropy of the whole row, all layers, random).
 
 # %%
-from dleaf_analysis import diagnostics as D
+from dleaf_analysis import detectors
 
-table = D.diagnose(cache)
+table = detectors.diagnose(cache)
+print(detectors.names("layer"))
 table[table["rank"] == 0].pivot(index="step", columns="detector", values="layer").head(10)
+
+# %% [markdown]
+# ## Where in a description hallucinations come
+#
+# Like LLaVA-1.5's detailed descriptions, the embedded model's captions name the salient objects
+# first and guess later: the hallucination rate by mention rank (1 = the first object the caption
+# names), with the share of mentions that come after the caption has named every object in the image.
+
+# %%
+from dleaf_analysis.evaluation import regime
+from dleaf_analysis.sources import SceneSource
+
+dev = SceneSource.load("dev", limit=40 if QUICK else 200)
+caps = caption(lm, [dev.image(k) for k in range(len(dev))], progress=False)
+mentions = regime.mention_table(caps, dev.object_sets(), dev.mentions)
+prof = regime.position_profile(mentions)
+print(regime.position_summary(mentions))
+fig, ax = plt.subplots(figsize=(5, 3))
+ax.errorbar(prof["rank"], prof["rate"], yerr=[prof["rate"] - prof["ci_low"], prof["ci_high"] - prof["rate"]],
+            marker="o", capsize=3)
+ax.set_xlabel("mention rank in the caption"); ax.set_ylabel("hallucinated (%), 95% CI"); plt.show()
+prof

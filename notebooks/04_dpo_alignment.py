@@ -35,27 +35,27 @@ pd.set_option("display.width", 160)
 
 # %%
 from dleaf_analysis.models import load_model
-from dleaf_analysis.scenes import load_split, render
+from dleaf_analysis.sources import SceneSource
 from dleaf_analysis.studies.events import find_events, event_inputs
 from dleaf_analysis.studies import dpo
 from dleaf_analysis.interventions import DLeaf
 from dleaf_analysis.settings import tuned_config
 
 lm = load_model()
-split = load_split("dev", limit=60)  # about one hallucination in six images fires a correction at its step
+split = SceneSource.load("dev", limit=40)
 events = find_events(lm, split, progress=False)
 hall = events[(events.kind == "hallucinated") & events.preferred.notna() & events.cue.notna()]
 cfg = DLeaf(**tuned_config("dleaf", lm.weights_hash))
 ev, layers = None, []
 for e in hall.to_dict(orient="records"):
-    # the layers D-LEAF itself fires at the event's step, read from its own log over the prefix
+    # the layers D-LEAF itself fires at the event's step: its own editor replayed over the prefix
     # (the generated ids before the event; the prompt-only inputs are event_inputs(..., prefix=False))
     layers = dpo.fired_layers(lm, event_inputs(lm, split, e, prefix=False), list(e["prefix_ids"]), cfg)
     if layers:
         ev = e
         break
 assert ev is not None, "no hallucination event at which D-LEAF fires: raise the split limit"
-print(ev["prefix"], "->", ev["token"], "(preferred:", ev["preferred"], ") corrected layers:", layers)
+print(ev["item"], "->", ev["token"], "(preferred:", ev["preferred"], ") corrected layers:", layers)
 
 # %%
 rows = dpo.alignment(lm, event_inputs(lm, split, ev), event_inputs(lm, split, ev, counterfactual=True),
@@ -66,8 +66,21 @@ pd.DataFrame(rows)
 # ## Over many events, with a one-sided test
 
 # %%
-from dleaf_analysis.studies.runner import run_study
+from dleaf_analysis.studies import run_study
 import tempfile
 
-res = run_study("dpo", "dev", limit=25 if QUICK else 150, out=tempfile.mkdtemp(), lm=lm, progress=False)
-res.tables["dpo_summary"].round(3)
+res = run_study("dpo", "dev", limit=40 if QUICK else 300, out=tempfile.mkdtemp(), lm=lm, progress=False,
+                max_units=6 if QUICK else None)
+summary = res.tables["dpo_summary"]
+summary.round(3)
+
+# %%
+t = res.tables["dpo"]
+if len(t):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+    for ax, stat in zip(axes, ["cos_update_grad", "cos_update_to_preferred", "distance_ratio"]):
+        sns.histplot(data=t, x=stat, hue="null", stat="density", common_norm=False, element="step", ax=ax)
+        ax.set_title(stat)
+    plt.tight_layout(); plt.show()
+else:
+    print("no event with a D-LEAF firing at its step in this sample")

@@ -51,7 +51,7 @@ caption(lm, [image], max_new_tokens=8, progress=False)
 # %%
 from dleaf_analysis.tracing import trace_generation
 
-cache = trace_generation(lm, image, max_new_tokens=6)
+cache = trace_generation(lm, image, max_new_tokens=6, generate_kwargs={"min_new_tokens": 6})
 print(cache)            # 576 image tokens, as in LLaVA-1.5
 cache.liae_frame().pivot(index="layer", columns="step", values="liae").round(3)
 
@@ -61,8 +61,8 @@ from dleaf_analysis.models.inputs import PromptBuilder
 
 d = DLeaf(k=0.0)        # tuned settings are model-specific: a real model needs its own tuning run (dleaf tune --model ...)
 inputs = PromptBuilder(lm.processor).inputs([image], ["describe the image ."], lm.image_size)
-d.generate(lm, inputs, max_new_tokens=6, do_sample=False, pad_token_id=lm.pad_token_id)
-pd.DataFrame(d.log).head()
+ids, record = d.decode(lm, inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=lm.pad_token_id)
+pd.DataFrame(record.log).head()
 
 # %% [markdown]
 # On a GPU machine, the same calls scale: traces keep only the current query's image columns per
@@ -108,7 +108,7 @@ for a in axes:
     a.set_axis_off()
 
 # %%
-from dleaf_analysis.studies.runner import run_study
+from dleaf_analysis.studies import run_study
 
 res = run_study("localization", coco, limit=None, out=tempfile.mkdtemp(), lm=sw, progress=False, batch_size=2)
 res.tables["localization_summary"].query("level == 'layer' and metric == 'spearman'").round(3).head(10)

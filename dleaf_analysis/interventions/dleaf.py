@@ -23,7 +23,7 @@ from dleaf_analysis import diagnostics as D
 from dleaf_analysis import hooks
 from dleaf_analysis.interventions.base import (ConfigError, Method, RunRecord, check_layers, check_range,
                                                default_layers, register)
-from dleaf_analysis.interventions import fused  # noqa: F401  (registers dleaf::layer_step)
+import dleaf_analysis.interventions.fused  # noqa: F401  (registers dleaf::layer_step)
 from dleaf_analysis.interventions.ops import FUSIONS, last_row, with_last_row
 from dleaf_analysis.models.adapters import ModelAdapter
 

@@ -12,7 +12,7 @@ import torch
 
 from dleaf_analysis import hooks
 from dleaf_analysis.interventions.base import Method, RunRecord, check_layers, check_range, default_layers, register
-from dleaf_analysis.interventions import fused  # noqa: F401  (registers dleaf::pai_step)
+import dleaf_analysis.interventions.fused  # noqa: F401  (registers dleaf::pai_step)
 from dleaf_analysis.interventions.ops import last_row, with_last_row
 from dleaf_analysis.models.adapters import ModelAdapter
 

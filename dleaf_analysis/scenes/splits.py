@@ -76,8 +76,7 @@ class Split:
 
     @cached_property
     def annotations_hash(self) -> str:
-        blob = json.dumps([s.to_dict() for s in self.scenes], sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return annotations_hash(self.scenes)
 
     def content_hash(self) -> str:
         """Hash of annotations and rendered pixels (renders every image)."""
@@ -96,6 +95,7 @@ class Split:
             "world": self.world.spec["name"],
             "world_hash": self.world.spec_hash,
             "annotations_hash": self.annotations_hash,
+            "prefix_hashes": {str(n): annotations_hash(self.scenes[:n]) for n in prefix_sizes(len(self))},
             "content_hash": self.content_hash() if with_pixels else None,
             "mean_objects": round(float(np.mean([len(s.name_set) for s in self.scenes])), 3),
             "partner_absent_fraction": round(
@@ -115,38 +115,66 @@ class Split:
         )
 
 
+def prefix_sizes(size: int) -> list[int]:
+    """The prefix lengths a manifest records a hash for: 8, 16, 32, ... below ``size``, and ``size``."""
+    out, n = [], 8
+    while n < size:
+        out.append(n)
+        n *= 2
+    return out + [size]
+
+
+def annotations_hash(scenes: list[Scene]) -> str:
+    blob = json.dumps([s.to_dict() for s in scenes], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_SAMPLED: dict[tuple[str, str], tuple[list[Scene], list[int]]] = {}  # (split, world hash) -> (scenes, next seed index)
+
+
+def _scenes(name: str, world: World, n: int) -> list[Scene]:
+    """The first ``n`` scenes of a split.  Sampled scenes are kept per process and a longer request
+    extends them (sampling a scene is not free: a 20,000-scene split takes about a minute)."""
+    d = SPLITS[name]
+    scenes, j = _SAMPLED.setdefault((name, world.spec_hash), ([], [0]))
+    while len(scenes) < n:
+        sc = world.sample_scene(_scene_seed(d.seed, j[0]))
+        j[0] += 1
+        if d.kind == "partner_absent" and not world.is_partner_absent(sc):
+            continue
+        scenes.append(sc)
+    return list(scenes[:n])
+
+
 def load_split(name: str, world: World | None = None, limit: int | None = None, verify: bool = True) -> Split:
     """Load a frozen split by name; ``limit`` keeps its first ``limit`` scenes.
 
-    With ``verify`` the annotations are checked against the shipped manifest (cheap).
+    With ``verify`` the annotations are checked against the shipped manifest: the hash of the
+    shortest recorded prefix that covers ``limit`` (``prefix_sizes``), so a short load samples
+    few scenes; a manifest without prefix hashes is checked on the whole split.
     """
     if name not in SPLITS:
         raise UnknownSplitError(f"unknown split {name!r}; choose one of {sorted(SPLITS)}")
     world = world or World.load()
     d = SPLITS[name]
     n = d.size if limit is None else min(limit, d.size)
-    scenes: list[Scene] = []
-    j = 0
-    while len(scenes) < (d.size if verify else n):
-        sc = world.sample_scene(_scene_seed(d.seed, j))
-        j += 1
-        if d.kind == "partner_absent" and not world.is_partner_absent(sc):
-            continue
-        scenes.append(sc)
-    split = Split(name, d, world, scenes)
     if verify:
         path = SPLITS_DIR / f"{name}.json"
-        if path.is_file():
-            shipped = json.loads(path.read_text())
-            if shipped["annotations_hash"] != split.annotations_hash:
+        shipped = json.loads(path.read_text()) if path.is_file() else None
+        if shipped is not None:
+            prefixes = {int(k): v for k, v in shipped.get("prefix_hashes", {}).items()} or {
+                d.size: shipped["annotations_hash"]}
+            m = min(k for k in prefixes if k >= n)
+            scenes = _scenes(name, world, m)
+            got = annotations_hash(scenes)
+            if got != prefixes[m]:
                 raise RuntimeError(
-                    f"split {name!r} does not match its manifest {path} (annotations hash "
-                    f"{split.annotations_hash} != {shipped['annotations_hash']}): the world "
-                    "specification or the generator changed; run `dleaf make-splits` to refreeze"
+                    f"split {name!r} does not match its manifest {path} (annotations hash of its first {m} scenes "
+                    f"{got} != {prefixes[m]}): the world specification or the generator changed; run "
+                    "`dleaf make-splits` to refreeze"
                 )
-    if n < len(split.scenes):
-        split = Split(name, d, world, split.scenes[:n])
-    return split
+            return Split(name, d, world, scenes[:n])
+    return Split(name, d, world, _scenes(name, world, n))
 
 
 def write_manifests(world: World | None = None, with_pixels: bool = True) -> dict[str, dict]:

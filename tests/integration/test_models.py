@@ -75,6 +75,29 @@ def test_training_is_deterministic():
     assert h3["loss"] != h1["loss"]
 
 
+def test_a_killed_training_run_resumes_to_the_same_weights(tmp_path):
+    """Killed mid-stage (after a checkpoint and one more step) and started again with the same
+    configuration, training ends with the weights of an uninterrupted run, bit for bit; a
+    checkpoint of another configuration is refused."""
+    from dataclasses import replace
+
+    from dleaf_analysis.models.training import Trainer, TrainConfig
+
+    cfg = TrainConfig(vision_steps=3, text_steps=3, align_steps=2, full_steps=4, question_steps=2, batch_size=4,
+                      train_size=32, checkpoint_every=2, threads=1)
+    quiet = dict(progress=False, log=lambda s: None)
+    ref, _, h_ref = Trainer(cfg, None, **quiet).run()
+    ck = tmp_path / "checkpoints"
+    assert Trainer(cfg, ck, **quiet).run(stop_after=11) is None  # in stage 4, one step past its step-2 checkpoint
+    assert (ck / "checkpoint.pt").is_file()
+    model, _, h = Trainer(cfg, ck, **quiet).run()
+    assert h["loss"] == h_ref["loss"] and h["question_loss"] == h_ref["question_loss"]
+    for (k, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(Exception, match="config"):
+        Trainer(replace(cfg, full_steps=5), ck, **quiet).run()
+
+
 def test_image_checks():
     good = np.zeros((64, 64, 3), np.uint8)
     assert as_pil(good, 64).size == (64, 64)

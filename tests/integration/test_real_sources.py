@@ -217,7 +217,8 @@ def test_batch_size_bounds_copies_without_changing_maps(lm, coco, events):
         np.testing.assert_allclose(one[k], v, atol=1e-5, err_msg=k)
 
 
-@pytest.mark.parametrize("study", ["ablation", "patching", "localization", "dpo", "calibration"])
+@pytest.mark.parametrize("study", ["ablation", "patching", "localization", "dpo", "calibration", "trigger", "oracle",
+                                   "leverage"])
 def test_every_study_runs_on_coco_and_resumes(model_dir, tmp_path, study):
     args = ["study", study, "--model", model_dir, *COCO_ARGS, "--image-ids", FAKE / "image_ids.txt",
             "--out", tmp_path, "--batch-size", "2", "--json"]
@@ -227,8 +228,10 @@ def test_every_study_runs_on_coco_and_resumes(model_dir, tmp_path, study):
     assert d["study"] == study
     manifest = json.loads((tmp_path / study / "manifest.json").read_text())
     assert manifest["source"]["kind"] == "coco"
-    if study == "calibration":
-        assert (tmp_path / study / "detection.csv").is_file()
+    tables = {"calibration": "detection", "trigger": "firing_by_type", "oracle": "oracle_summary",
+              "leverage": "leverage_summary"}
+    if study in tables:
+        assert len(pd.read_parquet(tmp_path / study / f"{tables[study]}.parquet"))
     else:
         assert d["summary"]["n_hallucinated"] > 0
     before = (tmp_path / study / "results.jsonl").read_text()

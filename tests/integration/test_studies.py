@@ -87,10 +87,13 @@ def test_attribution_tracks_exact_patching(embedded, split, events):
     assert rho > 0.6, rho  # the target at full size is 0.8; the README reports the measured value
 
 
-@pytest.mark.parametrize("study", ["ablation", "patching", "localization", "dpo"])
+@pytest.mark.parametrize("study", ["ablation", "patching", "localization", "dpo", "trigger", "oracle", "leverage"])
 def test_small_studies_run_and_resume(tmp_path, embedded, study):
+    from dleaf_analysis.studies import get_study
+
     r = run_study(study, "dev", limit=8, out=tmp_path, lm=embedded, progress=False, max_units=2)
-    assert r.summary["n_hallucinated"] > 0
+    if get_study(study).uses_events:
+        assert r.summary["n_hallucinated"] > 0
     lines = (tmp_path / study / "results.jsonl").read_text().splitlines()
     again = run_study(study, "dev", limit=8, out=tmp_path, lm=embedded, progress=False, max_units=2)  # nothing redone
     assert (tmp_path / study / "results.jsonl").read_text().splitlines() == lines
@@ -101,6 +104,25 @@ def test_small_studies_run_and_resume(tmp_path, embedded, study):
         allx = s[(s.detector == "all-layers") & (s.metric == "spearman")]
         assert (allx["mean"] == 0).all()  # cannot rank: no information
         assert all("`liae`" in v and "`liae-z`" in v and "layer profile" in v for v in r.summary["verdict"])
+    if study == "trigger":
+        from dleaf_analysis.studies.trigger import TOKEN_TYPES
+
+        by_type = r.tables["firing_by_type"].set_index("trigger")
+        assert "dleaf" in by_type.index and "liae" in by_type.index and set(TOKEN_TYPES) <= set(by_type.columns)
+        steps = r.tables["steps"]
+        assert len(steps) and set(steps["type"]) <= set(TOKEN_TYPES) and steps["dleaf_fired"].isin([0, 1, True, False]).all()
+        assert 0 <= r.summary["dleaf_firing_rate"] <= 1
+    if study == "oracle":
+        t = r.tables["oracle_summary"]
+        assert {"fired", "candidates"} <= set(t["layer_set"]) or len(t) > 0
+        rates = t[[c for c in t.columns if c.endswith("_rate")]].sum(1)
+        assert np.allclose(rates, 100.0)  # every step has one outcome
+        q = r.tables["prediction_summary"].set_index("quantity")
+        assert len(q) == 2 and np.isfinite(r.summary["measured_dCHAIR_i"])
+    if study == "leverage":
+        t = r.tables["leverage_summary"]
+        assert t["layer"].tolist() == [0, 1]  # max_units=2: the first two layers
+        assert (t["drecall_low"] <= t["drecall"]).all() and (t["drecall"] <= t["drecall_high"]).all()
     if study == "dpo":
         if len(r.tables["dpo"]):
             assert set(r.tables["dpo_summary"].statistic) == {"cos_update_grad", "cos_update_to_preferred",
