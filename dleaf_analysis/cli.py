@@ -830,7 +830,8 @@ def reproduce(
     image_ids: Optional[Path] = ImageIdsOpt(),
     images_jsonl: Optional[Path] = ImagesJsonlOpt(),
     fill: str = FillOpt(),
-    limit: Optional[int] = LimitOpt(help="the first N images of the source (real checkpoints)"),
+    limit: Optional[int] = LimitOpt(help="the first N images of the source (real checkpoints), or of each pool "
+                                         "(test, replication) on the scene world"),
     study_limit: Optional[int] = typer.Option(None, "--study-limit", min=1,
                                               help="images of each study (default 300; --quick: 8)"),
     tuned: Optional[Path] = TunedOpt(),
@@ -856,8 +857,8 @@ def reproduce(
     from dleaf_analysis.report import reproduce as run
 
     src = _source(None, coco_images, coco_annotations, image_ids, images_jsonl, fill, default_split=None, limit=limit)
-    if src is None and (shard or tuned or limit):
-        _fail("--shard, --tuned and --limit apply to a real checkpoint with an image source (--coco-images ... or "
+    if src is None and (shard or tuned):
+        _fail("--shard and --tuned apply to a real checkpoint with an image source (--coco-images ... or "
               "--images-jsonl)")
     if update_readme and (src is not None or not IN_CHECKOUT):
         _fail("--update-readme writes the embedded model's committed results in a checkout; elsewhere the report is "
@@ -868,7 +869,7 @@ def reproduce(
     summary = run(out, lm=lm, source=src, quick=quick, seed=seed, progress=not as_json, log=console.print,
                   update_readme=update_readme, figures_dir=FIGURES_DIR if update_readme else out / "figures",
                   tuned_file=tuned, tuned_any=tuned_any, tune_fraction=tune_fraction, shard=shard,
-                  batch_size=batch_size, study_limit=study_limit)
+                  batch_size=batch_size, study_limit=study_limit, pool_limit=limit if src is None else None)
     if as_json:
         _emit_json(summary.to_dict(orient="records"))
     else:

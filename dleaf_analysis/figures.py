@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from dleaf_analysis.paths import DATA_DIR, FIGURES_DIR
+from dleaf_analysis.paths import FIGURES_DIR
 
 
 class FigureSkipped(Exception):
@@ -379,9 +379,7 @@ class Sensitivity:
         own = ctx.results / "tuning" / "sensitivity.csv"
         if own.is_file():
             return pd.read_csv(own)
-        if not ctx.is_scene:
-            raise FigureSkipped(f"no tuning results in {ctx.results / 'tuning'} (run `dleaf tune` or `dleaf reproduce`)")
-        return pd.read_csv(DATA_DIR / "tuning" / "sensitivity.csv")
+        raise FigureSkipped(f"no sensitivity curves in {ctx.results / 'tuning'} (run `dleaf tune` or `dleaf reproduce`)")
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
@@ -394,7 +392,8 @@ class Sensitivity:
             ax.set(title=p, ylabel="%")
             ax.tick_params(axis="x", rotation=30, labelsize=7)
         np.atleast_1d(axes)[0].legend(fontsize=7)
-        fig.suptitle("D-LEAF sensitivity around the tuned setting (dev split)")
+        fig.suptitle(f"D-LEAF sensitivity around its shipped setting ({int(df['n_images'].iloc[0])} dev images)"
+                     if "n_images" in df else "D-LEAF sensitivity around its shipped setting (dev images)")
         fig.tight_layout()
         return fig
 

@@ -63,14 +63,16 @@ def _bold_if(txt: str, lo, hi) -> str:
 
 # -- pools and methods ---------------------------------------------------------------------------------
 def pools(lm, source=None, quick: bool = False, tuned_file=None, tune_fraction: float = 0.25, shard=None,
-          out: Path | None = None, log=print, seed: int = 0, progress: bool = True) -> tuple[dict, object, object]:
+          out: Path | None = None, log=print, seed: int = 0, progress: bool = True,
+          pool_limit: int | None = None) -> tuple[dict, object, object]:
     """``({pool: source}, study_source, tuned_file)``: the evaluation and replication images, the
     images the studies run on, and the tuned settings (a real source without ``tuned_file`` is tuned
-    first on a held-out part of its images, disjoint from both pools)."""
+    first on a held-out part of its images, disjoint from both pools).  ``pool_limit``: the first N
+    images of each scene-world pool (test, replication)."""
     from dleaf_analysis.sources import SceneSource, parse_shard
 
     if source is None:
-        n = 6 if quick else None
+        n = 6 if quick else pool_limit
         pool = {"test": SceneSource.load("test", limit=n), "replication": SceneSource.load("replication", limit=n)}
         return pool, SceneSource.load("dev"), tuned_file
     source.check_model(lm)
@@ -391,6 +393,7 @@ def reproduce(
     shard=None,
     batch_size: int | None = None,
     study_limit: int | None = None,
+    pool_limit: int | None = None,
 ) -> pd.DataFrame:
     """Run the main job (see the module doc); write ``out/report.md`` (always, also when a stage
     finds nothing to do) and return the summary table.  ``quick``: a smoke-size run."""
@@ -398,7 +401,8 @@ def reproduce(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     lm = lm or load_model()
-    pool, study_src, tuned_file = pools(lm, source, quick, tuned_file, tune_fraction, shard, out, log, seed, progress)
+    pool, study_src, tuned_file = pools(lm, source, quick, tuned_file, tune_fraction, shard, out, log, seed, progress,
+                                        pool_limit)
     methods = method_configs(lm, tuned_file, tuned_any)
     chair_frames, comp_frames, pope_frames, firing, verdicts = [], [], [], [], {}
     for name, src in pool.items():
@@ -456,11 +460,29 @@ def reproduce(
     comp_comparisons = pd.concat(comp_cmp, ignore_index=True)
     comp_comparisons.to_csv(out / "components_comparisons.csv", index=False)
 
+    if not (out / "tuning" / "sensitivity.csv").is_file():  # the scene world (a real source was tuned above)
+        from dleaf_analysis.evaluation.tuning import sensitivity_curves
+
+        n_sens = 4 if quick else (study_limit or 100)
+        log(f"D-LEAF sensitivity curves on the first {n_sens} study images")
+        sensitivity_curves(out / "tuning", lm, study_src.limit(n_sens), methods.get("dleaf"), seed=seed,
+                           progress=progress, batch_size=batch_size or 32)
     studies = run_studies(lm, study_src, out, quick, seed, progress, log, tuned_file, tuned_any, study_limit,
                           batch_size)
     prose = findings(comparisons, verdicts, pope, studies, pope_firing)
     where = "the embedded model on the scene world" if source is None else f"{lm.model_id} on {source.kind} images"
     methods_txt = ", ".join(f"`{m}` {json.dumps(c, sort_keys=True)}" for m, c in methods.items() if m != "greedy")
+    if not any(methods.values()):
+        settings_txt = ("every method at its defaults (no tuned settings for these weights: `dleaf tune` has not been "
+                        "run for this model" + ("" if source is None else "; pass --tuned") + ")")
+    elif tuned_file is None:
+        settings_txt = (f"{methods_txt} (`data/tuned_methods.json`: chosen on dev, shipped only if confirmed on the "
+                        "`confirm` split)")
+    else:
+        settings_txt = f"{methods_txt} (from `{tuned_file}`)"
+    sizes = {k: len(v) for k, v in pool.items()}
+    flags = (" --quick" if quick else "") + (f" --limit {pool_limit}" if pool_limit else "") + \
+        (f" --study-limit {study_limit}" if study_limit else "")
     body = ["## Findings", "", *[f"- {p}" for p in prose], "",
             f"## Methods on {where}", "",
             "CHAIR values in percent (length in words) with bootstrap 95% CIs; `d` is the paired difference from greedy "
@@ -469,9 +491,7 @@ def reproduce(
             "where both captions are real descriptions; `truncated greedy`: greedy's object list cut per image to the "
             "method's object count (object-list CHAIR_i, each object counted once).  A method reduces hallucination only "
             "where it beats truncated greedy on valid captions.", "",
-            f"Settings: {methods_txt} (`data/tuned_methods.json`: chosen on dev, shipped only if confirmed on the "
-            "`confirm` split; `tuning/` holds the grid and confirmation)." if source is None else
-            f"Settings: {methods_txt}.", ""]
+            f"Settings: {settings_txt}.", ""]
     body += _methods_section(chair, comparisons, pope, verdicts)
     if len(pope):
         body += ["### POPE", "",
@@ -488,14 +508,17 @@ def reproduce(
                              is not None else None, tuned_file=tuned_file)
     manifest = json.loads((out / "evals" / f"chair-test-greedy" / "protocol.json").read_text())
     header = [f"# dleaf-analysis report: {where}{' (quick)' if quick else ''}", "",
-              f"Generated by `dleaf reproduce{' --quick' if quick else ''}` in {time.time() - t0:.0f} s; model "
+              f"Generated by `dleaf reproduce{flags}` in {time.time() - t0:.0f} s on "
+              + ", ".join(f"{n} {k} images" for k, n in sizes.items()) + "; model "
               f"`{manifest['model']['id']}` weights `{manifest['model']['weights_hash']}`, prompt "
               f"`{manifest['config']['prompt']}`, max {manifest['config']['max_new_tokens']} new tokens, seed {seed}.", ""]
     (out / "report.md").write_text("\n".join(header + body) + "\n")
     (out / "findings.md").write_text("\n".join(f"- {p}" for p in prose) + "\n")
     if update_readme and not quick:
         (REPO_ROOT / "RESULTS.md").write_text("\n".join(header + body).replace("](figures/", "](figures/") + "\n")
-        splice_readme("\n".join(f"- {p}" for p in prose), "findings")
+        splice_readme(f"Run: `dleaf reproduce{flags}` on " + ", ".join(f"{n} {k} images" for k, n in sizes.items())
+                      + f" (studies on the first {study_limit or 300} dev images); settings: {settings_txt}.\n\n"
+                      + "\n".join(f"- {p}" for p in prose), "findings")
     return chair[chair["metric"].isin(["CHAIR_s", "CHAIR_i", "recall"])][
         ["pool", "method", "metric", "value", "ci_low", "ci_high", "paired_diff"]].reset_index(drop=True)
 

@@ -22,7 +22,8 @@
 # under one protocol with the checks every comparison needs: paired differences from greedy on the
 # same images, the share of degenerate outputs, CHAIR on the images where both outputs are real
 # descriptions, and the method against greedy's object list cut to the same number of objects.
-# All methods run at their shipped settings (`data/tuned_methods.json`).
+# All methods run at their shipped settings (`data/tuned_methods.json` when tuned for the shipped
+# weights; otherwise -- the current embedded model -- their defaults).
 
 # %%
 import os

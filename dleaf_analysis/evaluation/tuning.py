@@ -67,6 +67,35 @@ def grids_for(n_layers: int) -> tuple[dict[str, list[dict]], dict[str, list[dict
     return grids, sensitivity
 
 
+def sensitivity_curves(out_dir, lm, source: ImageSource, base: dict | None = None, seed: int = 0,
+                       progress: bool = True, batch_size: int = 32) -> pd.DataFrame:
+    """D-LEAF's sensitivity curves: one parameter at a time (``gamma``, ``k``, ``warmup``) varied
+    around ``base`` (default: D-LEAF's defaults) on ``source``; resumable in ``out_dir/sensitivity``,
+    written to ``out_dir/sensitivity.csv``.  One row per configuration (CHAIR, recall, degenerate %)."""
+    from dleaf_analysis.interventions import get_method
+    from dleaf_analysis.models.adapters import ModelAdapter
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _, curves = grids_for(ModelAdapter(lm.model).n_layers)
+    base = dict(base or {})
+    scfg = TuneConfig(seed=seed, grid={"base": base, "curves": curves})
+    sstore = open_store(out / "sensitivity", runs.manifest(scfg, lm.record(), source.record()))
+    base_cfg = {k: v for k, v in get_method("dleaf", base).to_dict().items() if k != "method"}
+    sunits = [(f"{p}:{json.dumps(v)}", (p, {**base_cfg, **v})) for p, vs in curves.items() for v in vs]
+
+    def run_sens(unit):
+        param, c = unit
+        res = evaluate("chair", source, lm, method="dleaf", method_config=c, seed=seed, n_resamples=200,
+                       progress=False, batch_size=batch_size)
+        return [{**_row("dleaf", c, res), "parameter": param, "param_value": json.dumps(c[param])}]
+
+    sens = run_sweep(sunits, run_sens, sstore, progress=progress, desc=f"sensitivity on {len(source)} images")
+    if distributed.place().main:
+        sens.to_csv(out / "sensitivity.csv", index=False)
+    return sens
+
+
 def _key(method: str, cfg: dict) -> str:
     return f"{method}:{json.dumps(cfg, sort_keys=True)}"
 
@@ -74,7 +103,8 @@ def _key(method: str, cfg: dict) -> str:
 def _row(method: str, cfg: dict, res) -> dict:
     s = res.summary.set_index("metric")["value"].to_dict()
     deg = with_validity(res.details)["degenerate"].notna().mean()
-    return {"method": method, "config": json.dumps(cfg, sort_keys=True), **s, "degenerate": 100 * float(deg)}
+    return {"method": method, "config": json.dumps(cfg, sort_keys=True), **s, "degenerate": 100 * float(deg),
+            "n_images": len(res.details)}
 
 
 def tune(
@@ -102,7 +132,6 @@ def tune(
     ``confirmation.csv``, ``sensitivity.csv``, ``chosen.json`` and ``tuned_methods.json`` (the
     settings every command reads with ``--tuned``, keyed by the model's weights hash) to ``out_dir``.
     """
-    from dleaf_analysis.interventions import get_method
     from dleaf_analysis.models.adapters import ModelAdapter
 
     lm = lm or load_model()
@@ -118,7 +147,7 @@ def tune(
             if shared:
                 raise SourceError(f"{len(shared)} tuning images are also {what} images (e.g. {sorted(shared)[:3]}): "
                                   f"tune on images disjoint from the {what} images")
-    grids, sensitivity = grids_for(ModelAdapter(lm.model).n_layers)
+    grids, _ = grids_for(ModelAdapter(lm.model).n_layers)
     cfg = TuneConfig(seed=seed, max_recall_drop=max_recall_drop, grid={m: grids[m] for m in methods})
     store = open_store(out / "grid", runs.manifest(cfg, lm.record(), data.record()))
 
@@ -176,25 +205,8 @@ def tune(
     shipped = {m: confirmed.get(m, {}) for m in methods}
 
     # sensitivity of D-LEAF around its shipped config (defaults where the choice was not confirmed)
-    frames = []
-    if "dleaf" in methods:
-        sens_src = data.limit(sensitivity_limit)
-        scfg = TuneConfig(seed=seed, max_recall_drop=max_recall_drop, grid={"base": shipped["dleaf"],
-                                                                            "curves": sensitivity})
-        sstore = open_store(out / "sensitivity", runs.manifest(scfg, lm.record(), sens_src.record()))
-        base_cfg = {k: v for k, v in get_method("dleaf", shipped["dleaf"]).to_dict().items() if k != "method"}
-        sunits = [(f"{p}:{json.dumps(v)}", (p, {**base_cfg, **v})) for p, vs in sensitivity.items() for v in vs]
-
-        def run_sens(unit):
-            param, c = unit
-            rows = run_one(("dleaf", c), on=sens_src)
-            rows[0].update({"parameter": param, "param_value": json.dumps(c[param])})
-            return rows
-
-        frames.append(run_sweep(sunits, run_sens, sstore, progress=progress, desc="sensitivity"))
-    sens = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if distributed.place().main:
-        sens.to_csv(out / "sensitivity.csv", index=False)
+    sens = (sensitivity_curves(out, lm, data.limit(sensitivity_limit), shipped["dleaf"], seed=seed,
+                               progress=progress, batch_size=batch_size) if "dleaf" in methods else pd.DataFrame())
     result = {
         "chosen": shipped,
         "selected_on_tuning_images": chosen,

@@ -212,10 +212,11 @@ def auroc_table(obj: pd.DataFrame, dets: list[str], seed: int = 0, n_resamples: 
                      "ci_high": float(np.quantile(bs, 0.975)) if len(bs) else float("nan"),
                      "n_hallucinated": int(h.sum()), "n_grounded": int((~h).sum())})
 
-    add("dleaf (margin over threshold)", "candidates", lambda d: d["dleaf_margin"].astype(float).to_numpy())
+    add("dleaf (margin over threshold)", pd.NA, lambda d: d["dleaf_margin"].astype(float).to_numpy())
     if len(obj):
         L = len(obj[f"score:{dets[0]}"].iloc[0]) if dets else 0
         for det in dets:
             for l in range(L):
                 add(det, l, lambda d, det=det, l=l: np.array([s[l] for s in d[f"score:{det}"]], float))
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    return out.assign(layer=out["layer"].astype("Int64"))  # <NA>: D-LEAF's statistic over its candidate layers

@@ -44,7 +44,7 @@ def test_wheel_holds_every_data_file(wheel):
                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(data).parts)}
     assert shipped, "data/ is empty"
     assert shipped <= names, sorted(shipped - names)[:10]
-    assert "dleaf_analysis/cli.py" in names and "dleaf_analysis/studies/runner.py" in names
+    assert "dleaf_analysis/cli.py" in names and "dleaf_analysis/studies/base.py" in names and "dleaf_analysis/interventions/fused.py" in names
 
 
 @pytest.mark.slow
@@ -69,4 +69,4 @@ def test_wheel_runs_outside_the_checkout(wheel, tmp_path):
                        cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
-    assert res["protocol"]["weights_hash"] and res["summary"]
+    assert res["protocol"]["model"]["weights_hash"] and res["summary"]

@@ -114,7 +114,7 @@ def test_small_studies_run_and_resume(tmp_path, embedded, study):
         assert 0 <= r.summary["dleaf_firing_rate"] <= 1
     if study == "oracle":
         t = r.tables["oracle_summary"]
-        assert {"fired", "candidates"} <= set(t["layer_set"]) or len(t) > 0
+        assert "candidates" in set(t["layer_set"]) and "grounded" in set(t["steps"])
         rates = t[[c for c in t.columns if c.endswith("_rate")]].sum(1)
         assert np.allclose(rates, 100.0)  # every step has one outcome
         q = r.tables["prediction_summary"].set_index("quantity")

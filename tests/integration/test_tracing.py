@@ -106,7 +106,7 @@ def test_cache_save_load_roundtrip(tmp_path, gen_caches, dtype, atol):
 
 
 def test_streamed_generation_trace(tmp_path, embedded, image, gen_caches):
-    c = trace_generation(embedded, image, backend="hooks", stream_to=tmp_path / "s", dtype="fp32")
+    c = trace_generation(embedded, image, backend="hooks", max_new_tokens=32, stream_to=tmp_path / "s", dtype="fp32")
     torch.testing.assert_close(c.image_attn, gen_caches["hooks"].image_attn, rtol=0, atol=0)
 
 
