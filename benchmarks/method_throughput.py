@@ -271,7 +271,7 @@ def main() -> None:
     if args.readme:
         from dleaf_analysis.report import splice_readme
 
-        splice_readme(text, "perf-methods")
+        splice_readme(text, "perf-methods", readme=Path(__file__).resolve().parent / "README.md")
 
 
 if __name__ == "__main__":

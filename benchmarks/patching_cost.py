@@ -14,6 +14,7 @@ exact map's top heads (most negative effect first), and the per-event Spearman c
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import os
 import time
 
@@ -91,7 +92,7 @@ def main() -> None:
     if args.readme:
         from dleaf_analysis.report import splice_readme
 
-        splice_readme(text, "perf-patching")
+        splice_readme(text, "perf-patching", readme=Path(__file__).resolve().parent / "README.md")
 
 
 if __name__ == "__main__":

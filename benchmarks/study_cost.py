@@ -30,6 +30,7 @@ by the patching engine itself, with today's engine and the new ones side by side
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import os
 import time
 
@@ -176,10 +177,11 @@ def main() -> None:
         md_table(df),
     ]
     text = "\n".join(lines)
+    print(text)
     if args.readme:
-        print("<!-- perf-studies:start (generated; do not edit) -->\n" + text + "\n<!-- perf-studies:end -->")
-    else:
-        print(text)
+        from dleaf_analysis.report import splice_readme
+
+        splice_readme(text, "perf-studies", readme=Path(__file__).resolve().parent / "README.md")
 
 
 if __name__ == "__main__":

@@ -350,7 +350,7 @@ def _candidates_section(model_dir) -> list[str]:
         rows.append({"candidate": c["name"], "what changed": c["change"],
                      "checks passed": f"{int(acc['passes'].sum())}/{len(acc)}" if acc is not None else "n/a",
                      "failed": "; ".join(acc.loc[~acc["passes"], "check"]) if acc is not None else "",
-                     "shipped": "yes" if c.get("shipped") else "no"})
+                     "shipped": "yes" if c.get("shipped") else "no", "note": c.get("note", "")})
     return ["## Every trained candidate", "",
             "Every model trained for this card, in order, with its checks (no candidate was selected by what the "
             f"studies answer; `{CANDIDATES_FILE}` holds their full metrics):", "", md_table(pd.DataFrame(rows)), ""]

@@ -70,3 +70,15 @@ def test_wheel_runs_outside_the_checkout(wheel, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res["protocol"]["model"]["weights_hash"] and res["summary"]
+    # the main job and the figures finish outside the checkout: the report is written, absent inputs skipped
+    r = subprocess.run([str(env_dir / "bin" / "dleaf"), "reproduce", "--quick", "--out", "res"], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "### CHAIR" in (work / "res" / "report.md").read_text()
+    r = subprocess.run([str(env_dir / "bin" / "dleaf"), "figures", "--results", "res", "--out", "figs", "--n-images",
+                        "2", "--only", "sensitivity_curves", "--only", "fig4_suppression_methods"], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (work / "figs" / "fig4_suppression_methods.png").stat().st_size > 0
+    assert (work / "figs" / "sensitivity_curves.png").stat().st_size > 0
+    assert not (Path(where) / "tuned_methods.json").exists()  # nothing written into the installed package

@@ -179,3 +179,31 @@ def test_pope_questions(world):
     assert pope_questions(split, "random", stats).equals(pope_questions(split, "random", stats))
     with pytest.raises(ValueError, match="choose one of"):
         pope_questions(split, "hard", stats)
+
+
+def test_a_limited_load_is_the_prefix_of_the_full_split_and_checked_on_it(world):
+    """A short load verifies the hash of the shortest recorded prefix that covers it, and holds exactly
+    the first scenes of the split (the per-process sample cache neither reorders nor shares lists)."""
+    from dleaf_analysis.scenes.splits import SPLITS_DIR, annotations_hash, prefix_sizes
+
+    manifest = json.loads((SPLITS_DIR / "dev.json").read_text())
+    assert sorted(int(k) for k in manifest["prefix_hashes"]) == prefix_sizes(manifest["size"])
+    short, longer = load_split("dev", world, limit=5), load_split("dev", world, limit=40)
+    assert [s.to_dict() for s in short.scenes] == [s.to_dict() for s in longer.scenes[:5]]
+    assert annotations_hash(longer.scenes[:8]) == manifest["prefix_hashes"]["8"]
+    short.scenes.append(None)  # a caller's list is its own
+    assert len(load_split("dev", world, limit=5).scenes) == 5
+
+
+def test_a_tampered_prefix_hash_is_refused(tmp_path, monkeypatch, world):
+    import dleaf_analysis.scenes.splits as splits
+
+    for f in splits.SPLITS_DIR.glob("*.json"):
+        (tmp_path / f.name).write_text(f.read_text())
+    m = json.loads((tmp_path / "dev.json").read_text())
+    m["prefix_hashes"]["16"] = "0" * 16
+    (tmp_path / "dev.json").write_text(json.dumps(m))
+    monkeypatch.setattr(splits, "SPLITS_DIR", tmp_path)
+    load_split("dev", world, limit=8)  # its own prefix (8) is intact
+    with pytest.raises(RuntimeError, match="first 16 scenes"):
+        load_split("dev", world, limit=9)
