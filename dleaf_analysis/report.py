@@ -283,16 +283,18 @@ def findings(comparisons: pd.DataFrame, verdicts: dict, pope: pd.DataFrame, stud
     if hasattr(lev, "tables"):
         t = lev.tables["leverage_summary"]
         strong = t[t["drecall"] <= -10]
-        out.append(f"The leverage map finds {len(strong)} layers where an all-head fault costs at least 10 recall points "
-                   f"({', '.join(f'layer {int(r.layer)}: {r.drecall:+.1f}' for r in strong.itertuples())}; "
-                   f"n = {int(t['n_images'].iloc[0])} images).")
+        worst = t.sort_values("drecall").iloc[0]
+        where = ", ".join(f"layer {int(r.layer)}: {r.drecall:+.1f}" for r in strong.itertuples()) or (
+            f"the largest cost is layer {int(worst.layer)}'s, {_ci(worst.drecall, worst.drecall_low, worst.drecall_high, True)}")
+        out.append(f"The leverage map finds {len(strong)} of {len(t)} layers where an all-head fault costs at least 10 "
+                   f"recall points ({where}; n = {int(t['n_images'].iloc[0])} images).")
     if pope_firing is not None and len(pope_firing):
         r = _get(pope_firing, pool="test")
         d = _get(pope, pool="test", method="dleaf-vqa", variant="adversarial", metric="accuracy")
         if r is not None and d is not None:
             out.append(f"On POPE (test, adversarial), D-LEAF with prompt-row seeding fires on {r['firing_rate']:.1f}% of "
                        f"questions and changes accuracy by {_ci(d['paired_diff'], d['paired_ci_low'], d['paired_ci_high'], True)} points "
-                       f"(n = {int(d['n'])} images).")
+                       f"(n = {int(d['n'])} questions).")
     return out
 
 

@@ -21,24 +21,31 @@ def quick_run(tmp_path_factory, embedded):
 
 
 def test_reproduce_quick_tables(quick_run):
+    import pandas as pd
+
     out, summary = quick_run
     assert set(summary.method) == {"greedy", "dleaf", "uniform", "pai", "vcd"}
-    assert set(summary.benchmark) == {"chair", "pope"}
-    g = summary[(summary.method == "greedy")]
-    assert (g.rel_change_vs_greedy.abs() < 1e-9).all() and (g.paired_diff == 0).all()
-    # paired differences from greedy: the point difference equals the difference of the point values
-    m = summary[summary.method != "greedy"].merge(g[["benchmark", "variant", "metric", "value"]],
-                                                   on=["benchmark", "variant", "metric"], suffixes=("", "_greedy"))
+    assert set(summary.pool) == {"test", "replication"} and set(summary.metric) == {"CHAIR_s", "CHAIR_i", "recall"}
+    g = summary[summary.method == "greedy"]
+    assert (g.paired_diff == 0).all()
+    # paired differences from greedy on the same images: the point difference equals the difference of the values
+    m = summary[summary.method != "greedy"].merge(g[["pool", "metric", "value"]], on=["pool", "metric"],
+                                                   suffixes=("", "_greedy"))
     ok = m.paired_diff.notna()
     assert ok.any()
     assert ((m.paired_diff - (m.value - m.value_greedy))[ok].abs() < 1e-9).all()
-    assert ((m.paired_ci_low <= m.paired_diff + 1e-9) & (m.paired_diff <= m.paired_ci_high + 1e-9))[ok].all()
+    pope = pd.read_csv(out / "methods_pope.csv")
+    assert {"greedy", "dleaf", "dleaf-vqa"} <= set(pope.method) and {"accuracy", "f1"} <= set(pope.metric)
+    cmp = pd.read_csv(out / "comparisons.csv")
+    assert {"headline", "valid", "truncation", "validity"} <= set(cmp.section) and set(cmp.pool) == {"test", "replication"}
+    assert (out / "tuning" / "sensitivity.csv").is_file()
     report = (out / "report.md").read_text()
     assert "### CHAIR" in report and "### POPE" in report and "Does LIAE localise" in report and "## Figures" in report
     assert "### Calibration: planted faults" in report and "liae-z" in report and "layer profile" in report
+    assert "every method at its defaults" in report  # no tuned settings ship for this model
     for m in ("greedy", "dleaf"):
-        p = json.loads((out / f"chair-test-{m}" / "protocol.json").read_text())
-        assert p["method"] == m and p["n_items"] == 24
+        p = json.loads((out / "evals" / f"chair-test-{m}" / "protocol.json").read_text())
+        assert p["config"]["method"] == m and p["n_items"] == 6
 
 
 @pytest.mark.parametrize("name", sorted(FIGURES))
