@@ -17,4 +17,5 @@ IN_CHECKOUT = (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "data").
 _default_data = REPO_ROOT / "data" if IN_CHECKOUT else PACKAGE_DIR / "data"
 DATA_DIR = Path(os.environ.get("DLEAF_DATA_DIR", _default_data))
 EMBEDDED_MODEL_DIR = DATA_DIR / "embedded-llava"
+EXAMPLES_DIR = DATA_DIR / "examples"  # small example inputs (a fake COCO) for the notebooks
 FIGURES_DIR = REPO_ROOT / "figures" if IN_CHECKOUT else Path("figures")

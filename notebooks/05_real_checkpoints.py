@@ -81,12 +81,12 @@ pd.DataFrame(record.log).head()
 # mention's token span (several sub-tokens), `token_id` its first sub-token.
 
 # %%
-from dleaf_analysis.paths import REPO_ROOT
+from dleaf_analysis.paths import EXAMPLES_DIR
 from dleaf_analysis.models.tiny import tiny_llava15_subword_dir
 from dleaf_analysis.sources import CocoSource
 from dleaf_analysis.studies.events import find_events
 
-fake = REPO_ROOT / "tests" / "data" / "fake_coco"
+fake = EXAMPLES_DIR / "fake_coco"  # shipped with the package (6 images)
 coco = CocoSource(fake / "val2014", fake / "instances_fake2014.json", image_ids=fake / "image_ids.txt")
 sw = load_model(tiny_llava15_subword_dir(Path(tempfile.mkdtemp()) / "llava-1.5-subword"))
 events = find_events(sw, coco, progress=False)

@@ -1,4 +1,4 @@
-"""Write the small fake COCO under tests/data/fake_coco/ (committed; re-run to re-create it).
+"""Write the small fake COCO under data/examples/fake_coco/ (committed and shipped with the package, for the notebooks and tests; re-run to re-create it).
 
 Six JPEG images named like COCO val2014 files, with ids that are not COCO's (900000001...), an
 instances file with polygon segmentations (one instance with a box only), and an image-id list.
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "fake_coco"
+OUT = Path(__file__).resolve().parent.parent / "data" / "examples" / "fake_coco"
 CATEGORIES = {1: "person", 2: "bicycle", 3: "car", 15: "bench", 17: "cat", 18: "dog", 28: "umbrella", 34: "frisbee",
               88: "teddy bear"}
 COLOURS = {1: (200, 60, 60), 2: (60, 200, 60), 3: (60, 60, 200), 15: (200, 200, 60), 17: (200, 60, 200),

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+from dleaf_analysis.paths import EXAMPLES_DIR
+
 TESTS = Path(__file__).resolve().parent
-FAKE_COCO = TESTS / "data" / "fake_coco"
+FAKE_COCO = EXAMPLES_DIR / "fake_coco"
 REFERENCE_CAPTIONS = TESTS / "data" / "reference_captions"
 
 

@@ -23,10 +23,11 @@ from typer.testing import CliRunner
 
 from dleaf_analysis.cli import app
 from dleaf_analysis.models.loading import ModelLoadError, load_model
+from dleaf_analysis.paths import EXAMPLES_DIR
 from dleaf_analysis.sources import CocoSource, JsonlSource, SourceError
 from dleaf_analysis.sweeps import ResultStore, SweepMismatchError
 
-FAKE = Path(__file__).resolve().parents[1] / "data" / "fake_coco"
+FAKE = EXAMPLES_DIR / "fake_coco"
 IMAGE_1 = "COCO_val2014_000900000001.jpg"
 runner = CliRunner()
 

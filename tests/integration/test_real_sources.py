@@ -17,11 +17,12 @@ from typer.testing import CliRunner
 
 from dleaf_analysis.cli import app
 from dleaf_analysis.models.loading import load_model
+from dleaf_analysis.paths import EXAMPLES_DIR
 from dleaf_analysis.models.tiny import tiny_llava15_subword_dir
 from dleaf_analysis.sources import CocoSource, JsonlSource, SourceError, remove_object
 from dleaf_analysis.studies.events import event_inputs, find_events, mention_spans, word_ids
 
-FAKE = Path(__file__).resolve().parents[1] / "data" / "fake_coco"
+FAKE = EXAMPLES_DIR / "fake_coco"
 COCO_ARGS = ["--coco-images", str(FAKE / "val2014"), "--coco-annotations", str(FAKE / "instances_fake2014.json")]
 runner = CliRunner()
 
