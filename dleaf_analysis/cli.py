@@ -834,6 +834,8 @@ def reproduce(
                                          "(test, replication) on the scene world"),
     study_limit: Optional[int] = typer.Option(None, "--study-limit", min=1,
                                               help="images of each study (default 300; --quick: 8)"),
+    pope_limit: int = typer.Option(500, "--pope-limit", min=1, help="scene world: POPE on the first N images of "
+                                                                    "each pool"),
     tuned: Optional[Path] = TunedOpt(),
     tuned_any: bool = TunedAnyOpt(),
     tune_fraction: float = typer.Option(0.25, "--tune-fraction", min=0.01, max=0.99,
@@ -869,7 +871,8 @@ def reproduce(
     summary = run(out, lm=lm, source=src, quick=quick, seed=seed, progress=not as_json, log=console.print,
                   update_readme=update_readme, figures_dir=FIGURES_DIR if update_readme else out / "figures",
                   tuned_file=tuned, tuned_any=tuned_any, tune_fraction=tune_fraction, shard=shard,
-                  batch_size=batch_size, study_limit=study_limit, pool_limit=limit if src is None else None)
+                  batch_size=batch_size, study_limit=study_limit, pool_limit=limit if src is None else None,
+                  pope_limit=pope_limit)
     if as_json:
         _emit_json(summary.to_dict(orient="records"))
     else:

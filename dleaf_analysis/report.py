@@ -396,6 +396,7 @@ def reproduce(
     batch_size: int | None = None,
     study_limit: int | None = None,
     pool_limit: int | None = None,
+    pope_limit: int = 500,
 ) -> pd.DataFrame:
     """Run the main job (see the module doc); write ``out/report.md`` (always, also when a stage
     finds nothing to do) and return the summary table.  ``quick``: a smoke-size run."""
@@ -414,7 +415,7 @@ def reproduce(
         comp_frames.append(c)
         verdicts.update({(name, k): x for k, x in v.items()})
         if src.record().get("kind") == "scene":
-            psrc = src.limit(4 if quick else 500)
+            psrc = src.limit(4 if quick else pope_limit)
             pm = {**methods, "dleaf-vqa": {**methods["dleaf"], "running_seed": "prefill-rows"}}
             p, pres = compare_methods("pope", name, psrc, lm, pm, out, seed, progress, log)
             pope_frames.append(p)
@@ -484,7 +485,8 @@ def reproduce(
         settings_txt = f"{methods_txt} (from `{tuned_file}`)"
     sizes = {k: len(v) for k, v in pool.items()}
     flags = (" --quick" if quick else "") + (f" --limit {pool_limit}" if pool_limit else "") + \
-        (f" --study-limit {study_limit}" if study_limit else "")
+        (f" --study-limit {study_limit}" if study_limit else "") + (f" --pope-limit {pope_limit}" if pope_limit != 500
+                                                                    and not quick else "")
     body = ["## Findings", "", *[f"- {p}" for p in prose], "",
             f"## Methods on {where}", "",
             "CHAIR values in percent (length in words) with bootstrap 95% CIs; `d` is the paired difference from greedy "
@@ -519,7 +521,8 @@ def reproduce(
     if update_readme and not quick:
         (REPO_ROOT / "RESULTS.md").write_text("\n".join(header + body).replace("](figures/", "](figures/") + "\n")
         splice_readme(f"Run: `dleaf reproduce{flags}` on " + ", ".join(f"{n} {k} images" for k, n in sizes.items())
-                      + f" (studies on the first {study_limit or 300} dev images); settings: {settings_txt}.\n\n"
+                      + f" (POPE on the first {pope_limit} of each; studies on the first {study_limit or 300} dev images); "
+                      f"settings: {settings_txt}.\n\n"
                       + "\n".join(f"- {p}" for p in prose), "findings")
     return chair[chair["metric"].isin(["CHAIR_s", "CHAIR_i", "recall"])][
         ["pool", "method", "metric", "value", "ci_low", "ci_high", "paired_diff"]].reset_index(drop=True)

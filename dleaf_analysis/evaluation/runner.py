@@ -112,6 +112,16 @@ class EvalResult:
             os.replace(tmp, final)
         return out
 
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "EvalResult":
+        """A finished evaluation written by :meth:`save`."""
+        out = Path(out_dir)
+        manifest = json.loads((out / "protocol.json").read_text())
+        inter = out / "interventions.jsonl"
+        return cls(Protocol(manifest, manifest.get("n_items", 0)), pd.read_csv(out / "summary.csv"),
+                   pd.read_json(out / "details.jsonl", lines=True),
+                   pd.read_json(inter, lines=True) if inter.is_file() else pd.DataFrame())
+
     def to_json(self) -> str:
         from dleaf_analysis.tables import json_safe
 
@@ -202,6 +212,8 @@ def evaluate(
     store = None
     if out_dir is not None:  # before any compute
         out = check_output_dir(out_dir, manifest, overwrite)
+        if not overwrite and all((out / f).is_file() for f in ("protocol.json", "summary.csv", "details.jsonl")):
+            return EvalResult.load(out)  # this very run, finished: nothing to redo
         partial = out / ".partial"  # finished items of an interrupted run, keyed by item (and the writer's lock)
         store = open_store(partial, manifest, reset=overwrite)
 

@@ -137,10 +137,13 @@ def test_results_are_written_atomically_and_other_runs_are_refused(tmp_path, emb
     r = evaluate("chair", "dev", embedded, limit=2, out_dir=out, progress=False, n_resamples=50)
     assert {p.name for p in out.iterdir()} == {"details.jsonl", "protocol.json", "summary.csv"}
     assert not list(out.glob(".*.tmp"))
-    # the same run again is fine; another method is refused before any compute, naming the field
-    evaluate("chair", "dev", embedded, limit=2, out_dir=out, progress=False, n_resamples=50)
+    # the same run again is read back from its directory, not decoded again; another method is refused
+    # before any compute, naming the field
     calls = []
     monkeypatch.setattr(runner, "generate", lambda *a, **k: calls.append(1))
+    again = evaluate("chair", "dev", embedded, limit=2, out_dir=out, progress=False, n_resamples=50)
+    assert not calls and again.details["caption"].tolist() == r.details["caption"].tolist()
+    pd.testing.assert_frame_equal(again.summary, r.summary)
     with pytest.raises(ProtocolMismatchError, match='method: this run has "pai", the directory has "greedy"'):
         evaluate("chair", "dev", embedded, method="pai", limit=2, out_dir=out, progress=False, n_resamples=50)
     assert not calls  # refused before captioning anything
