@@ -67,7 +67,7 @@ def main() -> None:
             cost[name]["cpu_s"] += time.process_time() - s
             cost[name]["forward_equivalents"] += c["forward_equivalents"]
         for name in ("attribution", "IG"):
-            rows.append({"estimate": name, "event": e["key"],
+            rows.append({"estimate": name, "event": f"{e['item']}:{e['step']}",
                          "recall@1": causal.recall_at(maps[name], maps["exact"], 1),
                          "recall@3": causal.recall_at(maps[name], maps["exact"], 3),
                          "recall@10%": causal.recall_at(maps[name], maps["exact"], k10),

@@ -815,6 +815,10 @@ def figures(
     if tuned is None and (results / "tuning" / "tuned_methods.json").is_file():
         tuned = results / "tuning" / "tuned_methods.json"
     lm = _load(model, device, dtype) if (model is not None or device != "cpu" or dtype) else None  # lazily otherwise
+    if lm is not None and src is None:  # figures that trace the model do so on scene images
+        from dleaf_analysis.sources import SceneSource
+
+        SceneSource.load("dev", limit=1).check_model(lm)  # a SourceError: one line naming --coco-images, exit 2
     entries = render_all(FigureContext(results=results, lm=lm, n_images=n_images, seed=seed, source=src,
                                        tuned_file=tuned), out or FIGURES_DIR, only=only, log=console.print)
     console.print(f"{len(entries)} figures written to {out or FIGURES_DIR}")
