@@ -421,7 +421,8 @@ def reproduce(
             pope_frames.append(p)
             inter = pres["dleaf-vqa"].interventions
             n_q = len(pres["dleaf-vqa"].details)
-            fired = inter[inter["step"] == 0]["item"].nunique() if inter is not None and len(inter) else 0
+            fired = (len(inter.loc[inter["step"] == 0, ["variant", "item"]].drop_duplicates())
+                     if inter is not None and len(inter) else 0)  # questions (item = position in its variant)
             firing.append({"pool": name, "n_questions": n_q, "n_fired": int(fired),
                            "firing_rate": 100 * fired / n_q if n_q else float("nan")})
     chair = pd.concat(chair_frames, ignore_index=True)

@@ -114,6 +114,7 @@ pm = {"greedy": {}, "dleaf-vqa": {**methods["dleaf"], "running_seed": "prefill-r
 pope, pres = compare_methods("pope", "test", SceneSource.load("test", limit=8 if QUICK else 500), lm, pm,
                              Path(tempfile.mkdtemp()), progress=False, log=lambda s: None)
 inter = pres["dleaf-vqa"].interventions
-print(f"D-LEAF fired on {inter['item'].nunique() if len(inter) else 0} of {len(pres['dleaf-vqa'].details)} questions")
+n_fired = len(inter.loc[inter["step"] == 0, ["variant", "item"]].drop_duplicates()) if len(inter) else 0
+print(f"D-LEAF fired at the answer step of {n_fired} of {len(pres['dleaf-vqa'].details)} questions")
 pope[pope.metric.isin(["accuracy", "f1"])].pivot(index=["variant", "method"], columns="metric",
                                                    values=["value", "paired_diff", "paired_ci_low", "paired_ci_high"]).round(2)

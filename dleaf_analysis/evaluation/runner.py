@@ -267,7 +267,7 @@ def evaluate(
         for variant in dict.fromkeys(questions["variant"]):
             q = questions[questions["variant"] == variant].reset_index(drop=True)
             ans, lg = run(list(q["key"]), [images[i] for i in q["item"]], list(q["question"]), f"POPE {variant}")
-            logs += lg
+            logs += [{**r, "variant": variant} for r in lg]  # ``item``: the question's position in its variant
             q["image"] = q["item"]
             q["item_key"] = [source.key(i) for i in q["item"]]
             q["answer"] = ans

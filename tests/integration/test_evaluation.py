@@ -199,3 +199,18 @@ def test_evaluation_resumes_by_item_after_a_crash_with_another_batch_size(tmp_pa
     pd.testing.assert_frame_equal(res.interventions[cols].sort_values(key).reset_index(drop=True),
                                   ref.interventions[cols].sort_values(key).reset_index(drop=True))
     assert not (out / ".partial").exists()
+
+
+def test_pope_interventions_name_their_question(embedded):
+    """D-LEAF's log on POPE: ``item`` is the question's position within its variant, so every row names
+    its variant too, and (variant, item) identifies one question of the details."""
+    from dleaf_analysis.evaluation.runner import evaluate
+
+    r = evaluate("pope", "dev", embedded, method="dleaf", method_config={"running_seed": "prefill-rows"}, limit=2,
+                 progress=False, n_resamples=20)
+    inter = r.interventions
+    assert len(inter) and set(inter["variant"]) <= set(r.details["variant"])
+    per_variant = r.details.groupby("variant").size()
+    assert all(inter.loc[inter.variant == v, "item"].max() < per_variant[v] for v in set(inter["variant"]))
+    fired = inter.loc[inter["step"] == 0, ["variant", "item"]].drop_duplicates()
+    assert len(fired) > per_variant.max()  # more questions than one variant holds: variants are not collapsed
