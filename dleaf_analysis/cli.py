@@ -793,7 +793,7 @@ def figures(
     coco_images: Optional[Path] = CocoImagesOpt(),
     coco_annotations: Optional[Path] = CocoAnnotationsOpt(),
     image_ids: Optional[Path] = ImageIdsOpt("COCO image ids of the worked examples (default: the results' "
-                                            "evaluation_images.txt)"),
+                                            "test_images.txt)"),
     images_jsonl: Optional[Path] = ImagesJsonlOpt(),
     tuned: Optional[Path] = TunedOpt(),
     tuned_any: bool = TunedAnyOpt(),
@@ -809,8 +809,8 @@ def figures(
     unknown = [n for n in (only or []) if n not in FIGURES]
     if unknown:
         _fail(f"unknown figure(s) {unknown}; choose from {sorted(FIGURES)}")
-    if image_ids is None and coco_images is not None and (results / "evaluation_images.txt").is_file():
-        image_ids = results / "evaluation_images.txt"
+    if image_ids is None and coco_images is not None and (results / "test_images.txt").is_file():
+        image_ids = results / "test_images.txt"  # the worked examples: the run's evaluation images
     src = _source(None, coco_images, coco_annotations, image_ids, images_jsonl, default_split=None)
     if tuned is None and (results / "tuning" / "tuned_methods.json").is_file():
         tuned = results / "tuning" / "tuned_methods.json"

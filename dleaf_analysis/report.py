@@ -476,9 +476,11 @@ def reproduce(
     prose = findings(comparisons, verdicts, pope, studies, pope_firing)
     where = "the embedded model on the scene world" if source is None else f"{lm.model_id} on {source.kind} images"
     methods_txt = ", ".join(f"`{m}` {json.dumps(c, sort_keys=True)}" for m, c in methods.items() if m != "greedy")
-    if not any(methods.values()):
+    if not any(methods.values()) and tuned_file is not None:
+        settings_txt = f"every method at its defaults (`{tuned_file}` ships no confirmed choice)"
+    elif not any(methods.values()):
         settings_txt = ("every method at its defaults (no tuned settings for these weights: `dleaf tune` has not been "
-                        "run for this model" + ("" if source is None else "; pass --tuned") + ")")
+                        "run for this model)")
     elif tuned_file is None:
         settings_txt = (f"{methods_txt} (`data/tuned_methods.json`: chosen on dev, shipped only if confirmed on the "
                         "`confirm` split)")

@@ -250,8 +250,9 @@ def test_shards_merge_to_the_unsharded_result(model_dir, tmp_path, study):
     r = run("study", study, "--merge", tmp_path / "s0", "--merge", tmp_path / "s1", "--out", tmp_path / "merged")
     assert r.exit_code == 0, r.output
     if study == "calibration":
-        a, b = (pd.read_csv(tmp_path / d / study / "detection.csv").sort_values(["fault", "detector"]).reset_index(drop=True)
-                for d in ("all", "merged"))
+        a, b = (pd.read_parquet(tmp_path / d / study / "detection.parquet").sort_values(["fault", "detector"])
+                .reset_index(drop=True) for d in ("all", "merged"))
+        assert len(a)
         pd.testing.assert_frame_equal(a, b)
         return
     key = ["event", "map", "layer", "head"]
@@ -277,7 +278,7 @@ def test_tune_on_held_out_images_and_refuse_overlap(model_dir, lm, tmp_path):
     assert r.exit_code == 0, r.output
     tuned = json.loads((tmp_path / "t" / "tuned_methods.json").read_text())
     assert tuned["weights_hash"] == lm.weights_hash and set(tuned["chosen"]) == {"dleaf", "uniform", "pai", "vcd"}
-    assert tuned["tuning_images"] == ids[:2]
+    assert tuned["tuning_images"] == 2 and tuned["confirmation_images"] == 0  # no --confirm-image-ids
     from dleaf_analysis.settings import tuned_config
 
     assert tuned_config("dleaf", lm.weights_hash, tmp_path / "t" / "tuned_methods.json") == tuned["chosen"]["dleaf"]
@@ -296,14 +297,15 @@ def coco_reproduce(model_dir, tmp_path_factory):
 def test_reproduce_on_coco(coco_reproduce):
     out = coco_reproduce
     tune_ids = set((out / "tuning_images.txt").read_text().split())
-    eval_ids = set((out / "evaluation_images.txt").read_text().split())
-    assert tune_ids and eval_ids and not tune_ids & eval_ids
-    assert tune_ids | eval_ids == set((FAKE / "image_ids.txt").read_text().split())
-    s = pd.read_csv(out / "summary.csv")
-    assert set(s.method) == {"greedy", "dleaf", "uniform", "pai", "vcd"} and (s.benchmark == "chair").all()
+    eval_ids = {p: set((out / f"{p}_images.txt").read_text().split()) for p in ("test", "replication")}
+    assert tune_ids and all(eval_ids.values()) and not tune_ids & (eval_ids["test"] | eval_ids["replication"])
+    assert not eval_ids["test"] & eval_ids["replication"]  # the replication pool is fresh images
+    assert tune_ids | eval_ids["test"] | eval_ids["replication"] == set((FAKE / "image_ids.txt").read_text().split())
+    s = pd.read_csv(out / "methods_chair.csv")
+    assert set(s.method) == {"greedy", "dleaf", "uniform", "pai", "vcd"} and set(s.pool) == {"test", "replication"}
     report = (out / "report.md").read_text()
-    for section in ("### CHAIR (captioning)", "Causal studies", "DPO alignment", "Calibration: planted faults",
-                    "## Figures"):
+    assert "tuning/tuned_methods.json" in report  # the settings tuned on the held-out images
+    for section in ("## Methods on", "### localization", "### dpo", "### calibration", "## Figures"):
         assert section in report
     for study in ("localization", "dpo", "calibration"):
         assert (out / "studies" / study / "summary.json").is_file()
