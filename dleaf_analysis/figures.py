@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -111,16 +112,18 @@ class Fig1:
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
         piv = df.pivot_table(index="layer", columns="step", values="liae")
-        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 7), gridspec_kw={"height_ratios": [1.3, 1]})
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(10.0, 0.13 * piv.shape[1]), 7.5),
+                                      gridspec_kw={"height_ratios": [1.3, 1]})
         sns.heatmap(piv, cmap="viridis", ax=ax, cbar_kws={"label": "LIAE (mean-map)"})
         toks = df.drop_duplicates("step").sort_values("step")["token"].tolist()
-        ax.set_xticks(np.arange(len(toks)) + 0.5, toks, rotation=60, fontsize=8)
+        ax.set_xticks(np.arange(len(toks)) + 0.5, toks, rotation=90, fontsize=6)
         f = df[df.fired]
         ax.scatter(f["step"] + 0.5, f["layer"] + 0.5, marker="x", color="red", s=60,
                    label="LIAE above the running threshold: D-LEAF fires")
         ax.legend(loc="upper right", fontsize=8)
-        ax.set_title(f"{df['example'].iloc[0]}\ngreedy: {df['greedy_marked'].iloc[0]}\n"
-                     f"D-LEAF: {df['dleaf_marked'].iloc[0]}  ([x] = hallucinated)", fontsize=9)
+        wrap = lambda s: "\n".join(textwrap.wrap(s, 150))  # noqa: E731  (long descriptions)
+        ax.set_title(f"{df['example'].iloc[0]}\n" + wrap(f"greedy: {df['greedy_marked'].iloc[0]}") + "\n"
+                     + wrap(f"D-LEAF: {df['dleaf_marked'].iloc[0]}  ([x] = hallucinated)"), fontsize=8)
         ax.set_xlabel("")
         counts = f.groupby("layer").size()
         layer = int(counts.idxmax()) if len(counts) else int(df.layer.max())
@@ -129,7 +132,8 @@ class Fig1:
         ax2.plot(d.step, d.threshold, ls="--", color="black", label=f"running threshold mu + {df['k'].iloc[0]:g} sd")
         fd = d[d.fired]
         ax2.scatter(fd.step, fd.liae, color="red", marker="x", s=70, zorder=3, label="fires")
-        ax2.set_xticks(d.step, d.token, rotation=60, fontsize=8)
+        ax2.set_xticks(d.step, d.token, rotation=90, fontsize=6)
+        ax2.set_xlim(d.step.min() - 0.5, d.step.max() + 0.5)
         ax2.set(ylabel="LIAE", xlabel="generated token (step), greedy decoding")
         ax2.legend(fontsize=8)
         fig.tight_layout()
@@ -154,7 +158,7 @@ class Fig2:
     def plot(df: pd.DataFrame) -> plt.Figure:
         pictures = df.attrs["images"]
         images = list(dict.fromkeys(df["image"]))
-        fig, axes = plt.subplots(len(images), 2, figsize=(11, 2.6 * len(images)), gridspec_kw={"width_ratios": [1, 3.2]},
+        fig, axes = plt.subplots(len(images), 2, figsize=(13, 4.2 * len(images)), gridspec_kw={"width_ratios": [1, 4.5]},
                                  squeeze=False)
         labels = {"greedy": "greedy", "pai": "uniform (PAI)", "dleaf": "D-LEAF"}
         for r, i in enumerate(images):
@@ -164,9 +168,11 @@ class Fig2:
             ax = axes[r, 1]
             ax.set_axis_off()
             ax.text(0, 0.95, "in the image: " + ", ".join(sorted(present)), fontsize=9, va="top", color="dimgray")
-            for k, (_, row) in enumerate(df[df.image == i].iterrows()):
-                ax.text(0, 0.7 - 0.25 * k, f"{labels[row['method']]:>14}: " + row["marked"], fontsize=9, va="top",
-                        family="monospace", color="firebrick" if row["n_hallucinated"] else "black")
+            for k, (_, row) in enumerate(df[df.image == i].iterrows()):  # long descriptions: wrapped
+                text = "\n".join(textwrap.wrap(f"{labels[row['method']]}: " + row["marked"], 125,
+                                               subsequent_indent="    "))
+                ax.text(0, 0.85 - 0.3 * k, text, fontsize=7, va="top", family="monospace",
+                        color="firebrick" if row["n_hallucinated"] else "black")
         fig.suptitle(f"{df.attrs.get('title', 'Partner-absent scenes')}: hallucinated objects in [CAPS]")
         fig.tight_layout()
         return fig
@@ -474,28 +480,29 @@ class Calibration:
 
     @staticmethod
     def plot(df: pd.DataFrame) -> plt.Figure:
-        # the strength sweep: the (layer, heads, step fraction) setting that has several strengths
-        setting = df.assign(heads=df["heads"].astype(str)).groupby(["layer", "heads", "step_fraction"])["strength"]
-        (mid, heads, frac) = setting.nunique().idxmax()
-        d = df[(df.layer == mid) & (df["heads"].astype(str) == heads) & (df.step_fraction == frac)]
-        kinds = sorted(d.kind.unique())
-        fig, axes = plt.subplots(1, len(kinds) + 1, figsize=(4.2 * (len(kinds) + 1), 3.6))
-        for ax, k in zip(axes, kinds):
-            sns.lineplot(d[d.kind == k], x="strength", y="auroc", hue="detector", marker="o", ax=ax, palette="deep",
-                         hue_order=sorted(d.detector.unique()), legend=ax is axes[0])
-            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-            ax.set(title=f"{k}: layer {mid}, heads {heads}, {frac:.0%} of steps", ylim=(0, 1.02),
-                   ylabel="per-step AUROC (faulted layer)")
-            ax.title.set_fontsize(9)
-        if axes[0].get_legend() is not None:
-            sns.move_legend(axes[0], "lower left", fontsize=7, title=None)
-        h = d.drop_duplicates("fault")
-        for k, g in h.groupby("kind"):
-            axes[-1].plot(g.strength, g.drecall, marker="o", label=f"{k}: recall")
-            axes[-1].plot(g.strength, g.dCHAIR_s, marker="s", ls="--", label=f"{k}: CHAIR_s")
-        axes[-1].axhline(0, color="grey", lw=0.8)
-        axes[-1].set(title="harm of the fault (paired, vs unfaulted)", xlabel="strength", ylabel="points")
-        axes[-1].legend(fontsize=7)
+        # one column per planted fault: where (layer), what (kind), how often (share of steps), how strong
+        df = df.assign(fault_label=[f"L{l} {k}\np={p:g}" + ("" if s == 1 else f" s={s:g}")
+                                    for l, k, p, s in zip(df.layer, df.kind, df.step_fraction, df.strength)])
+        order = list(dict.fromkeys(df.sort_values(["layer", "kind", "step_fraction"], ascending=[True, True, False])
+                                   ["fault_label"]))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 3.9), gridspec_kw={"width_ratios": [2.2, 1]})
+        sns.stripplot(df, x="fault_label", y="auroc", hue="detector", order=order, ax=axes[0], palette="deep",
+                      hue_order=sorted(df.detector.unique()), dodge=True, size=5, jitter=False)
+        axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
+        axes[0].set(ylim=(0, 1.02), xlabel="planted fault (layer, kind, share of steps faulted)",
+                    ylabel="per-step AUROC (faulted layer)")
+        axes[0].set_title("does a detector see the fault at the steps it is planted?", fontsize=9)
+        axes[0].tick_params(axis="x", labelsize=7)
+        sns.move_legend(axes[0], "upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, title=None)
+        h = df.drop_duplicates("fault").set_index("fault_label").loc[order].reset_index()
+        x = np.arange(len(h))
+        axes[1].bar(x - 0.2, h.drecall, 0.4, label="recall")
+        axes[1].bar(x + 0.2, h.dCHAIR_s, 0.4, label="CHAIR_s")
+        axes[1].axhline(0, color="grey", lw=0.8)
+        axes[1].set_xticks(x, h.fault_label.str.replace("\n", " "), fontsize=6, rotation=90)
+        axes[1].set(title="harm of the fault (paired, vs unfaulted)", ylabel="points")
+        axes[1].title.set_fontsize(9)
+        axes[1].legend(fontsize=7)
         fig.tight_layout()
         return fig
 
@@ -542,7 +549,8 @@ class TriggerFiring:
         fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [2.2, 1]})
         sns.barplot(df, x="token type", y="firing rate (%)", hue="trigger", ax=axes[0], palette="deep")
         axes[0].tick_params(axis="x", rotation=20, labelsize=8)
-        axes[0].legend(fontsize=6, ncol=2)
+        axes[0].set_ylim(0, 132)  # room for the legend above the bars
+        axes[0].legend(fontsize=6, ncol=5, loc="upper center")
         axes[0].set_title("how often some candidate layer fires, by the type of the token being predicted", fontsize=9)
         pr = df.drop_duplicates("trigger").reset_index(drop=True)
         y = np.arange(len(pr))
@@ -550,6 +558,8 @@ class TriggerFiring:
                          xerr=[100 * (pr["precision"] - pr["random_precision"] - pr["precision_minus_random_low"]),
                                100 * (pr["precision_minus_random_high"] - pr["precision"] + pr["random_precision"])],
                          fmt="o", capsize=3)
+        for yi in y[pr["precision"].isna().to_numpy()]:
+            axes[1].text(0, yi, "never fired at an object step", fontsize=6, va="center", ha="center", color="grey")
         axes[1].axvline(0, color="grey", lw=0.8)
         axes[1].set_yticks(y, pr["trigger"], fontsize=7)
         axes[1].set(xlabel="precision - random trigger (points)", title="better than chance?")
