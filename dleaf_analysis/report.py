@@ -192,13 +192,13 @@ def run_studies(lm, source, out: Path, quick: bool, seed: int, progress: bool, l
     from dleaf_analysis.studies import NoEventsError, run_study
     from dleaf_analysis.studies.calibration import leverage_faults
 
-    n = study_limit or (4 if quick else 300)
+    n = study_limit or (6 if quick else 300)  # quick: the first 6 dev images hold hallucination events
     kw = dict(out=out / "studies", lm=lm, seed=seed, progress=progress, tuned_file=tuned_file, tuned_any=tuned_any,
               batch_size=batch_size, log=log)
     got: dict = {}
     for name in STUDY_ORDER:
-        limit = {"calibration": 3 if quick else 60, "leverage": n, "localization": min(n, 4 if quick else 150),
-                 "dpo": min(n, 4 if quick else 150)}.get(name, n)
+        limit = {"calibration": 3 if quick else 60, "leverage": n, "localization": min(n, 6 if quick else 150),
+                 "dpo": min(n, 6 if quick else 150)}.get(name, n)
         opts = None
         if name == "calibration":
             lev = got.get("leverage")
