@@ -124,7 +124,8 @@ def test_attribution_patching_uses_the_full_gradient(embedded, split, patchable,
     assert np.abs(direct - exact).max() > 0.2 * scale  # the cut gradient is not the derivative
     # the shipped patching maps carry the full gradient
     shipped = np.concatenate([m["attribution_head"].ravel() for m in patch_maps[:3]])
-    np.testing.assert_allclose(shipped, full, rtol=1e-4, atol=1e-6 * scale)
+    # the same quantity computed in another batch composition: float32 summation order, ~1e-5 of the scale
+    np.testing.assert_allclose(shipped, full, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_dpo_fired_layers_are_dleafs_own_firings(embedded, split):
