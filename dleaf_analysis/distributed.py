@@ -13,6 +13,9 @@
   the merged tables are byte-identical to a single-process run (with the same thread count per
   process).  A rerun after a crash (a rank killed, a node lost) resumes: units finished by any rank
   are not redone.
+- Nested sweeps: the work of one unit belongs to the rank that drew it.  Inside a unit
+  (:func:`unit_scope`) a nested sweep (say, the images of one tuning configuration) runs locally on
+  that rank, without the process group: :func:`active` is false and :func:`barrier` does nothing.
 - Slurm job arrays (one GPU per job, no process group): ``--shard slurm-array`` takes shard
   ``SLURM_ARRAY_TASK_ID`` of ``SLURM_ARRAY_TASK_COUNT``; merge the shards' ``--out`` directories
   afterwards (``dleaf study NAME --merge ...``).
@@ -21,6 +24,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -90,16 +94,40 @@ def device_for(requested: str) -> str:
 
 
 def store():
-    """The c10d key-value store of the process group (``None`` for a single process)."""
-    if not place().distributed:
+    """The c10d key-value store of the process group (``None`` for a single process or inside a unit)."""
+    if not active():
         return None
     from torch.distributed import distributed_c10d
 
     return distributed_c10d._get_default_store()
 
 
+_UNIT_DEPTH = 0  # > 0 while this rank runs a unit it drew (nested sweeps run locally)
+
+
+@contextmanager
+def unit_scope():
+    """Run the body as one rank's own unit: nested sweeps inside it are local to this rank."""
+    global _UNIT_DEPTH
+    _UNIT_DEPTH += 1
+    try:
+        yield
+    finally:
+        _UNIT_DEPTH -= 1
+
+
+def active() -> bool:
+    """True when work is to be shared out across ranks here: a multi-rank launch, outside a unit."""
+    return place().distributed and _UNIT_DEPTH == 0
+
+
+def writer() -> bool:
+    """True when this process writes shared outputs here: rank 0, or any rank inside its own unit."""
+    return place().main or _UNIT_DEPTH > 0
+
+
 def barrier() -> None:
-    if place().distributed:
+    if active():
         torch.distributed.barrier()
 
 

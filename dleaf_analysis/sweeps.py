@@ -281,7 +281,7 @@ def open_store(directory: str | Path, manifest: dict, reset: bool = False) -> Re
     from dleaf_analysis import distributed
 
     p = distributed.place()
-    if not p.distributed:
+    if not distributed.active():
         return ResultStore(directory, manifest, reset=reset)
     store = None
     error = None
@@ -316,7 +316,9 @@ def _distributed_run(todo: list, work: Callable[[list], list[tuple[str, list[dic
         n_done = 0
         for i in queue:
             chunk = [(k, u) for k, u in todo[i] if k not in done]
-            mine.add_many(work(chunk))
+            with distributed.unit_scope():  # nested sweeps in this unit are this rank's alone
+                rows = work(chunk)
+            mine.add_many(rows)
             bar.update(1)
             n_done += 1
             if kill == f"{p.rank}:{n_done}":
@@ -353,7 +355,7 @@ def run_sweep(
     units = list(units)
     done = store.done
     todo = [(k, u) for k, u in units if k not in done]
-    if distributed.place().distributed:
+    if distributed.active():
         _distributed_run([[x] for x in todo], lambda c: [(k, fn(u)) for k, u in c], store, [k for k, _ in units],
                          progress, desc)
     else:
@@ -401,7 +403,7 @@ def run_items(
             raise RuntimeError(f"{desc}: the batch function returned {len(rows)} results for {len(batch)} items")
         return [(k, r) for (k, _), r in zip(batch, rows)]
 
-    if distributed.place().distributed:
+    if distributed.active():
         _distributed_run([todo[i:i + batch_size] for i in range(0, len(todo), batch_size)], work, store, keys,
                          progress, desc)
     else:

@@ -283,7 +283,7 @@ def evaluate(
     summary.insert(0, "benchmark", benchmark)
     result = EvalResult(Protocol(manifest, n_items), summary, details, pd.DataFrame(logs))
     if out_dir is not None:
-        if distributed.place().main:
+        if distributed.writer():
             result.save(out_dir, overwrite=overwrite)
             store.close()
             shutil.rmtree(Path(out_dir) / ".partial", ignore_errors=True)

@@ -91,7 +91,7 @@ def sensitivity_curves(out_dir, lm, source: ImageSource, base: dict | None = Non
         return [{**_row("dleaf", c, res), "parameter": param, "param_value": json.dumps(c[param])}]
 
     sens = run_sweep(sunits, run_sens, sstore, progress=progress, desc=f"sensitivity on {len(source)} images")
-    if distributed.place().main:
+    if distributed.writer():
         sens.to_csv(out / "sensitivity.csv", index=False)
     return sens
 
@@ -165,7 +165,7 @@ def tune(
         g = grid[(grid.method == m) & (grid.recall >= greedy.recall - max_recall_drop)
                  & (grid.degenerate <= greedy.degenerate + 1.0)]
         chosen[m] = json.loads(g.sort_values(["CHAIR_i", "CHAIR_s"]).iloc[0]["config"]) if len(g) else {}
-    if distributed.place().main:
+    if distributed.writer():
         grid.to_csv(out / "grid.csv", index=False)
 
     # confirmation on separate images: paired against greedy on the same images
@@ -200,7 +200,7 @@ def tune(
     else:
         confirmed = dict(chosen)
     confirmation = pd.DataFrame(conf_rows)
-    if distributed.place().main:
+    if distributed.writer():
         confirmation.to_csv(out / "confirmation.csv", index=False)
     shipped = {m: confirmed.get(m, {}) for m in methods}
 
@@ -221,7 +221,7 @@ def tune(
         "tuning_images": len(data), "confirmation_images": len(conf) if conf is not None else 0,
         "weights_hash": lm.weights_hash,
     }
-    if distributed.place().main:
+    if distributed.writer():
         (out / "chosen.json").write_text(json.dumps(result, indent=1, default=str))
         (out / "tuned_methods.json").write_text(json.dumps(result, indent=1, default=str))
     distributed.barrier()

@@ -183,7 +183,7 @@ def _find_events(ctx: StudyContext) -> pd.DataFrame:
     from dleaf_analysis.studies.events import find_events
 
     f = ctx.out / "events.parquet"
-    if not f.is_file() and distributed.place().main:  # rank 0 finds the events; the others read them
+    if not f.is_file() and distributed.writer():  # rank 0 finds the events; the others read them
         events = find_events(ctx.lm, ctx.source, progress=ctx.progress, event_token=ctx.config.event_token)
         write_atomic(f, lambda p: events.to_parquet(p))
     distributed.barrier()
@@ -265,7 +265,7 @@ def run_study(
     rows = run_sweep(mine, lambda u: st.unit(ctx, u), store, progress=progress,
                      desc=f"{study} over {len(mine)} {'events' if st.uses_events else 'units'}")
     tables = st.finalize(ctx, ctx.events if ctx.events is not None else pd.DataFrame(), rows, summary)
-    if distributed.place().main:
+    if distributed.writer():
         write_tables(outdir, tables, summary)
     distributed.barrier()
     return StudyResult(study, ctx.events if ctx.events is not None else pd.DataFrame(), tables, summary)

@@ -72,3 +72,27 @@ def test_torchrun_two_ranks_equal_one_process_byte_for_byte(subword_dir, tmp_pat
     assert again.returncode == 0, again.stderr[-2000:]
     for f in FILES:
         assert (tmp_path / "one" / "ablation" / f).read_bytes() == (tmp_path / "three" / "ablation" / f).read_bytes(), f
+
+
+def _tune(model_dir, out, ids, torchrun=False):
+    args = ["tune", "--model", str(model_dir), "--coco-images", str(FAKE_COCO / "val2014"), "--coco-annotations",
+            str(FAKE_COCO / "instances_fake2014.json"), "--image-ids", str(ids), "--out", str(out)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port())] if torchrun else [sys.executable]
+    return subprocess.run([*launcher, "-m", "dleaf_analysis", *args], env=_env(), capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.slow
+def test_torchrun_tuning_nested_sweeps_run_on_the_rank_that_drew_the_unit(subword_dir, tmp_path):
+    """Tuning shares out configurations; each configuration's images (a nested sweep) run on the rank
+    that drew it, without the process group.  The grid and the choice equal one process's."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join((FAKE_COCO / "image_ids.txt").read_text().split()[:2]))
+    one = _tune(subword_dir, tmp_path / "one", ids)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _tune(subword_dir, tmp_path / "two", ids, torchrun=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for f in ("grid.csv", "sensitivity.csv", "chosen.json"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    assert not list((tmp_path / "two").glob("*/.rank-*"))
