@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from dleaf_analysis import distributed
 from dleaf_analysis.evaluation.chair import chair_paired
 from dleaf_analysis.evaluation.pope import pope_paired
 from dleaf_analysis.evaluation.runner import evaluate
@@ -80,7 +81,8 @@ def pools(lm, source=None, quick: bool = False, tuned_file=None, tune_fraction: 
         from dleaf_analysis.evaluation.tuning import tune
 
         tune_src, rest = source.split_heldout(tune_fraction)
-        (out / "tuning_images.txt").write_text("\n".join(tune_src.key(i) for i in range(len(tune_src))) + "\n")
+        if distributed.writer():
+            (out / "tuning_images.txt").write_text("\n".join(tune_src.key(i) for i in range(len(tune_src))) + "\n")
         conf, tune_src = tune_src.split_heldout(0.3) if len(tune_src) >= 4 else (None, tune_src)
         log(f"tuning on {len(tune_src)} held-out images, confirming on {len(conf) if conf else 0} (disjoint from the "
             f"{len(rest)} evaluation images)")
@@ -97,7 +99,7 @@ def pools(lm, source=None, quick: bool = False, tuned_file=None, tune_fraction: 
         pool = {k: v.shard(i, n) for k, v in pool.items()}
     if quick:
         pool = {k: v.limit(6) for k, v in pool.items()}
-    if out is not None:
+    if out is not None and distributed.writer():
         for k, v in pool.items():
             (out / f"{k}_images.txt").write_text("\n".join(v.key(i) for i in range(len(v))) + "\n")
     return pool, study_src, tuned_file
@@ -347,6 +349,65 @@ def _pope_section(pope: pd.DataFrame) -> list[str]:
     return lines
 
 
+def tuning_record(tuned_file=None) -> tuple[dict, pd.DataFrame] | None:
+    """The tuning run behind the settings: ``(chosen.json, confirmation table)`` from ``tuned_file``'s
+    folder (default: the shipped ``data/tuned_methods.json`` with ``data/tuning/``), or ``None``."""
+    from dleaf_analysis.settings import TUNED_FILE
+
+    f = Path(tuned_file) if tuned_file is not None else TUNED_FILE
+    if not f.is_file():
+        return None
+    d = json.loads(f.read_text())
+    if "n_configurations_tried" not in d:  # a hand-written settings file: no tuning run behind it
+        return None
+    conf = next((c for c in (f.parent / "confirmation.csv", f.parent / "tuning" / "confirmation.csv") if c.is_file()),
+                None)
+    return d, (pd.read_csv(conf) if conf is not None else pd.DataFrame())
+
+
+def _tuning_section(rec: tuple[dict, pd.DataFrame] | None) -> list[str]:
+    if rec is None:
+        return []
+    d, conf = rec
+    rows = []
+    for m, tried in d["n_configurations_tried"].items():
+        r = {"method": m, "configurations tried": tried,
+             "selected on tuning images": json.dumps(d["selected_on_tuning_images"].get(m, {}), sort_keys=True)}
+        c = conf[conf["method"] == m] if len(conf) else conf
+        if len(c):
+            c = c.iloc[0]
+            r["CHAIR_i d on confirmation"] = _bold_if(_ci(c["dCHAIR_i"], c["dCHAIR_i_low"], c["dCHAIR_i_high"], True, 2),
+                                                      c["dCHAIR_i_low"], c["dCHAIR_i_high"])
+            r["recall d"] = f"{c['drecall']:+.1f}"
+        r["confirmed"] = {True: "yes", False: "no"}.get(d["confirmed"].get(m), "n/a")
+        r["shipped"] = json.dumps(d["chosen"].get(m, {}), sort_keys=True) if d["chosen"].get(m) else "defaults"
+        rows.append(r)
+    return ["### Tuning behind these settings", "", d["rule"] + ".", "", md_table(pd.DataFrame(rows)), ""]
+
+
+def tuning_finding(rec: tuple[dict, pd.DataFrame] | None) -> str | None:
+    """One sentence: how many settings were tried, and which choices held on the confirmation images."""
+    if rec is None:
+        return None
+    d, conf = rec
+    total = sum(d["n_configurations_tried"].values())
+    held = [m for m, ok in d["confirmed"].items() if ok]
+    txt = (f"Tuning tried {total} configurations ({', '.join(f'{n} for {m}' for m, n in d['n_configurations_tried'].items())}) "
+           f"on {d['tuning_images']} tuning images")
+    if d.get("confirmation_images"):
+        c = conf.set_index("method") if len(conf) else None
+        parts = []
+        for m in d["n_configurations_tried"]:
+            if c is not None and m in c.index:
+                parts.append(f"{m} {_ci(c.loc[m, 'dCHAIR_i'], c.loc[m, 'dCHAIR_i_low'], c.loc[m, 'dCHAIR_i_high'], True, 2)}")
+        txt += (f"; on {d['confirmation_images']} confirmation images the choices changed CHAIR_i against greedy by "
+                + "; ".join(parts) + f", so {', '.join(held) if held else 'none'} "
+                f"{'ships its tuned settings' if len(held) == 1 else 'ship tuned settings'}"
+                + (" and the rest run at their defaults" if held and len(held) < len(d["confirmed"]) else
+                   (" (every method runs at its defaults)" if not held else "")))
+    return txt + "."
+
+
 def _studies_section(studies: dict) -> list[str]:
     from dleaf_analysis.studies import get_study
 
@@ -429,11 +490,12 @@ def reproduce(
     comparisons = pd.concat(comp_frames, ignore_index=True)
     pope = pd.concat(pope_frames, ignore_index=True) if pope_frames else pd.DataFrame()
     pope_firing = pd.DataFrame(firing)
-    chair.to_csv(out / "methods_chair.csv", index=False)
-    comparisons.to_csv(out / "comparisons.csv", index=False)
-    pope.to_csv(out / "methods_pope.csv", index=False)
-    pope_firing.to_csv(out / "pope_firing.csv", index=False)
-    (out / "verdicts.json").write_text(json.dumps({f"{p}:{m}": v for (p, m), v in verdicts.items()}, indent=1))
+    if distributed.writer():
+        chair.to_csv(out / "methods_chair.csv", index=False)
+        comparisons.to_csv(out / "comparisons.csv", index=False)
+        pope.to_csv(out / "methods_pope.csv", index=False)
+        pope_firing.to_csv(out / "pope_firing.csv", index=False)
+        (out / "verdicts.json").write_text(json.dumps({f"{p}:{m}": v for (p, m), v in verdicts.items()}, indent=1))
 
     # D-LEAF's components under the same comparison
     log("component ablation of D-LEAF")
@@ -460,9 +522,10 @@ def reproduce(
         comp_cmp.append(c)
         comp_verdicts.update({(name, k): x for k, x in v.items()})
     components = pd.concat(comp_chair, ignore_index=True)
-    components.to_csv(out / "components.csv", index=False)
     comp_comparisons = pd.concat(comp_cmp, ignore_index=True)
-    comp_comparisons.to_csv(out / "components_comparisons.csv", index=False)
+    if distributed.writer():
+        components.to_csv(out / "components.csv", index=False)
+        comp_comparisons.to_csv(out / "components_comparisons.csv", index=False)
 
     if not (out / "tuning" / "sensitivity.csv").is_file():  # the scene world (a real source was tuned above)
         from dleaf_analysis.evaluation.tuning import sensitivity_curves
@@ -473,7 +536,14 @@ def reproduce(
                            progress=progress, batch_size=batch_size or 32)
     studies = run_studies(lm, study_src, out, quick, seed, progress, log, tuned_file, tuned_any, study_limit,
                           batch_size)
+    summary = chair[chair["metric"].isin(["CHAIR_s", "CHAIR_i", "recall"])][
+        ["pool", "method", "metric", "value", "ci_low", "ci_high", "paired_diff"]].reset_index(drop=True)
+    if not distributed.writer():  # under a multi-rank launch rank 0 writes the report and draws the figures
+        return summary
+    tuning = tuning_record(tuned_file)
     prose = findings(comparisons, verdicts, pope, studies, pope_firing)
+    if tuning_finding(tuning):
+        prose.insert(0, tuning_finding(tuning))
     where = "the embedded model on the scene world" if source is None else f"{lm.model_id} on {source.kind} images"
     methods_txt = ", ".join(f"`{m}` {json.dumps(c, sort_keys=True)}" for m, c in methods.items() if m != "greedy")
     if not any(methods.values()) and tuned_file is not None:
@@ -498,7 +568,7 @@ def reproduce(
             "where both captions are real descriptions; `truncated greedy`: greedy's object list cut per image to the "
             "method's object count (object-list CHAIR_i, each object counted once).  A method reduces hallucination only "
             "where it beats truncated greedy on valid captions.", "",
-            f"Settings: {settings_txt}.", ""]
+            f"Settings: {settings_txt}.", "", *_tuning_section(tuning)]
     body += _methods_section(chair, comparisons, pope, verdicts)
     if len(pope):
         body += ["### POPE", "",
@@ -527,8 +597,7 @@ def reproduce(
                       + f" (POPE on the first {pope_limit} of each; studies on the first {study_limit or 300} dev images); "
                       f"settings: {settings_txt}.\n\n"
                       + "\n".join(f"- {p}" for p in prose), "findings")
-    return chair[chair["metric"].isin(["CHAIR_s", "CHAIR_i", "recall"])][
-        ["pool", "method", "metric", "value", "ci_low", "ci_high", "paired_diff"]].reset_index(drop=True)
+    return summary
 
 
 def splice_readme(text: str, key: str, readme: Path = REPO_ROOT / "README.md") -> None:

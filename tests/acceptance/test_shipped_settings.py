@@ -27,3 +27,21 @@ def test_shipped_settings_were_tried_and_confirmed(embedded):
         else:  # not confirmed: the defaults
             assert d["confirmed"][method] in (False, None)
     assert d["tuning_images"] >= 1000 and d["confirmation_images"] >= 500
+
+
+def test_shipped_confirmation_follows_the_rule_on_its_own_table():
+    """Each shipped "confirmed" flag is the rule applied to the confirmation table that ships with it."""
+    import pandas as pd
+
+    if not TUNED_FILE.is_file():
+        return
+    d = json.loads(TUNED_FILE.read_text())
+    conf = pd.read_csv(TUNED_FILE.parent / "tuning" / "confirmation.csv").set_index("method")
+    drop = float(d["rule"].split("recall >= greedy - ")[1].split()[0])
+    for method, ok in d["confirmed"].items():
+        c = conf.loc[method]
+        rule = bool(c["dCHAIR_i_high"] < 0 and c["drecall"] >= -drop - 1e-9
+                    and c["degenerate"] <= c["greedy_degenerate"] + 1.0)
+        assert ok == rule == bool(c["confirmed"]), method
+        assert (d["chosen"][method] != {}) == ok or d["selected_on_tuning_images"][method] == {}, method
+        assert c["n_images"] >= 500

@@ -96,3 +96,27 @@ def test_torchrun_tuning_nested_sweeps_run_on_the_rank_that_drew_the_unit(subwor
     for f in ("grid.csv", "sensitivity.csv", "chosen.json"):
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
     assert not list((tmp_path / "two").glob("*/.rank-*"))
+
+
+def _reproduce(model_dir, out, torchrun=False):
+    args = ["reproduce", "--quick", "--model", str(model_dir), "--coco-images", str(FAKE_COCO / "val2014"),
+            "--coco-annotations", str(FAKE_COCO / "instances_fake2014.json"), "--image-ids",
+            str(FAKE_COCO / "image_ids.txt"), "--out", str(out), "--json"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port())] if torchrun else [sys.executable]
+    return subprocess.run([*launcher, "-m", "dleaf_analysis", *args], env=_env(), capture_output=True, text=True,
+                          timeout=1200)
+
+
+@pytest.mark.slow
+def test_torchrun_main_job_equals_one_process(subword_dir, tmp_path):
+    """The main job under two ranks: evaluations, tuning and studies shared out, rank 0 alone writes the
+    report; its tables equal one process's byte for byte."""
+    one = _reproduce(subword_dir, tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _reproduce(subword_dir, tmp_path / "two", torchrun=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for f in ("methods_chair.csv", "comparisons.csv", "components.csv", "verdicts.json", "findings.md",
+              "tuning/grid.csv", "test_images.txt"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    assert (tmp_path / "two" / "report.md").is_file() and not list((tmp_path / "two").rglob(".rank-*"))
