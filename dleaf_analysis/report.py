@@ -253,16 +253,17 @@ def findings(comparisons: pd.DataFrame, verdicts: dict, pope: pd.DataFrame, stud
         pr = tr.tables["precision_recall_summary"]
         d = _get(pr, trigger="dleaf")
         if d is not None:
-            out.append(f"D-LEAF's trigger fires at {100 * tr.summary['dleaf_firing_rate']:.1f}% of decoding steps "
-                       f"({100 * tr.summary['dleaf_firing_rate_first_3_steps']:.1f}% of the first three); at object steps "
-                       f"its precision for hallucinated objects is {100 * d['precision']:.1f}% against "
-                       f"{100 * d['random_precision']:.1f}% for a random trigger with the same per-caption rate "
-                       f"(difference {_ci(100 * d['precision_minus_random'], 100 * d['precision_minus_random_low'], 100 * d['precision_minus_random_high'], True)} points; "
-                       f"{d['n_hallucinated']} hallucinated of {d['n_object_steps']} object steps).")
-        a = _get(tr.tables["auroc_summary"], detector="dleaf (margin over threshold)")
-        if a is not None:
-            out.append(f"The AUROC of D-LEAF's statistic for hallucinated against grounded object steps is "
-                       f"{_ci(a['auroc'], a['ci_low'], a['ci_high'], digits=3)} (0.5 = chance).")
+            txt = (f"D-LEAF's trigger fires at {100 * tr.summary['dleaf_firing_rate']:.1f}% of decoding steps "
+                   f"({100 * tr.summary['dleaf_firing_rate_first_3_steps']:.1f}% of the first three); at object steps "
+                   f"its precision for hallucinated objects is {100 * d['precision']:.1f}% against "
+                   f"{100 * d['random_precision']:.1f}% for a random trigger with the same per-caption rate "
+                   f"(difference {_ci(100 * d['precision_minus_random'], 100 * d['precision_minus_random_low'], 100 * d['precision_minus_random_high'], True)} points; "
+                   f"{d['n_hallucinated']} hallucinated of {d['n_object_steps']} object steps)")
+            a = _get(tr.tables["auroc_summary"], detector="dleaf (margin over threshold)")
+            if a is not None:
+                txt += (f", and the AUROC of its statistic for hallucinated against grounded object steps is "
+                        f"{_ci(a['auroc'], a['ci_low'], a['ci_high'], digits=3)} (0.5 = chance)")
+            out.append(txt + ".")
     orc = studies.get("oracle")
     if hasattr(orc, "tables"):
         t = orc.tables["oracle_summary"]
@@ -542,8 +543,6 @@ def reproduce(
         return summary
     tuning = tuning_record(tuned_file)
     prose = findings(comparisons, verdicts, pope, studies, pope_firing)
-    if tuning_finding(tuning):
-        prose.insert(0, tuning_finding(tuning))
     where = "the embedded model on the scene world" if source is None else f"{lm.model_id} on {source.kind} images"
     methods_txt = ", ".join(f"`{m}` {json.dumps(c, sort_keys=True)}" for m, c in methods.items() if m != "greedy")
     if not any(methods.values()) and tuned_file is not None:
@@ -595,7 +594,7 @@ def reproduce(
         (REPO_ROOT / "RESULTS.md").write_text("\n".join(header + body).replace("](figures/", "](figures/") + "\n")
         splice_readme(f"Run: `dleaf reproduce{flags}` on " + ", ".join(f"{n} {k} images" for k, n in sizes.items())
                       + f" (POPE on the first {pope_limit} of each; studies on the first {study_limit or 300} dev images); "
-                      f"settings: {settings_txt}.\n\n"
+                      f"settings: {settings_txt}. {tuning_finding(tuning) or ''}\n\n"
                       + "\n".join(f"- {p}" for p in prose), "findings")
     return summary
 
