@@ -43,9 +43,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dleaf_analysis import lens
-from dleaf_analysis.models.inputs import PromptBuilder
-from dleaf_analysis.models.loading import LoadedModel
-from dleaf_analysis.models.tiny import tiny_llava15
+from dleaf_analysis.models.tiny import synthetic_event
 from dleaf_analysis.studies import causal
 from dleaf_analysis.tables import md_table
 
@@ -58,15 +56,7 @@ ENGINES = {"today (full forwards)": dict(engine="input"),
 
 def one_event(layers: int = 32, heads: int = 32):
     """A random LLaVA-1.5 of 7B's depth and heads, a clean and a counterfactual image, a token pair."""
-    model, processor = tiny_llava15(layers=layers, hidden=64, heads=heads, seed=1, image_size=112)
-    lm = LoadedModel.wrap(model.eval(), processor)
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)
-    cf = img.copy()
-    cf[30:70, 30:70] = 128
-    b = PromptBuilder(processor)
-    prompt = "describe the image in detail ."
-    return lm, dict(b.inputs([img], [prompt], 112)), dict(b.inputs([cf], [prompt], 112)), 7, 9
+    return synthetic_event(layers, heads)
 
 
 def count(lm, inputs, cf, t, p, **engine) -> dict:

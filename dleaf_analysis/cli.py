@@ -644,7 +644,7 @@ def tune(
               f"tuned_methods.json in {out} with --tuned)")
     lm = _load(model, device, dtype)
     res = run(out, lm=lm, max_recall_drop=max_recall_drop, seed=seed, log=console.print, source=src,
-              confirm=None if scene else confirm, exclude=exclude, batch_size=batch_size)
+              confirm=confirm, exclude=exclude, batch_size=batch_size)
     _print_table(res["grid"].drop(columns=["key"], errors="ignore"), "tuning grid")
     if len(res["confirmation"]):
         _print_table(res["confirmation"], "confirmation of each choice")

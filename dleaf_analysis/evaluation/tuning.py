@@ -107,6 +107,18 @@ def _row(method: str, cfg: dict, res) -> dict:
             "n_images": len(res.details)}
 
 
+def confirmation_source(data: ImageSource, confirm: ImageSource | str | None = None) -> ImageSource | None:
+    """The images a choice made on ``data`` is confirmed on: ``confirm`` if given; for the scene
+    world, its ``confirm`` split (whatever the tuning source); for a real source without held-out
+    confirmation images, ``None`` (its choice is then used unconfirmed, and ``chosen.json`` says
+    ``confirmation_images: 0``)."""
+    if confirm is not None:
+        return as_source(confirm)
+    if data.record().get("kind") == "scene":
+        return as_source("confirm")
+    return None
+
+
 def tune(
     out_dir: str | Path,
     lm: LoadedModel | None = None,
@@ -137,8 +149,7 @@ def tune(
     lm = lm or load_model()
     out = Path(out_dir)
     data = as_source("dev" if source is None else source, limit)
-    conf = as_source("confirm" if confirm is None and source is None else confirm) if (confirm is not None or
-                                                                                       source is None) else None
+    conf = confirmation_source(data, confirm)
     data.check_model(lm)
     keys = {data.key(i) for i in range(len(data))}
     for other, what in ((exclude, "evaluation"), (conf, "confirmation")):

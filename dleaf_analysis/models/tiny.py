@@ -134,3 +134,23 @@ def tiny_llava15_subword_dir(out_dir: str | Path, seed: int = 0, caption: str = 
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def synthetic_event(layers: int, heads: int, prompt: str = "describe the image in detail .", image_size: int = 112,
+                    seed: int = 1):
+    """One causal-study event on a random LLaVA-1.5 (``layers`` x ``heads``, hidden 64): ``(lm,
+    inputs, counterfactual inputs, token, position)``.  The clean image is seeded noise and the
+    counterfactual greys one square region ([30:70, 30:70]); the pair is token 7 at position 9.
+    Used by the study-cost benchmark and the causal-engine tests (the same event in both)."""
+    import numpy as np
+
+    from dleaf_analysis.models.inputs import PromptBuilder
+    from dleaf_analysis.models.loading import LoadedModel
+
+    model, processor = tiny_llava15(layers=layers, hidden=64, heads=heads, seed=seed, image_size=image_size)
+    lm = LoadedModel.wrap(model.eval(), processor)
+    img = np.random.default_rng(0).integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)
+    cf = img.copy()
+    cf[30:70, 30:70] = 128
+    b = PromptBuilder(processor)
+    return lm, dict(b.inputs([img], [prompt], image_size)), dict(b.inputs([cf], [prompt], image_size)), 7, 9

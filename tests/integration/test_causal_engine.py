@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from dleaf_analysis import lens
-from dleaf_analysis.models.inputs import PromptBuilder
-from dleaf_analysis.models.loading import LoadedModel
-from dleaf_analysis.models.tiny import tiny_llava15
+from dleaf_analysis.models.tiny import synthetic_event
 from dleaf_analysis.studies import causal
 
 
@@ -18,16 +16,7 @@ from dleaf_analysis.studies import causal
 def event():
     """A random LLaVA-1.5 half LLaVA-1.5-7B's depth (16 layers x 16 heads; narrow, 112 px:
     64 image tokens), a clean and a counterfactual image that differ in one region, and a token pair."""
-    model, processor = tiny_llava15(layers=16, hidden=64, heads=16, seed=1, image_size=112)
-    lm = LoadedModel.wrap(model.eval(), processor)
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)
-    cf = img.copy()
-    cf[30:70, 30:70] = 128
-    b = PromptBuilder(processor)
-    inputs = dict(b.inputs([img], ["describe the image ."], 112))
-    cf_inputs = dict(b.inputs([cf], ["describe the image ."], 112))
-    return lm, inputs, cf_inputs, 7, 9
+    return synthetic_event(16, 16, prompt="describe the image .")
 
 
 @pytest.fixture(scope="module")

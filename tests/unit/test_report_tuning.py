@@ -41,3 +41,13 @@ def test_no_tuning_run_no_section(tmp_path):
     assert tuning_record(tmp_path / "missing.json") is None
     (tmp_path / "hand.json").write_text(json.dumps({"weights_hash": "x", "chosen": {"dleaf": {}}}))
     assert tuning_record(tmp_path / "hand.json") is None and _tuning_section(None) == [] and tuning_finding(None) is None
+
+
+def test_scene_tuning_is_confirmed_on_the_confirm_split_whatever_the_source():
+    """Regression: `dleaf tune` passed the dev split explicitly and so was never confirmed."""
+    from dleaf_analysis.evaluation.tuning import confirmation_source
+    from dleaf_analysis.sources import SceneSource, as_source
+
+    conf = confirmation_source(SceneSource.load("dev", limit=4))
+    assert conf.record()["split"] == "confirm" and len(conf) == 500
+    assert confirmation_source(as_source("dev"), "test").record()["split"] == "test"
