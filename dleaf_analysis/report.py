@@ -363,7 +363,11 @@ def tuning_record(tuned_file=None) -> tuple[dict, pd.DataFrame] | None:
         return None
     conf = next((c for c in (f.parent / "confirmation.csv", f.parent / "tuning" / "confirmation.csv") if c.is_file()),
                 None)
-    return d, (pd.read_csv(conf) if conf is not None else pd.DataFrame())
+    try:
+        table = pd.read_csv(conf) if conf is not None else pd.DataFrame()
+    except pd.errors.EmptyDataError:  # no confirmation images: an empty table
+        table = pd.DataFrame()
+    return d, table
 
 
 def _tuning_section(rec: tuple[dict, pd.DataFrame] | None) -> list[str]:

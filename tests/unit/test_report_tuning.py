@@ -51,3 +51,13 @@ def test_scene_tuning_is_confirmed_on_the_confirm_split_whatever_the_source():
     conf = confirmation_source(SceneSource.load("dev", limit=4))
     assert conf.record()["split"] == "confirm" and len(conf) == 500
     assert confirmation_source(as_source("dev"), "test").record()["split"] == "test"
+
+
+def test_a_run_without_confirmation_images(tmp_path):
+    f = _write_run(tmp_path, confirmed_dleaf=False)
+    d = json.loads(f.read_text())
+    f.write_text(json.dumps({**d, "confirmation_images": 0, "confirmed": {"dleaf": None, "vcd": None}}))
+    (tmp_path / "confirmation.csv").write_text("\n")  # what an empty table writes
+    rec = tuning_record(f)
+    assert len(rec[1]) == 0 and tuning_finding(rec).endswith("on 1000 tuning images.")
+    assert "n/a" in "\n".join(_tuning_section(rec))
