@@ -338,6 +338,7 @@ def _distributed_run(todo: list, work: Callable[[list], list[tuple[str, list[dic
     distributed.barrier()
     if not p.main:
         store.reload()
+    distributed.barrier()  # every rank has read the merged store before rank 0 moves on (and may remove it)
 
 
 def run_sweep(
