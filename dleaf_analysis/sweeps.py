@@ -16,6 +16,7 @@ import fcntl
 import gc
 import json
 import os
+import time
 import weakref
 from pathlib import Path
 from typing import Callable, Iterable
@@ -304,12 +305,18 @@ def _distributed_run(todo: list, work: Callable[[list], list[tuple[str, list[dic
     from dleaf_analysis import distributed
 
     p = distributed.place()
-    mine = ResultStore(store.dir / f".rank-{p.rank}", store.manifest)
+    if os.environ.get("DLEAF_TEST_LATE_RANK", "") == str(p.rank):  # test hook: this rank arrives late, after
+        t0 = time.time()                                              # another has recorded a unit (or 5 s)
+        while time.time() - t0 < 5 and not any(f.stat().st_size for f in store.dir.glob(".rank-*/results.jsonl")):
+            time.sleep(0.02)
     done = set(store.done)
-    for d in sorted(store.dir.glob(".rank-*")):
+    for d in sorted(store.dir.glob(".rank-*")):  # units a crashed launch finished
         if (d / "manifest.json").is_file():
             done |= ResultStore(d, store.manifest, read_only=True).done
     todo = [c for c in todo if any(k not in done for k, _ in c)]
+    # every rank must index the same list: no rank records a unit before all have read what is done
+    distributed.barrier()
+    mine = ResultStore(store.dir / f".rank-{p.rank}", store.manifest)
     queue = distributed.UnitQueue(f"{store.dir}:{desc}:{len(order)}", len(todo))
     with tqdm(total=len(todo), desc=f"{desc} (rank {p.rank}/{p.world_size})", disable=not progress or not todo) as bar:
         kill = os.environ.get("DLEAF_TEST_KILL_RANK", "")  # test hook "rank:n": that rank dies after n units

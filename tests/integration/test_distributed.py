@@ -64,6 +64,12 @@ def test_torchrun_two_ranks_equal_one_process_byte_for_byte(subword_dir, tmp_pat
     assert not list((tmp_path / "two" / "ablation").glob(".rank-*"))  # the ranks' stores were merged away
     n_units = len((tmp_path / "one" / "ablation" / "results.jsonl").read_text().splitlines())
     assert n_units >= 2  # more than one unit to share out
+    # a rank that reaches a sweep late (without the barrier, after the other has recorded a unit) still
+    # indexes the same list of units: none is skipped or run twice
+    late = _study(subword_dir, tmp_path / "late", torchrun=True, DLEAF_TEST_LATE_RANK="1")
+    assert late.returncode == 0, late.stderr[-2000:]
+    for f in FILES:
+        assert (tmp_path / "one" / "ablation" / f).read_bytes() == (tmp_path / "late" / "ablation" / f).read_bytes(), f
     # a rank killed after its first unit: the launch fails; the rerun resumes and ends identical
     killed = _study(subword_dir, tmp_path / "three", torchrun=True, DLEAF_TEST_KILL_RANK="1:1")
     assert killed.returncode != 0
