@@ -350,9 +350,10 @@ def _pope_section(pope: pd.DataFrame) -> list[str]:
     return lines
 
 
-def tuning_record(tuned_file=None) -> tuple[dict, pd.DataFrame] | None:
+def tuning_record(tuned_file=None, weights_hash: str | None = None) -> tuple[dict, pd.DataFrame] | None:
     """The tuning run behind the settings: ``(chosen.json, confirmation table)`` from ``tuned_file``'s
-    folder (default: the shipped ``data/tuned_methods.json`` with ``data/tuning/``), or ``None``."""
+    folder (default: the shipped ``data/tuned_methods.json`` with ``data/tuning/``), or ``None`` (also
+    when it was tuned for other weights than ``weights_hash``)."""
     from dleaf_analysis.settings import TUNED_FILE
 
     f = Path(tuned_file) if tuned_file is not None else TUNED_FILE
@@ -360,6 +361,8 @@ def tuning_record(tuned_file=None) -> tuple[dict, pd.DataFrame] | None:
         return None
     d = json.loads(f.read_text())
     if "n_configurations_tried" not in d:  # a hand-written settings file: no tuning run behind it
+        return None
+    if weights_hash is not None and d.get("weights_hash") != weights_hash:  # not these weights' settings
         return None
     conf = next((c for c in (f.parent / "confirmation.csv", f.parent / "tuning" / "confirmation.csv") if c.is_file()),
                 None)
@@ -545,12 +548,13 @@ def reproduce(
         ["pool", "method", "metric", "value", "ci_low", "ci_high", "paired_diff"]].reset_index(drop=True)
     if not distributed.writer():  # under a multi-rank launch rank 0 writes the report and draws the figures
         return summary
-    tuning = tuning_record(tuned_file)
+    tuning = tuning_record(tuned_file, lm.weights_hash)
     prose = findings(comparisons, verdicts, pope, studies, pope_firing)
     where = "the embedded model on the scene world" if source is None else f"{lm.model_id} on {source.kind} images"
     methods_txt = ", ".join(f"`{m}` {json.dumps(c, sort_keys=True)}" for m, c in methods.items() if m != "greedy")
-    if not any(methods.values()) and tuned_file is not None:
-        settings_txt = f"every method at its defaults (`{tuned_file}` ships no confirmed choice)"
+    if not any(methods.values()) and (tuned_file is not None or tuning is not None):
+        settings_txt = (f"every method at its defaults (`{tuned_file or 'data/tuned_methods.json'}` ships no confirmed "
+                        "choice)")
     elif not any(methods.values()):
         settings_txt = ("every method at its defaults (no tuned settings for these weights: `dleaf tune` has not been "
                         "run for this model)")

@@ -61,3 +61,8 @@ def test_a_run_without_confirmation_images(tmp_path):
     rec = tuning_record(f)
     assert len(rec[1]) == 0 and tuning_finding(rec).endswith("on 1000 tuning images.")
     assert "n/a" in "\n".join(_tuning_section(rec))
+
+
+def test_a_tuning_run_of_other_weights_is_not_reported(tmp_path):
+    f = _write_run(tmp_path, confirmed_dleaf=True)
+    assert tuning_record(f, "abc") is not None and tuning_record(f, "other-weights") is None
