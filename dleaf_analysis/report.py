@@ -354,12 +354,12 @@ def tuning_record(tuned_file=None, weights_hash: str | None = None) -> tuple[dic
     """The tuning run behind the settings: ``(chosen.json, confirmation table)`` from ``tuned_file``'s
     folder (default: the shipped ``data/tuned_methods.json`` with ``data/tuning/``), or ``None`` (also
     when it was tuned for other weights than ``weights_hash``)."""
-    from dleaf_analysis.settings import TUNED_FILE
+    from dleaf_analysis.settings import TUNED_FILE, read_tuned
 
     f = Path(tuned_file) if tuned_file is not None else TUNED_FILE
     if not f.is_file():
         return None
-    d = json.loads(f.read_text())
+    d = read_tuned(f)
     if "n_configurations_tried" not in d:  # a hand-written settings file: no tuning run behind it
         return None
     if weights_hash is not None and d.get("weights_hash") != weights_hash:  # not these weights' settings

@@ -31,15 +31,20 @@ def _env(**extra):
     return env
 
 
+COCO = ["--coco-images", str(FAKE_COCO / "val2014"), "--coco-annotations", str(FAKE_COCO / "instances_fake2014.json")]
+
+
+def _dleaf(args: list, torchrun: bool = False, timeout: int = 600, **env):
+    """``python -m dleaf_analysis ARGS`` in one process, or under ``torchrun --nproc_per_node 2``."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port())] if torchrun else [sys.executable]
+    return subprocess.run([*launcher, "-m", "dleaf_analysis", *map(str, args)], env=_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def _study(model_dir, out, torchrun=False, **env):
-    args = ["study", "ablation", "--model", str(model_dir), "--coco-images", str(FAKE_COCO / "val2014"),
-            "--coco-annotations", str(FAKE_COCO / "instances_fake2014.json"), "--limit", "6", "--out", str(out), "--json"]
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "dleaf_analysis", *args]
-    else:
-        cmd = [sys.executable, "-m", "dleaf_analysis", *args]
-    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=600)
+    return _dleaf(["study", "ablation", "--model", model_dir, *COCO, "--limit", "6", "--out", out, "--json"], torchrun,
+                  **env)
 
 
 def test_place_from_the_launchers_environment():
@@ -81,12 +86,7 @@ def test_torchrun_two_ranks_equal_one_process_byte_for_byte(subword_dir, tmp_pat
 
 
 def _tune(model_dir, out, ids, torchrun=False):
-    args = ["tune", "--model", str(model_dir), "--coco-images", str(FAKE_COCO / "val2014"), "--coco-annotations",
-            str(FAKE_COCO / "instances_fake2014.json"), "--image-ids", str(ids), "--out", str(out)]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(_free_port())] if torchrun else [sys.executable]
-    return subprocess.run([*launcher, "-m", "dleaf_analysis", *args], env=_env(), capture_output=True, text=True,
-                          timeout=900)
+    return _dleaf(["tune", "--model", model_dir, *COCO, "--image-ids", ids, "--out", out], torchrun, timeout=900)
 
 
 @pytest.mark.slow
@@ -105,13 +105,8 @@ def test_torchrun_tuning_nested_sweeps_run_on_the_rank_that_drew_the_unit(subwor
 
 
 def _reproduce(model_dir, out, torchrun=False):
-    args = ["reproduce", "--quick", "--model", str(model_dir), "--coco-images", str(FAKE_COCO / "val2014"),
-            "--coco-annotations", str(FAKE_COCO / "instances_fake2014.json"), "--image-ids",
-            str(FAKE_COCO / "image_ids.txt"), "--out", str(out), "--json"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(_free_port())] if torchrun else [sys.executable]
-    return subprocess.run([*launcher, "-m", "dleaf_analysis", *args], env=_env(), capture_output=True, text=True,
-                          timeout=1200)
+    return _dleaf(["reproduce", "--quick", "--model", model_dir, *COCO, "--image-ids", FAKE_COCO / "image_ids.txt",
+                   "--out", out, "--json"], torchrun, timeout=1200)
 
 
 @pytest.mark.slow
