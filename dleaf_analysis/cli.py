@@ -705,7 +705,9 @@ def train_model(
     out: Optional[Path] = typer.Option(None, help="output directory (default: the checkout's data/embedded-llava)"),
     seed: int = SeedOpt(),
     vision_steps: Optional[int] = typer.Option(None, min=0),
+    text_steps: Optional[int] = typer.Option(None, min=0, help="stage 2: language-model steps on the descriptions as text"),
     full_steps: Optional[int] = typer.Option(None, min=0),
+    weight_decay: Optional[float] = typer.Option(None, min=0.0, help="AdamW weight decay of every stage"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (weights are bitwise reproducible for a "
                                                             "fixed count)"),
     card: bool = typer.Option(True, help="evaluate the model card after training"),
@@ -726,8 +728,12 @@ def train_model(
     cfg = TrainConfig(seed=seed)
     if vision_steps is not None:
         cfg.vision_steps = vision_steps
+    if text_steps is not None:
+        cfg.text_steps = text_steps
     if full_steps is not None:
         cfg.full_steps = full_steps
+    if weight_decay is not None:
+        cfg.weight_decay = weight_decay
     if threads is not None:
         cfg.threads = threads
     model, processor, history = train_embedded(cfg, log=console.print, checkpoint_dir=Path(out) / "checkpoints")
