@@ -710,6 +710,8 @@ def train_model(
     weight_decay: Optional[float] = typer.Option(None, min=0.0, help="AdamW weight decay of every stage"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (weights are bitwise reproducible for a "
                                                             "fixed count)"),
+    text_format: Optional[str] = typer.Option(None, help="stage 2 text: plain (description after BOS) | chat (inside "
+                                                         "the chat template without the image)"),
     card: bool = typer.Option(True, help="evaluate the model card after training"),
     card_limit: Optional[int] = typer.Option(None, min=1, help="evaluate the card on the first N images of each split"),
     as_json: bool = JsonOpt(),
@@ -718,6 +720,8 @@ def train_model(
 
     Resumable: checkpoints go to OUT/checkpoints after every stage and every few hundred steps;
     the same command started again continues where a killed run stopped, to the same weights."""
+    from dataclasses import replace
+
     from dleaf_analysis.model_card import finalize_card
     from dleaf_analysis.models.training import TrainConfig, save_embedded, train_embedded
     from dleaf_analysis.paths import EMBEDDED_MODEL_DIR, IN_CHECKOUT
@@ -725,17 +729,12 @@ def train_model(
     if out is None and not IN_CHECKOUT:
         _fail("train-model writes the embedded model into the package's data in a checkout; here, give --out DIR")
     out = out or EMBEDDED_MODEL_DIR
-    cfg = TrainConfig(seed=seed)
-    if vision_steps is not None:
-        cfg.vision_steps = vision_steps
-    if text_steps is not None:
-        cfg.text_steps = text_steps
-    if full_steps is not None:
-        cfg.full_steps = full_steps
-    if weight_decay is not None:
-        cfg.weight_decay = weight_decay
-    if threads is not None:
-        cfg.threads = threads
+    overrides = {"vision_steps": vision_steps, "text_steps": text_steps, "full_steps": full_steps,
+                 "weight_decay": weight_decay, "threads": threads, "text_format": text_format}
+    try:
+        cfg = replace(TrainConfig(seed=seed), **{k: v for k, v in overrides.items() if v is not None})
+    except DleafError as e:
+        _fail(str(e))
     model, processor, history = train_embedded(cfg, log=console.print, checkpoint_dir=Path(out) / "checkpoints")
     save_embedded(model, processor, out, {"train": cfg.to_dict(), "history": history})
     console.print(f"model written to {out} ({history['wall_time_s']} s of training)")

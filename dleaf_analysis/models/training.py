@@ -55,6 +55,7 @@ from dleaf_analysis.scenes import World, load_split
 from dleaf_analysis.scenes.render import patch_labels
 
 STAGES = ("vision", "text", "align", "llava", "questions")
+TEXT_FORMATS = ("plain", "chat")
 
 
 class TrainingError(DleafError, RuntimeError):
@@ -82,6 +83,10 @@ class TrainConfig:
     vision_appearance_weight: float = 1.0  # stage 1: weight of the patch colour-statistics regression
     lr: float = 1.5e-3
     weight_decay: float = 0.01
+    # stage 2 text: "plain" (the description alone after BOS) or "chat" (inside the chat template,
+    # without the image: the constant BOS + system-prompt prefix exists from language
+    # pretraining on, where an attention sink can form on it)
+    text_format: str = "plain"
     train_size: int | None = None  # None: the whole train split
     checkpoint_every: int = 250
     model: EmbeddedModelConfig = field(default_factory=EmbeddedModelConfig)
@@ -89,6 +94,8 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["question_stage_batches"] = list(self.question_stage_batches)
+        if d["text_format"] == "plain":  # the default of the recipe before the option existed: same hash
+            del d["text_format"]
         return d
 
     @classmethod
@@ -102,6 +109,10 @@ class TrainConfig:
     @property
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def __post_init__(self) -> None:
+        if self.text_format not in TEXT_FORMATS:
+            raise TrainingError(f"text_format must be one of {TEXT_FORMATS}, not {self.text_format!r}")
 
     def stage_steps(self) -> dict[str, int]:
         return {"vision": self.vision_steps, "text": self.text_steps, "align": self.align_steps,
@@ -262,13 +273,22 @@ class Trainer:
         tok = self.tok
         idx = self.rng.integers(0, len(self.scenes), size=self.cfg.batch_size)
         tok.padding_side = "right"
-        enc = tok([self.captions[i] + " " + tok.eos_token for i in idx], return_tensors="pt", padding=True)
+        enc = tok([self.text_sample(self.captions[i]) for i in idx], return_tensors="pt", padding=True)
         tok.padding_side = "left"
         logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, :-1]
         labels = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         self.history["text_loss"].append(round(loss.item(), 5))
         return loss
+
+    def text_sample(self, caption: str) -> str:
+        """One stage-2 training text (the tokenizer adds BOS): the description, or with
+        ``text_format="chat"`` the chat prompt without its image followed by the description."""
+        if self.cfg.text_format == "chat":
+            msgs = [{"role": "user", "content": [{"type": "text", "text": self.world.caption_prompt}]}]
+            return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + \
+                " " + caption + " " + self.tok.eos_token
+        return caption + " " + self.tok.eos_token
 
     def _per_sequence_loss(self, idx: np.ndarray, prompts: list[str], answers: list[str]) -> torch.Tensor:
         batch = self.builder.training_batch(self.images[torch.from_numpy(idx)], prompts, answers)

@@ -173,3 +173,29 @@ def test_trace_then_diagnose(tmp_path):
     rows = json.loads(r.stdout)
     assert {x["detector"] for x in rows} >= {"liae", "image-mass", "row-entropy", "random"}
     assert (tmp_path / "d" / "heads.csv").is_file()
+
+
+def test_train_model_options_reach_the_training_config(tmp_path, monkeypatch):
+    """Every ``train-model`` option sets its field of TrainConfig (and only that one); a bad
+    ``--text-format`` is refused before training starts."""
+    from dleaf_analysis.models import training
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(cfg, **kw):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(training, "train_embedded", fake_train)
+    with pytest.raises(Stop):
+        run("train-model", "--out", str(tmp_path), "--seed", "3", "--vision-steps", "7", "--text-steps", "11",
+            "--full-steps", "13", "--weight-decay", "0.1", "--threads", "1", "--text-format", "chat", "--no-card")
+    cfg, default = seen[0], training.TrainConfig()
+    changed = {k: v for k, v in cfg.to_dict().items() if default.to_dict().get(k) != v}
+    assert changed == {"seed": 3, "vision_steps": 7, "text_steps": 11, "full_steps": 13, "weight_decay": 0.1,
+                       "threads": 1, "text_format": "chat"}
+    r = runner.invoke(app, ["train-model", "--out", str(tmp_path), "--text-format", "poems", "--no-card"])
+    assert r.exit_code == 2 and "text_format must be one of" in r.output and len(seen) == 1

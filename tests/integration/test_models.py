@@ -137,3 +137,31 @@ def test_patch_appearance_is_each_patch_own_colour_statistics():
     patch = img[1, 8:16, 0:8].reshape(-1, 3) / 255.0  # row 1, column 0 -> patch index 2
     want = np.concatenate([patch.mean(0), patch.std(0, ddof=1)])
     np.testing.assert_allclose(out[1, 2].numpy() * 0.2 + 0.3, want, rtol=1e-5, atol=1e-6)
+
+
+def test_text_format_option_of_the_language_stage():
+    """``text_format="chat"`` puts each stage-2 description after the chat prompt without its image
+    (BOS, system prompt, user turn), as later stages see it; the default keeps the recipe of the
+    shipped weights and its configuration hash; an unknown format is refused."""
+    import json
+
+    from dleaf_analysis.models.training import Trainer, TrainConfig, TrainingError
+    from dleaf_analysis.paths import EMBEDDED_MODEL_DIR
+
+    shipped = json.loads((EMBEDDED_MODEL_DIR / "model_card.json").read_text())["config"]
+    assert TrainConfig.from_dict(shipped).text_format == "plain"
+    assert TrainConfig.from_dict(shipped).to_dict() == shipped  # the new field leaves old configurations as they were
+    quiet = dict(progress=False, log=lambda s: None)
+    plain = Trainer(TrainConfig(train_size=8), None, **quiet)
+    chat = Trainer(TrainConfig(train_size=8, text_format="chat"), None, **quiet)
+    text = " ".join(chat.world.words[:3])  # three words of the world's vocabulary
+    assert plain.text_sample(text) == text + " </s>"
+    ids = chat.tok(chat.text_sample(text))["input_ids"]
+    words = chat.tok.convert_ids_to_tokens(ids)
+    system = chat.world.system_prompt.split()
+    assert words[:3 + len(system)] == ["<s>", "system", ":"] + system
+    assert words[-6:] == ["assistant", ":", *text.split(), "</s>"] and "<unk>" not in words
+    assert "<image>" not in words and chat.world.caption_prompt.split()[0] in words
+    assert TrainConfig(text_format="chat").hash != TrainConfig().hash
+    with pytest.raises(TrainingError, match="text_format"):
+        TrainConfig(text_format="poems")
