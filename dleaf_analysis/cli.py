@@ -731,10 +731,7 @@ def train_model(
     out = out or EMBEDDED_MODEL_DIR
     overrides = {"vision_steps": vision_steps, "text_steps": text_steps, "full_steps": full_steps,
                  "weight_decay": weight_decay, "threads": threads, "text_format": text_format}
-    try:
-        cfg = replace(TrainConfig(seed=seed), **{k: v for k, v in overrides.items() if v is not None})
-    except DleafError as e:
-        _fail(str(e))
+    cfg = replace(TrainConfig(seed=seed), **{k: v for k, v in overrides.items() if v is not None})
     model, processor, history = train_embedded(cfg, log=console.print, checkpoint_dir=Path(out) / "checkpoints")
     save_embedded(model, processor, out, {"train": cfg.to_dict(), "history": history})
     console.print(f"model written to {out} ({history['wall_time_s']} s of training)")

@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from types import SimpleNamespace
 
 import torch
 
+from dleaf_analysis.evaluation.regime import first_text_mask
 from dleaf_analysis.models.embedded import EmbeddedModelConfig
 from dleaf_analysis.models.training import Trainer, TrainConfig
 from dleaf_analysis.scenes import load_split
@@ -51,12 +53,13 @@ def main() -> None:
     ids = enc["input_ids"]  # [B, T]
     pos = torch.arange(ids.shape[1])[None]
     real = enc["attention_mask"].bool()
+    # the acceptance check's first text tokens: BOS + system prompt (chat), BOS alone (plain: no user turn)
+    prefix = first_text_mask(SimpleNamespace(tokenizer=tok), ids, enc["attention_mask"])
     if fmt == "chat":
-        prefix = pos < (ids == tok.convert_tokens_to_ids("user")).float().argmax(-1)[:, None]  # BOS + system
         start = (ids == tok.convert_tokens_to_ids("assistant")).float().argmax(-1)[:, None]
         query = (pos > start + 1) & real  # the description's tokens
     else:
-        prefix, query = pos == 0, (pos >= 1) & real
+        query = (pos >= 1) & real
     res = {"text_format": fmt, "steps": a.steps, "weight_decay": a.weight_decay, "lr": a.lr, "heads": a.heads,
            "seed": a.seed, "text_loss_end": round(sum(tr.history["text_loss"][-20:]) / 20, 4)}
     for layer, att in enumerate(out.attentions):

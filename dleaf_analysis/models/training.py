@@ -35,6 +35,7 @@ run (the thread count is part of the configuration: float sums depend on it).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -285,10 +286,14 @@ class Trainer:
         """One stage-2 training text (the tokenizer adds BOS): the description, or with
         ``text_format="chat"`` the chat prompt without its image followed by the description."""
         if self.cfg.text_format == "chat":
-            msgs = [{"role": "user", "content": [{"type": "text", "text": self.world.caption_prompt}]}]
-            return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + \
-                " " + caption + " " + self.tok.eos_token
+            return self._chat_prefix + " " + caption + " " + self.tok.eos_token
         return caption + " " + self.tok.eos_token
+
+    @functools.cached_property
+    def _chat_prefix(self) -> str:
+        """The chat prompt of the caption request without its image (the same for every sample)."""
+        msgs = [{"role": "user", "content": [{"type": "text", "text": self.world.caption_prompt}]}]
+        return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
     def _per_sequence_loss(self, idx: np.ndarray, prompts: list[str], answers: list[str]) -> torch.Tensor:
         batch = self.builder.training_batch(self.images[torch.from_numpy(idx)], prompts, answers)
