@@ -81,18 +81,20 @@ def position_summary(table: pd.DataFrame) -> dict:
 
 def first_text_mask(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` bool: the first text tokens of each prompt -- BOS and the system prompt, i.e. every
-    real token before the first token of the user turn (the embedded model's ``user``); a model
-    without that marker: its first real token only."""
+    real token before the user turn's marker (the embedded template's ``user :``; a ``user`` inside
+    the system prompt's text is not the marker); a model without that marker: its first real token only."""
     tok = lm.tokenizer
-    user = tok.convert_tokens_to_ids("user") if tok is not None and "user" in tok.get_vocab() else None
+    vocab = tok.get_vocab() if tok is not None else {}
     real = attention_mask.bool()
     B, T = input_ids.shape
     idx = torch.arange(T)[None].expand(B, T)
     first_real = torch.where(real, idx, torch.full_like(idx, T)).amin(-1, keepdim=True)
-    if user is not None and bool((input_ids == user).any(-1).all()):
-        stop = torch.where(input_ids == user, idx, torch.full_like(idx, T)).amin(-1, keepdim=True)
-    else:
-        stop = first_real + 1
+    stop = first_real + 1
+    if "user" in vocab and ":" in vocab:
+        turn = torch.zeros_like(real)
+        turn[:, :-1] = (input_ids[:, :-1] == vocab["user"]) & (input_ids[:, 1:] == vocab[":"])
+        if bool(turn.any(-1).all()):
+            stop = torch.where(turn, idx, torch.full_like(idx, T)).amin(-1, keepdim=True)
     return real & (idx < stop)
 
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from dleaf_analysis.evaluation import regime
 from dleaf_analysis.sources.coco_chair import CocoChair, read_captions
@@ -47,3 +48,32 @@ def test_mass_slope_recovers_a_planted_trend():
     flat = prof.assign(image_mass=0.5 + 0.01 * np.random.default_rng(0).standard_normal(len(prof)))
     f = regime.mass_slope(flat, n_resamples=200)
     assert f["ci_low"] < 0 < f["ci_high"]  # no trend planted: the CI covers 0
+
+
+def test_first_text_mask_covers_bos_and_the_whole_system_prompt(world):
+    """The embedded system prompt itself contains the word ``user``: the mask must run to the user
+    turn's ``user :``, i.e. BOS, ``system :`` and every word of the system prompt, and nothing after."""
+    from dleaf_analysis.models.embedded import build_tokenizer
+
+    tok = build_tokenizer(world)
+    assert "user" in world.system_prompt.split()  # the case this test is about
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": world.spec["caption_prompt"]}]}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    enc = tok([text, text], return_tensors="pt", padding=True)
+    ids, am = enc["input_ids"].clone(), enc["attention_mask"].clone()
+    ids[1] = torch.cat([torch.full((2,), tok.pad_token_id), ids[1, :-2]])  # left padding on row 1
+    am[1] = torch.cat([torch.zeros(2, dtype=am.dtype), am[1, :-2]])
+    mask = regime.first_text_mask(SimpleNamespace(tokenizer=tok), ids, am)
+    n_prefix = 1 + 2 + len(world.system_prompt.split())  # <s>, "system", ":", the prompt's words
+    assert mask[0].tolist() == [True] * n_prefix + [False] * (ids.shape[1] - n_prefix)
+    assert mask[1].tolist() == [False] * 2 + [True] * n_prefix + [False] * (ids.shape[1] - n_prefix - 2)
+    words = tok.convert_ids_to_tokens(ids[0, mask[0]].tolist())
+    assert words[-1] == world.system_prompt.split()[-1] and tok.convert_ids_to_tokens(int(ids[0, n_prefix])) == "user"
+
+
+def test_first_text_mask_without_a_user_turn_is_the_first_real_token():
+    tok = SimpleNamespace(get_vocab=lambda: {"a": 0, "b": 1})
+    ids = torch.tensor([[0, 1, 1], [1, 0, 1]])
+    am = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    mask = regime.first_text_mask(SimpleNamespace(tokenizer=tok), ids, am)
+    assert mask.tolist() == [[True, False, False], [False, True, False]]
