@@ -5,7 +5,7 @@ Trains stage 2 only (stage 1 for one step, stages 3-5 skipped) with the given re
 one JSON line: for 64 dev descriptions, the attention share (mean over heads and over the
 description's query tokens) on the first text tokens in each layer -- ``L{l}``: BOS + system
 prompt with ``--text-format chat`` (the keys the acceptance check counts), BOS alone with
-``plain`` -- and ``bos{l}``: BOS alone.  A sink formed here is what the later stages would
+``plain`` -- and ``bos{l}``: BOS alone; ``uniform``: the share uniform causal attention would give those keys.  A sink formed here is what the later stages would
 inherit.  Usage::
 
     OMP_NUM_THREADS=1 python scripts/sink_pilot.py --text-format chat --steps 800 --heads 8
@@ -55,13 +55,19 @@ def main() -> None:
     real = enc["attention_mask"].bool()
     # the acceptance check's first text tokens: BOS + system prompt (chat), BOS alone (plain: no user turn)
     prefix = first_text_mask(SimpleNamespace(tokenizer=tok), ids, enc["attention_mask"])
-    if fmt == "chat":
-        start = (ids == tok.convert_tokens_to_ids("assistant")).float().argmax(-1)[:, None]
+    if fmt == "chat":  # the description follows the assistant turn's "assistant :" (the system prompt
+        # also contains the word "assistant", never followed by ":")
+        turn = torch.zeros_like(real)
+        turn[:, :-1] = (ids[:, :-1] == tok.convert_tokens_to_ids("assistant")) & (ids[:, 1:] == tok.convert_tokens_to_ids(":"))
+        start = turn.float().argmax(-1)[:, None]
         query = (pos > start + 1) & real  # the description's tokens
     else:
         query = (pos >= 1) & real
+    # what uniform causal attention would put on the first text tokens, for scale
+    uniform = (prefix.cumsum(-1).float() / (pos + 1).float())[query].mean()
     res = {"text_format": fmt, "steps": a.steps, "weight_decay": a.weight_decay, "lr": a.lr, "heads": a.heads,
-           "seed": a.seed, "text_loss_end": round(sum(tr.history["text_loss"][-20:]) / 20, 4)}
+           "seed": a.seed, "text_loss_end": round(sum(tr.history["text_loss"][-20:]) / 20, 4),
+           "n_first_text": int(prefix[0].sum()), "uniform": round(100 * float(uniform), 1)}
     for layer, att in enumerate(out.attentions):
         att = att.float().mean(1)  # [B, T, T], mean over heads
         res[f"L{layer}"] = round(100 * float((att * prefix[:, None, :]).sum(-1)[query].mean()), 1)
