@@ -102,6 +102,7 @@ class Split:
                 float(np.mean([self.world.is_partner_absent(s) for s in self.scenes])), 3
             ),
             "class_counts": dict(sorted(counts.items())),
+            "object_stats": ObjectStats.from_scenes(self.scenes).to_dict(),
         }
 
     def frame(self) -> pd.DataFrame:
@@ -210,11 +211,27 @@ class ObjectStats:
                         co[(a, b)] += 1
         return cls(dict(freq), dict(co))
 
+    def to_dict(self) -> dict:
+        """JSON-ready: ``frequency`` by class, ``cooccurrence`` as sorted ``[a, b, count]`` rows."""
+        return {"frequency": dict(sorted(self.frequency.items())),
+                "cooccurrence": [[a, b, n] for (a, b), n in sorted(self.cooccurrence.items())]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ObjectStats":
+        return cls(dict(d["frequency"]), {(a, b): int(n) for a, b, n in d["cooccurrence"]})
+
 
 @lru_cache(maxsize=2)
 def train_object_stats() -> ObjectStats:
-    """Class frequencies and co-occurrences of the train split (POPE popular/adversarial)."""
-    return ObjectStats.from_scenes(load_split("train").scenes)
+    """Class frequencies and co-occurrences of the train split (POPE popular/adversarial), as recorded
+    in its manifest when the split was frozen (sampling its 20,000 scenes takes about a minute per
+    process); recomputed from the split when the manifest lacks them or was frozen for another world."""
+    world = World.load()
+    path = SPLITS_DIR / "train.json"
+    shipped = json.loads(path.read_text()) if path.is_file() else {}
+    if "object_stats" in shipped and shipped.get("world_hash") == world.spec_hash:
+        return ObjectStats.from_dict(shipped["object_stats"])
+    return ObjectStats.from_scenes(load_split("train", world).scenes)
 
 
 def pope_questions(split: Split, variant: str, stats: ObjectStats, n_per_image: int = 3, seed: int = 0) -> pd.DataFrame:

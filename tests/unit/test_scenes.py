@@ -135,6 +135,26 @@ def test_splits_match_shipped_manifests(world):
     assert dev.content_hash() == json.loads((DATA_DIR / "splits" / "dev.json").read_text())["content_hash"]
 
 
+def test_manifest_object_stats_are_the_splits_own(world, monkeypatch):
+    """POPE's popular/adversarial negatives read the train split's statistics from its manifest
+    instead of sampling its 20,000 scenes: they must equal the statistics of the sampled split."""
+    from dleaf_analysis.scenes import splits
+
+    for name in ("dev", "train"):
+        manifest = json.loads((DATA_DIR / "splits" / f"{name}.json").read_text())
+        sampled = ObjectStats.from_scenes(load_split(name, world, verify=False).scenes)
+        assert ObjectStats.from_dict(manifest["object_stats"]) == sampled, name
+    splits.train_object_stats.cache_clear()
+    monkeypatch.setattr(splits, "load_split", lambda *a, **k: pytest.fail("the train split was sampled"))
+    assert splits.train_object_stats() == sampled
+    splits.train_object_stats.cache_clear()
+    # a manifest frozen for another world is not trusted: the statistics are recomputed from the split
+    monkeypatch.setattr(World, "spec_hash", "another-world")
+    with pytest.raises(pytest.fail.Exception, match="was sampled"):
+        splits.train_object_stats()
+    splits.train_object_stats.cache_clear()
+
+
 def test_splits_are_disjoint(world):
     seeds = {n: {s.seed for s in load_split(n, world).scenes} for n in ("dev", "confirm", "test", "replication")}
     names = list(seeds)
