@@ -242,7 +242,8 @@ def test_every_study_runs_on_coco_and_resumes(model_dir, tmp_path, study):
 
 @pytest.mark.parametrize("study", ["localization", "calibration"])
 def test_shards_merge_to_the_unsharded_result(model_dir, tmp_path, study):
-    common = ["--model", model_dir, *COCO_ARGS, "--json", "--limit", "3" if study == "calibration" else "6"]
+    common = ["--model", model_dir, *COCO_ARGS, "--json", *(["--limit", "3", "--max-units", "4"] if study == "calibration"
+                                                             else ["--limit", "6"])]
     assert run("study", study, *common, "--out", tmp_path / "all").exit_code == 0
     for i in range(2):
         r = run("study", study, *common, "--shard", f"{i}/2", "--out", tmp_path / f"s{i}")
@@ -328,7 +329,7 @@ def test_figures_on_coco_results(model_dir, coco_reproduce, tmp_path):
 def test_scene_split_shards_merge_too(tmp_path):
     """Shards of a scene split record their shard (unsharded manifests are unchanged) and merge to the
     unsharded maps."""
-    common = ["--split", "dev", "--limit", "40", "--json"]
+    common = ["--split", "dev", "--limit", "24", "--json"]  # 16 hallucination events, in both shards
     assert run("study", "ablation", *common, "--out", tmp_path / "all").exit_code == 0
     assert "shard" not in json.loads((tmp_path / "all" / "ablation" / "manifest.json").read_text())
     for i in range(2):
@@ -338,4 +339,5 @@ def test_scene_split_shards_merge_too(tmp_path):
     key = ["event", "map", "layer", "head"]
     a, b = (pd.read_parquet(tmp_path / d / "ablation" / "maps.parquet").sort_values(key).reset_index(drop=True)
             for d in ("all", "m"))
+    assert all(len(pd.read_parquet(tmp_path / f"s{i}" / "ablation" / "maps.parquet")) for i in range(2))
     pd.testing.assert_frame_equal(a, b)
