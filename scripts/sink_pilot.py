@@ -5,8 +5,8 @@ Trains stage 2 only (stage 1 for one step, stages 3-5 skipped) with the given re
 one JSON line: for 64 dev descriptions, the attention share (mean over heads and over the
 description's query tokens) on the first text tokens in each layer -- ``L{l}``: BOS + system
 prompt with ``--text-format chat`` (the keys the acceptance check counts), BOS alone with
-``plain`` -- and ``bos{l}``: BOS alone; ``uniform``: the share uniform causal attention would give those keys.  A sink formed here is what the later stages would
-inherit.  Usage::
+``plain`` -- ``bos{l}``: BOS alone, and ``uniform``: the share uniform causal attention would
+give those keys.  A sink formed here is what the later stages would inherit.  Usage::
 
     OMP_NUM_THREADS=1 python scripts/sink_pilot.py --text-format chat --steps 800 --heads 8
 """
@@ -58,7 +58,8 @@ def main() -> None:
     if fmt == "chat":  # the description follows the assistant turn's "assistant :" (the system prompt
         # also contains the word "assistant", never followed by ":")
         turn = torch.zeros_like(real)
-        turn[:, :-1] = (ids[:, :-1] == tok.convert_tokens_to_ids("assistant")) & (ids[:, 1:] == tok.convert_tokens_to_ids(":"))
+        assistant, colon = tok.convert_tokens_to_ids("assistant"), tok.convert_tokens_to_ids(":")
+        turn[:, :-1] = (ids[:, :-1] == assistant) & (ids[:, 1:] == colon)
         start = turn.float().argmax(-1)[:, None]
         query = (pos > start + 1) & real  # the description's tokens
     else:

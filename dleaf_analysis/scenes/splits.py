@@ -224,7 +224,7 @@ class ObjectStats:
 @lru_cache(maxsize=2)
 def train_object_stats() -> ObjectStats:
     """Class frequencies and co-occurrences of the train split (POPE popular/adversarial), as recorded
-    in its manifest when the split was frozen (sampling its 20,000 scenes takes about a minute per
+    in its manifest when the split was frozen (sampling its 20,000 scenes takes about 30 s in every
     process); recomputed from the split when the manifest lacks them or was frozen for another world."""
     world = World.load()
     path = SPLITS_DIR / "train.json"
