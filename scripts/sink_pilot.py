@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from dleaf_analysis.evaluation.regime import first_text_mask
+from dleaf_analysis.evaluation.regime import first_text_mask, turn_marker
 from dleaf_analysis.models.embedded import EmbeddedModelConfig
 from dleaf_analysis.models.training import Trainer, TrainConfig
 from dleaf_analysis.scenes import load_split
@@ -57,9 +57,7 @@ def main() -> None:
     prefix = first_text_mask(SimpleNamespace(tokenizer=tok), ids, enc["attention_mask"])
     if fmt == "chat":  # the description follows the assistant turn's "assistant :" (the system prompt
         # also contains the word "assistant", never followed by ":")
-        turn = torch.zeros_like(real)
-        assistant, colon = tok.convert_tokens_to_ids("assistant"), tok.convert_tokens_to_ids(":")
-        turn[:, :-1] = (ids[:, :-1] == assistant) & (ids[:, 1:] == colon)
+        turn = turn_marker(ids, tok.convert_tokens_to_ids("assistant"), tok.convert_tokens_to_ids(":"))
         start = turn.float().argmax(-1)[:, None]
         query = (pos > start + 1) & real  # the description's tokens
     else:

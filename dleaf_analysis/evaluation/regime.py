@@ -79,6 +79,14 @@ def position_summary(table: pd.DataFrame) -> dict:
             "n_first": int(len(first)), "n_6_plus": int(len(late))}
 
 
+def turn_marker(input_ids: torch.Tensor, word_id: int, colon_id: int) -> torch.Tensor:
+    """``[B, T]`` bool: where a chat turn's marker ``word :`` starts (``word`` directly followed by ``:``;
+    the same word inside running text, e.g. the system prompt's ``user`` or ``assistant``, is not one)."""
+    turn = torch.zeros_like(input_ids, dtype=torch.bool)
+    turn[:, :-1] = (input_ids[:, :-1] == word_id) & (input_ids[:, 1:] == colon_id)
+    return turn
+
+
 def first_text_mask(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` bool: the first text tokens of each prompt -- BOS and the system prompt, i.e. every
     real token before the user turn's marker (the embedded template's ``user :``; a ``user`` inside
@@ -91,8 +99,7 @@ def first_text_mask(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: to
     first_real = torch.where(real, idx, torch.full_like(idx, T)).amin(-1, keepdim=True)
     stop = first_real + 1
     if "user" in vocab and ":" in vocab:
-        turn = torch.zeros_like(real)
-        turn[:, :-1] = (input_ids[:, :-1] == vocab["user"]) & (input_ids[:, 1:] == vocab[":"])
+        turn = turn_marker(input_ids, vocab["user"], vocab[":"])
         if bool(turn.any(-1).all()):
             stop = torch.where(turn, idx, torch.full_like(idx, T)).amin(-1, keepdim=True)
     return real & (idx < stop)
